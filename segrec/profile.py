@@ -1,0 +1,687 @@
+"""The profile stage: one grounded, structured interest profile per user.
+
+For each user: compact the history (strongest and most recent signals, capped by count and
+tokens, described in words), build a per-user JSON schema whose ``likes``/``dislikes``/
+``favourite_items`` are enums of what is actually in that history (so the grammar cannot
+name anything else), ask the LLM, then check what a grammar cannot: free text that names a
+category or title absent from the history is removed and counted. Output still invalid after
+retries becomes a deterministic profile built from the history, marked as a fallback.
+
+Everything here is a plain function over a batch of users; :func:`profile_users` is the only
+place that touches the workspace, and it commits each user as soon as it is done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+from pydantic import BaseModel, Field
+
+from segrec.errors import LLMError
+from segrec.llm.base import LLM, GenerationParams, RetryPolicy, generate_structured
+from segrec.store import ProfileRecord, Store
+from segrec.templates import Prompt
+
+# Bumped when the profile schema, compaction or grounding rules change: part of cache keys.
+PROFILE_LOGIC_VERSION = "1"
+
+SUMMARY_MIN, SUMMARY_MAX = 20, 280
+MAX_LIKES, MAX_DISLIKES, MAX_FAVOURITES, MAX_THEMES, THEME_MAX = 3, 2, 3, 3, 40
+POSITIVE, NEGATIVE = 0.3, -0.15
+
+# Strength of behaviours that carry no rating, in [-1, 1].
+IMPLICIT_STRENGTH = {
+    "purchase": 0.8,
+    "buy": 0.8,
+    "order": 0.8,
+    "favorite": 0.7,
+    "favourite": 0.7,
+    "like": 0.7,
+    "add_to_cart": 0.6,
+    "cart": 0.6,
+    "share": 0.6,
+    "play": 0.4,
+    "listen": 0.4,
+    "read": 0.4,
+    "click": 0.3,
+    "view": 0.3,
+    "interaction": 0.4,
+    "dislike": -0.7,
+    "return": -0.6,
+    "skip": -0.4,
+}
+RATING_WORDS = ("rat", "score", "star")
+
+
+class Profile(BaseModel):
+    """A user's interest profile: what gets stored, embedded and shown."""
+
+    summary: str
+    likes: list[str] = Field(default_factory=list)
+    dislikes: list[str] = Field(default_factory=list)
+    favourite_items: list[str] = Field(default_factory=list)
+    themes: list[str] = Field(default_factory=list)
+
+    def embedding_text(self) -> str:
+        """The validated fields that segments are built from (never the raw LLM output)."""
+        parts = [self.summary.strip()]
+        if self.likes:
+            parts.append("Likes: " + ", ".join(self.likes) + ".")
+        if self.themes:
+            parts.append("Themes: " + ", ".join(self.themes) + ".")
+        return " ".join(parts)
+
+
+# ------------------------------------------------------------------------------ history
+
+
+@dataclass(frozen=True)
+class Event:
+    """One item in a user's compacted history, with how strongly it signals taste."""
+
+    item_id: str
+    title: str
+    categories: tuple[str, ...]
+    behavior: str
+    value: float | None
+    timestamp: int | None
+    seq: int
+    strength: float
+    description: str
+
+
+@dataclass(frozen=True)
+class ValueScale:
+    """Observed min and max of a rating-like behaviour's values (to read 4.5 as 4.5/5)."""
+
+    low: float
+    high: float
+
+
+def value_scales(interactions: pd.DataFrame) -> dict[str, ValueScale]:
+    """Scales of every behaviour whose values read as ratings (name contains rat/score/star)."""
+    scales: dict[str, ValueScale] = {}
+    valued = interactions.dropna(subset=["value"])
+    for behavior, values in valued.groupby("behavior")["value"]:
+        name = str(behavior).lower()
+        if any(word in name for word in RATING_WORDS):
+            low, high = float(values.min()), float(values.max())
+            scales[str(behavior)] = ValueScale(min(low, 0.0) if low >= 0 else low, high)
+    return scales
+
+
+def _strength(behavior: str, value: float | None, scales: dict[str, ValueScale]) -> float:
+    scale = scales.get(behavior)
+    if scale is not None and value is not None and scale.high > scale.low:
+        ratio = (value - scale.low) / (scale.high - scale.low)
+        return max(-1.0, min(1.0, 2 * ratio - 1))
+    return IMPLICIT_STRENGTH.get(behavior.lower(), 0.4)
+
+
+def _describe(behavior: str, value: float | None, scale: ValueScale | None) -> str:
+    if scale is not None and value is not None:
+        ratio = (value - scale.low) / (scale.high - scale.low) if scale.high > scale.low else 1
+        feeling = (
+            "loved it"
+            if ratio >= 0.85
+            else "liked it"
+            if ratio >= 0.65
+            else "found it so-so"
+            if ratio >= 0.45
+            else "disliked it"
+        )
+        return f"rated {value:g}/{scale.high:g} ({feeling})"
+    verb = {"view": "viewed", "click": "clicked", "purchase": "purchased", "buy": "bought"}.get(
+        behavior.lower(), behavior.replace("_", " ")
+    )
+    return verb if value is None else f"{verb} (value {value:g})"
+
+
+def compact_history(
+    events: Sequence[Event], *, max_items: int = 20, max_tokens: int = 700
+) -> list[Event]:
+    """Keep the strongest and the most recent signals, one per item, oldest first.
+
+    Half the budget goes to the strongest signals (either sign), the rest to the most
+    recent; then the weakest are dropped until the described lines fit ``max_tokens``
+    (estimated at 4 characters a token, so the cut is the same for every backend).
+    """
+    by_item: dict[str, Event] = {}
+    for event in events:  # chronological: a later event of the same strength wins
+        kept = by_item.get(event.item_id)
+        if kept is None or abs(event.strength) >= abs(kept.strength):
+            by_item[event.item_id] = event
+    unique = sorted(by_item.values(), key=lambda e: (_ts(e), e.seq))
+    strongest = sorted(unique, key=lambda e: (-abs(e.strength), -_ts(e), -e.seq))
+    chosen = {e.item_id for e in strongest[: (max_items + 1) // 2]}
+    for event in reversed(unique):
+        if len(chosen) >= max_items:
+            break
+        chosen.add(event.item_id)
+    kept_events = [e for e in unique if e.item_id in chosen]
+    while len(kept_events) > 1 and sum(len(_line(e)) for e in kept_events) / 4 > max_tokens:
+        weakest = min(kept_events, key=lambda e: (abs(e.strength), _ts(e), e.seq))
+        kept_events.remove(weakest)
+    return kept_events
+
+
+def _ts(event: Event) -> int:
+    return event.timestamp if event.timestamp is not None else -1
+
+
+def _line(event: Event) -> str:
+    categories = f" [{', '.join(event.categories)}]" if event.categories else ""
+    return f'"{event.title}"{categories} — {event.description}'
+
+
+def user_events(
+    interactions: pd.DataFrame, items: pd.DataFrame, scales: dict[str, ValueScale]
+) -> dict[str, list[Event]]:
+    """Every user's events, oldest first, with item text and signal strength attached."""
+    item_info = items.set_index("item_id")[["title", "categories"]]
+    merged = interactions.join(item_info, on="item_id")
+    ts = merged["timestamp"].astype("Int64").fillna(-1).astype("int64")
+    merged = merged.assign(ts_key=ts).sort_values(["user_id", "ts_key", "seq"], kind="stable")
+    out: dict[str, list[Event]] = defaultdict(list)
+    for row in merged.itertuples(index=False):
+        value = None if pd.isna(row.value) else float(row.value)
+        timestamp = None if row.ts_key < 0 else int(row.ts_key)
+        out[row.user_id].append(
+            Event(
+                item_id=row.item_id,
+                title=row.title,
+                categories=tuple(row.categories),
+                behavior=row.behavior,
+                value=value,
+                timestamp=timestamp,
+                seq=int(row.seq),
+                strength=_strength(row.behavior, value, scales),
+                description=_describe(row.behavior, value, scales.get(row.behavior)),
+            )
+        )
+    return dict(out)
+
+
+# ------------------------------------------------------------------------------ request
+
+
+@dataclass(frozen=True)
+class ProfileRequest:
+    """Everything needed to profile one user, and the key that caches the result."""
+
+    user_id: str
+    history: tuple[Event, ...]
+    lines: tuple[str, ...]
+    like_options: tuple[str, ...]
+    dislike_options: tuple[str, ...]
+    favourite_options: tuple[str, ...]
+    cache_key: str
+
+    @property
+    def history_categories(self) -> set[str]:
+        return {c for e in self.history for c in e.categories}
+
+    def schema(self) -> dict[str, Any]:
+        """A per-user JSON schema: lists are enums of this history, lengths are bounded."""
+        return {
+            "type": "object",
+            "properties": {
+                "likes": _enum_list(self.like_options, MAX_LIKES),
+                "dislikes": _enum_list(self.dislike_options, MAX_DISLIKES),
+                "favourite_items": _enum_list(self.favourite_options, MAX_FAVOURITES),
+                "themes": {
+                    "type": "array",
+                    "items": {"type": "string", "minLength": 3, "maxLength": THEME_MAX},
+                    "maxItems": MAX_THEMES,
+                },
+                "summary": {"type": "string", "minLength": SUMMARY_MIN, "maxLength": SUMMARY_MAX},
+            },
+            "required": ["likes", "dislikes", "favourite_items", "themes", "summary"],
+        }
+
+
+def _enum_list(options: Sequence[str], max_items: int) -> dict[str, Any]:
+    if not options:
+        return {"type": "array", "items": {"type": "string"}, "maxItems": 0}
+    return {
+        "type": "array",
+        "items": {"type": "string", "enum": list(options)},
+        "maxItems": min(max_items, len(options)),
+    }
+
+
+def build_request(
+    user_id: str,
+    events: Sequence[Event],
+    *,
+    prompt: Prompt,
+    model_id: str,
+    params: GenerationParams,
+    max_items: int,
+    max_tokens: int,
+) -> ProfileRequest:
+    history = compact_history(events, max_items=max_items, max_tokens=max_tokens)
+    net: Counter[str] = Counter()
+    for event in history:
+        for category in event.categories:
+            net[category] += event.strength
+    likes = [
+        c
+        for c, s in net.most_common()
+        if s > 0 and any(c in e.categories and e.strength >= POSITIVE for e in history)
+    ]
+    dislikes = [
+        c
+        for c, s in sorted(net.items(), key=lambda kv: kv[1])
+        if s < 0 and any(c in e.categories and e.strength <= NEGATIVE for e in history)
+    ]
+    favourites = [
+        e.title
+        for e in sorted(history, key=lambda e: (-e.strength, -_ts(e), -e.seq))
+        if e.strength >= POSITIVE
+    ][:10]
+    lines = tuple(_line(e) for e in history)
+    key_material = {
+        "history": lines,
+        "prompt": prompt.version,
+        "model": model_id,
+        "params": params.as_dict(),
+        "logic": PROFILE_LOGIC_VERSION,
+    }
+    cache_key = hashlib.sha256(
+        json.dumps(key_material, sort_keys=True, ensure_ascii=False).encode()
+    ).hexdigest()
+    return ProfileRequest(
+        user_id=user_id,
+        history=tuple(history),
+        lines=lines,
+        like_options=tuple(likes),
+        dislike_options=tuple(dislikes),
+        favourite_options=tuple(dict.fromkeys(favourites)),
+        cache_key=cache_key,
+    )
+
+
+# ------------------------------------------------------------------------------ grounding
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """What free text could name: every category and title in the catalogue."""
+
+    categories: frozenset[str]
+
+    @classmethod
+    def from_items(cls, items: pd.DataFrame) -> Vocabulary:
+        return cls(frozenset(c for cats in items["categories"] for c in cats))
+
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+_QUOTED = re.compile(r"[\"“”]([^\"“”]{3,80})[\"“”]")
+_TOKEN = re.compile(r"[\w'’-]+")
+_CONNECTORS = frozenset({"of", "the", "and", "in", "on", "a", "an", "to", "&"})
+_YEAR = re.compile(r"\s*\(\d{4}\)\s*$")
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def _capitalised_names(sentence: str, category_words: set[str]) -> list[list[str]]:
+    """Runs of capitalised words (title-like names), split at category names.
+
+    Connectors ("of", "the") may sit inside a run. A run that starts the sentence drops its
+    first word when the rest is still a name ("Adores The Legend of Zorro" → "The Legend of
+    Zorro"), so a capitalised verb is not taken for part of a title.
+    """
+    runs: list[list[str]] = []
+    current: list[str] = []
+    tokens = _TOKEN.findall(sentence)
+    for index, token in enumerate(tokens):
+        lower = token.lower()
+        if token[:1].isupper() and lower not in category_words:
+            current.append(token)
+            continue
+        following = tokens[index + 1] if index + 1 < len(tokens) else ""
+        if current and lower in _CONNECTORS and following[:1].isupper():
+            current.append(token)
+            continue
+        runs.append(current)
+        current = []
+    runs.append(current)
+    names = []
+    for run in runs:
+        while run and run[-1].lower() in _CONNECTORS:
+            run = run[:-1]
+        if run and tokens and run[0] == tokens[0]:
+            run = run[1:] if len(run) > 2 else []
+        if len(run) >= 2:
+            names.append(run)
+    return names
+
+
+def ungrounded_claims(text: str, request: ProfileRequest, vocabulary: Vocabulary) -> list[str]:
+    """Names in ``text`` that the user's history does not contain.
+
+    Checked: catalogue categories absent from the history; quoted titles and capitalised
+    multi-word names none of whose two-word pieces occurs in a history title.
+    """
+    claims: list[str] = []
+    lowered = f" {_norm(text)} "
+    for category in vocabulary.categories - request.history_categories:
+        if len(category) > 2 and f" {_norm(category)} " in lowered:
+            claims.append(category)
+    titles = [_norm(_YEAR.sub("", e.title)) for e in request.history]
+    category_words = {_norm(c) for c in vocabulary.categories}
+    names = [_norm(m.group(1)).split() for m in _QUOTED.finditer(text)]
+    names += [[_norm(w) for w in run] for run in _capitalised_names(text, category_words)]
+    for words in names:
+        if len(words) < 2:
+            continue
+        pairs = {" ".join(words[i : i + 2]) for i in range(len(words) - 1)}
+        if not any(pair in title for pair in pairs for title in titles):
+            claims.append(" ".join(words))
+    return claims
+
+
+def _dedupe(values: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(v.strip() for v in values if v and v.strip()))
+
+
+def _degenerate(text: str) -> bool:
+    """True for the small model's loops: a 4-word run repeated three times or more."""
+    words = _norm(text).split()
+    grams = Counter(tuple(words[i : i + 4]) for i in range(len(words) - 3))
+    return bool(grams) and grams.most_common(1)[0][1] >= 3
+
+
+@dataclass
+class Grounded:
+    profile: Profile
+    removed: list[str]
+
+
+def parse_profile(text: str, request: ProfileRequest, vocabulary: Vocabulary) -> Grounded:
+    """Decode, validate and ground one LLM answer; raise ValueError when it is unusable."""
+    try:
+        data = json.loads(text, strict=False)  # llama.cpp lets raw newlines into strings
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    raw = Profile.model_validate(data)
+    removed: list[str] = []
+
+    def keep(values: list[str], options: Sequence[str], limit: int, label: str) -> list[str]:
+        kept = []
+        for value in _dedupe(values):
+            if value not in options:
+                removed.append(f"{label}: {value}")
+            elif len(kept) < limit:
+                kept.append(value)
+        return kept
+
+    likes = keep(raw.likes, request.like_options, MAX_LIKES, "likes")
+    dislikes = keep(raw.dislikes, request.dislike_options, MAX_DISLIKES, "dislikes")
+    for both in set(likes) & set(dislikes):
+        dislikes.remove(both)
+        removed.append(f"dislikes: {both} (also liked)")
+    favourites = keep(raw.favourite_items, request.favourite_options, MAX_FAVOURITES, "favourite")
+    themes = []
+    for theme in _dedupe(raw.themes)[:MAX_THEMES]:
+        bad = ungrounded_claims(theme, request, vocabulary)
+        if bad or len(theme) > THEME_MAX:
+            removed.append(f"theme: {theme}")
+        else:
+            themes.append(theme)
+    if _degenerate(raw.summary):
+        raise ValueError("summary repeats itself")
+    sentences = []
+    for sentence in _dedupe(_SENTENCE.split(" ".join(raw.summary.split()))):
+        bad = ungrounded_claims(sentence, request, vocabulary)
+        if bad:
+            removed.extend(f"summary: {claim}" for claim in bad)
+        else:
+            sentences.append(sentence)
+    summary = " ".join(sentences)
+    if len(summary) < SUMMARY_MIN:
+        raise ValueError("summary is empty or too short once ungrounded sentences are removed")
+    profile = Profile(
+        summary=summary[:SUMMARY_MAX],
+        likes=likes,
+        dislikes=dislikes,
+        favourite_items=favourites,
+        themes=themes,
+    )
+    return Grounded(profile=profile, removed=removed)
+
+
+def fallback_profile(request: ProfileRequest) -> Profile:
+    """A deterministic profile from the history alone: used when the LLM output fails."""
+    likes = list(request.like_options[:MAX_LIKES])
+    dislikes = list(request.dislike_options[:MAX_DISLIKES])
+    favourites = list(request.favourite_options[:MAX_FAVOURITES])
+    parts = []
+    if likes:
+        parts.append("Mostly enjoys " + _join(likes) + ".")
+    if favourites:
+        parts.append("Favourites include " + _join(favourites) + ".")
+    if dislikes:
+        parts.append("Less keen on " + _join(dislikes) + ".")
+    if not parts:
+        recent = [e.title for e in request.history[-3:]]
+        parts.append("Recently interacted with " + _join(recent) + ".")
+    summary = " ".join(parts)
+    if len(summary) > SUMMARY_MAX:
+        summary = summary[: SUMMARY_MAX - 1].rsplit(" ", 1)[0] + "…"
+    return Profile(
+        summary=summary,
+        likes=likes,
+        dislikes=dislikes,
+        favourite_items=favourites,
+        themes=likes[:MAX_THEMES],
+    )
+
+
+def _join(values: Sequence[str]) -> str:
+    return values[0] if len(values) == 1 else ", ".join(values[:-1]) + " and " + values[-1]
+
+
+# ------------------------------------------------------------------------------ one user
+
+
+def profile_one(
+    request: ProfileRequest,
+    *,
+    llm: LLM,
+    prompt: Prompt,
+    params: GenerationParams,
+    vocabulary: Vocabulary,
+    domain: str = "item",
+    attempts: int = 3,
+    retry: RetryPolicy = RetryPolicy(),
+) -> ProfileRecord:
+    """Profile one user: LLM under the per-user schema, grounded, or the fallback.
+
+    Transport failures that persist through the retries raise LLMError for the caller to
+    report for this user; they never produce a fallback, so a rerun tries them again.
+    """
+    messages = prompt.render(history=request.lines, domain=domain)
+    result = generate_structured(
+        llm,
+        messages,
+        parse=lambda text: parse_profile(text, request, vocabulary),
+        params=params,
+        schema=request.schema(),
+        attempts=attempts,
+        policy=retry,
+    )
+    if result.value is not None:
+        profile, removed, fallback, reason = (
+            result.value.profile,
+            result.value.removed,
+            False,
+            None,
+        )
+    else:
+        profile, removed, fallback = fallback_profile(request), [], True
+        reason = f"invalid after {result.attempts} tries: {result.errors[-1]}"
+    return ProfileRecord(
+        user_id=request.user_id,
+        cache_key=request.cache_key,
+        profile=profile.model_dump(),
+        raw_output=result.raw_outputs[-1] if result.raw_outputs else None,
+        model_id=llm.model_id,
+        prompt_version=prompt.version,
+        params=params.as_dict(),
+        fallback=fallback,
+        fallback_reason=reason,
+        removed=removed,
+        attempts=result.attempts,
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        latency_s=result.latency_s,
+    )
+
+
+# ------------------------------------------------------------------------------ many users
+
+
+@dataclass
+class ProfileStats:
+    """The closing summary of a run; ``as_json`` is what ``segrec profile --json`` prints."""
+
+    users: int = 0
+    profiled: int = 0
+    cached: int = 0
+    fallback: int = 0
+    failed: int = 0
+    removed_claims: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+    failures: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def done(self) -> int:
+        return self.profiled + self.cached + self.fallback + self.failed
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "users": self.users,
+            "profiled": self.profiled,
+            "cached": self.cached,
+            "fallback": self.fallback,
+            "failed": self.failed,
+            "removed_claims": self.removed_claims,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def profile_users(
+    store: Store,
+    user_ids: Sequence[str],
+    *,
+    llm: LLM,
+    prompt: Prompt,
+    params: GenerationParams,
+    domain: str = "item",
+    max_items: int = 20,
+    max_tokens: int = 700,
+    attempts: int = 3,
+    retry: RetryPolicy = RetryPolicy(),
+    on_progress: Callable[[ProfileStats], None] | None = None,
+) -> ProfileStats:
+    """Profile ``user_ids``, skipping those whose cached profile has the same key.
+
+    Each finished user is committed at once; up to ``llm.concurrency`` calls run together.
+    """
+    start = time.perf_counter()
+    stats = ProfileStats(users=len(user_ids))
+    items = store.items_frame()
+    interactions = store.interactions_frame()
+    scales = value_scales(interactions)
+    vocabulary = Vocabulary.from_items(items)
+    wanted = set(user_ids)
+    events = user_events(interactions[interactions["user_id"].isin(wanted)], items, scales)
+    cached_keys = store.profile_keys()
+    todo: list[ProfileRequest] = []
+    for user_id in user_ids:
+        request = build_request(
+            user_id,
+            events.get(user_id, []),
+            prompt=prompt,
+            model_id=llm.model_id,
+            params=params,
+            max_items=max_items,
+            max_tokens=max_tokens,
+        )
+        if cached_keys.get(user_id) == request.cache_key:
+            stats.cached += 1
+        else:
+            todo.append(request)
+    if on_progress:
+        on_progress(stats)
+
+    def run(request: ProfileRequest) -> ProfileRecord:
+        return profile_one(
+            request,
+            llm=llm,
+            prompt=prompt,
+            params=params,
+            vocabulary=vocabulary,
+            domain=domain,
+            attempts=attempts,
+            retry=retry,
+        )
+
+    def record(request: ProfileRequest, future: Future[ProfileRecord]) -> None:
+        try:
+            result = future.result()
+        except LLMError as exc:
+            stats.failed += 1
+            stats.failures[request.user_id] = str(exc)
+            store.save_failure(request.user_id, request.cache_key, str(exc))
+        else:
+            store.save_profile(result)
+            stats.prompt_tokens += result.prompt_tokens
+            stats.completion_tokens += result.completion_tokens
+            stats.removed_claims += len(result.removed)
+            if result.fallback:
+                stats.fallback += 1
+            else:
+                stats.profiled += 1
+        stats.seconds = time.perf_counter() - start
+        if on_progress:
+            on_progress(stats)
+
+    workers = max(1, int(getattr(llm, "concurrency", 1)))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: dict[Future[ProfileRecord], ProfileRequest] = {}
+        queue = iter(todo)
+        try:
+            for request in queue:
+                pending[pool.submit(run, request)] = request
+                if len(pending) >= workers:
+                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        record(pending.pop(future), future)
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    record(pending.pop(future), future)
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+    stats.seconds = time.perf_counter() - start
+    return stats

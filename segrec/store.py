@@ -1,0 +1,465 @@
+"""The workspace: one SQLite database (WAL) that every stage reads from and writes to.
+
+This is the only module that speaks SQL. Each write is one transaction, so a crash or
+SIGKILL loses at most the work in flight, and the next run resumes from what is here.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from segrec.errors import WorkspaceError
+
+if TYPE_CHECKING:
+    from segrec.data import Dataset
+
+DB_NAME = "segrec.db"
+
+# Ordered migrations: index + 1 is the schema version stored in PRAGMA user_version.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE items (
+        item_id TEXT PRIMARY KEY,
+        title TEXT NOT NULL,
+        description TEXT NOT NULL,
+        categories TEXT NOT NULL,          -- JSON list
+        text TEXT NOT NULL
+    );
+    CREATE TABLE users (
+        user_id TEXT PRIMARY KEY,
+        attributes TEXT,                   -- JSON object, PII already refused at ingest
+        source TEXT NOT NULL DEFAULT 'ingest'
+    );
+    CREATE TABLE interactions (
+        user_id TEXT NOT NULL REFERENCES users(user_id),
+        item_id TEXT NOT NULL REFERENCES items(item_id),
+        behavior TEXT NOT NULL,
+        value REAL,
+        timestamp INTEGER,
+        ts_key INTEGER NOT NULL,           -- timestamp, or -1 when absent: part of the key
+        seq INTEGER NOT NULL,              -- line in the source file: order when no timestamp
+        PRIMARY KEY (user_id, item_id, behavior, ts_key)
+    ) WITHOUT ROWID;
+    CREATE TABLE ingests (
+        id INTEGER PRIMARY KEY,
+        at TEXT NOT NULL,
+        source TEXT NOT NULL,              -- JSON: files and column mapping
+        report TEXT NOT NULL               -- JSON: counts
+    );
+    CREATE TABLE profiles (
+        user_id TEXT PRIMARY KEY REFERENCES users(user_id),
+        cache_key TEXT NOT NULL,
+        profile TEXT NOT NULL,             -- JSON of the validated, grounded profile
+        raw_output TEXT,                   -- the LLM's last raw answer (NULL: no LLM call)
+        model_id TEXT NOT NULL,
+        prompt_version TEXT NOT NULL,
+        params TEXT NOT NULL,              -- JSON generation parameters
+        fallback INTEGER NOT NULL,         -- 1: deterministic profile from the history
+        fallback_reason TEXT,
+        removed_claims INTEGER NOT NULL,
+        removed TEXT NOT NULL,             -- JSON list of the ungrounded claims removed
+        attempts INTEGER NOT NULL,
+        prompt_tokens INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        latency_s REAL NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE profile_failures (
+        user_id TEXT PRIMARY KEY,
+        cache_key TEXT NOT NULL,
+        error TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE embeddings (
+        key TEXT NOT NULL,                 -- sha256 of the embedded text
+        encoder_id TEXT NOT NULL,
+        vector BLOB NOT NULL,              -- float32, L2-normalised
+        PRIMARY KEY (key, encoder_id)
+    ) WITHOUT ROWID;
+    """,
+]
+
+
+@dataclass(frozen=True)
+class IngestStats:
+    items_added: int
+    items_updated: int
+    users_added: int
+    interactions_added: int
+    interactions_updated: int
+
+    @property
+    def changed(self) -> bool:
+        return any(
+            (
+                self.items_added,
+                self.items_updated,
+                self.users_added,
+                self.interactions_added,
+                self.interactions_updated,
+            )
+        )
+
+
+@dataclass(frozen=True)
+class ProfileRecord:
+    """One stored profile, as the profile stage hands it over and as it is read back."""
+
+    user_id: str
+    cache_key: str
+    profile: dict[str, Any]
+    raw_output: str | None
+    model_id: str
+    prompt_version: str
+    params: dict[str, Any]
+    fallback: bool
+    fallback_reason: str | None
+    removed: list[str]
+    attempts: int
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    created_at: str = ""
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class Store:
+    """A workspace database. Open with :meth:`open`; use as a context manager to close."""
+
+    def __init__(self, path: Path, connection: sqlite3.Connection) -> None:
+        self.path = path
+        self._db = connection
+
+    @classmethod
+    def open(cls, workspace: Path, *, create: bool = False) -> Store:
+        """Open (and migrate) the workspace; ``create`` makes it if missing."""
+        db_path = workspace / DB_NAME
+        if not db_path.exists():
+            if not create:
+                raise WorkspaceError(
+                    f"{workspace}: no segrec workspace here — run `segrec profile RATINGS "
+                    "--items ITEMS` first, or pass --workspace DIR"
+                )
+            if workspace.exists() and not workspace.is_dir():
+                raise WorkspaceError(f"{workspace}: exists and is not a directory")
+            workspace.mkdir(parents=True, exist_ok=True)
+        try:
+            connection = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")
+            connection.execute("PRAGMA foreign_keys=ON")
+            connection.execute("PRAGMA busy_timeout=10000")
+        except sqlite3.DatabaseError as exc:
+            raise WorkspaceError(f"{db_path}: not a readable segrec database ({exc})") from None
+        store = cls(db_path, connection)
+        store._migrate()
+        return store
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        current = self.schema_version
+        if current > len(MIGRATIONS):
+            raise WorkspaceError(
+                f"{self.path}: written by a newer segrec (schema {current}) — upgrade segrec"
+            )
+        for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
+            with self.transaction():
+                for statement in script.split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version={version}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE … COMMIT, rolled back on any exception."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # ---------------------------------------------------------------- ingest
+
+    def ingest(self, dataset: Dataset, *, source: Mapping[str, Any]) -> IngestStats:
+        """Upsert items, users and interactions in one transaction; unchanged rows stay put."""
+        items = dataset.items
+        inter = dataset.interactions
+        with self.transaction() as db:
+            before_items = self._count("items")
+            before_users = self._count("users")
+            before_inter = self._count("interactions")
+            changes0 = db.total_changes
+            db.executemany(
+                """INSERT INTO items (item_id, title, description, categories, text)
+                   VALUES (?, ?, ?, ?, ?)
+                   ON CONFLICT(item_id) DO UPDATE SET title=excluded.title,
+                     description=excluded.description, categories=excluded.categories,
+                     text=excluded.text
+                   WHERE title IS NOT excluded.title OR description IS NOT excluded.description
+                     OR categories IS NOT excluded.categories OR text IS NOT excluded.text""",
+                zip(
+                    items["item_id"],
+                    items["title"],
+                    items["description"],
+                    (json.dumps(list(c), ensure_ascii=False) for c in items["categories"]),
+                    items["text"],
+                    strict=True,
+                ),
+            )
+            item_changes = db.total_changes - changes0
+            attributes: dict[str, str] = {}
+            if dataset.attributes is not None:
+                frame = dataset.attributes.set_index("user_id")
+                for user_id, row in frame.iterrows():
+                    attributes[str(user_id)] = json.dumps(row.to_dict(), ensure_ascii=False)
+            user_ids = sorted(set(inter["user_id"]) | set(attributes))
+            db.executemany(
+                """INSERT INTO users (user_id, attributes) VALUES (?, ?)
+                   ON CONFLICT(user_id) DO UPDATE SET attributes=excluded.attributes
+                   WHERE excluded.attributes IS NOT NULL
+                     AND attributes IS NOT excluded.attributes""",
+                ((u, attributes.get(u)) for u in user_ids),
+            )
+            timestamps = inter["timestamp"]
+            values = inter["value"]
+            changes1 = db.total_changes
+            db.executemany(
+                """INSERT INTO interactions
+                     (user_id, item_id, behavior, value, timestamp, ts_key, seq)
+                   VALUES (?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT(user_id, item_id, behavior, ts_key) DO UPDATE
+                     SET value=excluded.value, seq=excluded.seq
+                   WHERE value IS NOT excluded.value OR seq IS NOT excluded.seq""",
+                zip(
+                    inter["user_id"],
+                    inter["item_id"],
+                    inter["behavior"],
+                    (None if pd.isna(v) else float(v) for v in values),
+                    (None if pd.isna(t) else int(t) for t in timestamps),
+                    (-1 if pd.isna(t) else int(t) for t in timestamps),
+                    (int(s) for s in inter["line"]),
+                    strict=True,
+                ),
+            )
+            inter_changes = db.total_changes - changes1
+            items_added = self._count("items") - before_items
+            inter_added = self._count("interactions") - before_inter
+            stats = IngestStats(
+                items_added=items_added,
+                items_updated=item_changes - items_added,
+                users_added=self._count("users") - before_users,
+                interactions_added=inter_added,
+                interactions_updated=inter_changes - inter_added,
+            )
+            if stats.changed:
+                report = dataset.report
+                db.execute(
+                    "INSERT INTO ingests (at, source, report) VALUES (?, ?, ?)",
+                    (
+                        _now(),
+                        json.dumps(dict(source), default=str),
+                        json.dumps(
+                            {
+                                "log_rows": report.log_rows,
+                                "loaded": report.loaded,
+                                "skipped": report.skipped,
+                                "duplicates": report.duplicates,
+                                **stats.__dict__,
+                            }
+                        ),
+                    ),
+                )
+        return stats
+
+    def _count(self, table: str) -> int:
+        return int(self._db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+    # ---------------------------------------------------------------- reads
+
+    def user_ids(self) -> list[str]:
+        """Users with at least one interaction, in natural order (numeric ids numerically)."""
+        rows = self._db.execute("SELECT DISTINCT user_id FROM interactions").fetchall()
+        return sorted((r[0] for r in rows), key=natural_key)
+
+    def count(self, table: str) -> int:
+        if table not in {"items", "users", "interactions", "profiles", "profile_failures"}:
+            raise ValueError(table)
+        return self._count(table)
+
+    def items_frame(self) -> pd.DataFrame:
+        frame = pd.read_sql_query(
+            "SELECT item_id, title, description, categories, text FROM items", self._db
+        )
+        frame["categories"] = [json.loads(c) for c in frame["categories"]]
+        return frame
+
+    def interactions_frame(self, user_ids: Sequence[str] | None = None) -> pd.DataFrame:
+        """Interactions (optionally of some users), oldest first within each user."""
+        query = "SELECT user_id, item_id, behavior, value, timestamp, seq FROM interactions"
+        if user_ids is not None:
+            self._db.execute("CREATE TEMP TABLE IF NOT EXISTS wanted (user_id TEXT PRIMARY KEY)")
+            self._db.execute("DELETE FROM wanted")
+            self._db.executemany(
+                "INSERT OR IGNORE INTO wanted VALUES (?)", ((u,) for u in user_ids)
+            )
+            query += " WHERE user_id IN (SELECT user_id FROM wanted)"
+        query += " ORDER BY user_id, ts_key, seq"
+        frame = pd.read_sql_query(query, self._db)
+        frame["timestamp"] = frame["timestamp"].astype("Int64")
+        return frame
+
+    def interaction_counts(self) -> dict[str, int]:
+        """Interactions per user, users in natural order."""
+        rows = self._db.execute(
+            "SELECT user_id, count(*) FROM interactions GROUP BY user_id"
+        ).fetchall()
+        return {u: n for u, n in sorted(rows, key=lambda r: natural_key(r[0]))}
+
+    def has_user(self, user_id: str) -> bool:
+        row = self._db.execute("SELECT 1 FROM users WHERE user_id = ?", (user_id,)).fetchone()
+        return row is not None
+
+    # ---------------------------------------------------------------- profiles
+
+    def profile_keys(self) -> dict[str, str]:
+        return dict(self._db.execute("SELECT user_id, cache_key FROM profiles").fetchall())
+
+    def save_profile(self, record: ProfileRecord) -> None:
+        """Store one profile (replacing an older one) and clear any earlier failure."""
+        with self.transaction() as db:
+            db.execute(
+                """INSERT OR REPLACE INTO profiles (user_id, cache_key, profile, raw_output,
+                     model_id, prompt_version, params, fallback, fallback_reason,
+                     removed_claims, removed, attempts, prompt_tokens, completion_tokens,
+                     latency_s, created_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    record.user_id,
+                    record.cache_key,
+                    json.dumps(record.profile, ensure_ascii=False),
+                    record.raw_output,
+                    record.model_id,
+                    record.prompt_version,
+                    json.dumps(record.params, sort_keys=True),
+                    int(record.fallback),
+                    record.fallback_reason,
+                    len(record.removed),
+                    json.dumps(record.removed, ensure_ascii=False),
+                    record.attempts,
+                    record.prompt_tokens,
+                    record.completion_tokens,
+                    record.latency_s,
+                    record.created_at or _now(),
+                ),
+            )
+            db.execute("DELETE FROM profile_failures WHERE user_id = ?", (record.user_id,))
+
+    def save_failure(self, user_id: str, cache_key: str, error: str) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO profile_failures VALUES (?, ?, ?, ?)",
+                (user_id, cache_key, error, _now()),
+            )
+
+    def failures(self) -> dict[str, str]:
+        return dict(self._db.execute("SELECT user_id, error FROM profile_failures").fetchall())
+
+    def profile(self, user_id: str) -> ProfileRecord | None:
+        row = self._db.execute(
+            """SELECT user_id, cache_key, profile, raw_output, model_id, prompt_version, params,
+                      fallback, fallback_reason, removed, attempts, prompt_tokens,
+                      completion_tokens, latency_s, created_at
+               FROM profiles WHERE user_id = ?""",
+            (user_id,),
+        ).fetchone()
+        return None if row is None else _profile_record(row)
+
+    def profiles(self) -> list[ProfileRecord]:
+        rows = self._db.execute(
+            """SELECT user_id, cache_key, profile, raw_output, model_id, prompt_version, params,
+                      fallback, fallback_reason, removed, attempts, prompt_tokens,
+                      completion_tokens, latency_s, created_at FROM profiles"""
+        ).fetchall()
+        return sorted((_profile_record(r) for r in rows), key=lambda p: natural_key(p.user_id))
+
+    # ---------------------------------------------------------------- embeddings
+
+    def get(self, keys: Sequence[str], encoder_id: str) -> dict[str, np.ndarray]:
+        """Cached vectors by text key (implements segrec.embed.VectorCache)."""
+        found: dict[str, np.ndarray] = {}
+        for chunk in _chunks(list(keys), 500):
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.execute(
+                f"SELECT key, vector FROM embeddings WHERE encoder_id = ? AND key IN ({marks})",
+                (encoder_id, *chunk),
+            )
+            for key, blob in rows:
+                found[key] = np.frombuffer(blob, dtype=np.float32).copy()
+        return found
+
+    def put(self, vectors: Mapping[str, np.ndarray], encoder_id: str) -> None:
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?)",
+                (
+                    (key, encoder_id, np.asarray(v, dtype=np.float32).tobytes())
+                    for key, v in vectors.items()
+                ),
+            )
+
+
+def _profile_record(row: Sequence[Any]) -> ProfileRecord:
+    return ProfileRecord(
+        user_id=row[0],
+        cache_key=row[1],
+        profile=json.loads(row[2]),
+        raw_output=row[3],
+        model_id=row[4],
+        prompt_version=row[5],
+        params=json.loads(row[6]),
+        fallback=bool(row[7]),
+        fallback_reason=row[8],
+        removed=json.loads(row[9]),
+        attempts=row[10],
+        prompt_tokens=row[11],
+        completion_tokens=row[12],
+        latency_s=row[13],
+        created_at=row[14],
+    )
+
+
+def _chunks(values: list[str], size: int) -> Iterable[list[str]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+def natural_key(value: str) -> tuple[int, int | str]:
+    """Sort numeric ids numerically and before the rest ("2" < "10" < "a")."""
+    return (0, int(value)) if value.isdigit() else (1, value)
