@@ -245,12 +245,15 @@ def profile(
     selection = pipeline.select_users(settings, users=_parse_ids(users, "--users"), limit=limit)
     with _progress("profiling", len(selection.user_ids)) as update:
         stats = pipeline.run_profiles(settings, selection.user_ids, on_progress=update)
+    assigned = pipeline.assign_users_to_run(settings)
     if as_json:
         _emit_json(stats.as_json())
     else:
         _report_profiles(stats)
     for note in selection.notes:
         err.print(f"note: {note}", markup=False)
+    if assigned:
+        err.print(f"note: {len(assigned)} user(s) assigned to the active segments", markup=False)
 
 
 @contextmanager
@@ -357,6 +360,225 @@ def _show_profile(record: Any, as_json: bool) -> None:
     if record.removed:
         lines.append("removed as ungrounded: " + "; ".join(record.removed))
     out.print(Panel("\n".join(lines), title=f"user {record.user_id}"), markup=False)
+
+
+LlmOpt = Annotated[
+    str | None, typer.Option("--llm", help="'local' or 'openai:<model>' [default local].")
+]
+
+
+@app.command()
+@user_errors
+def cluster(
+    k: Annotated[str, typer.Option("--k", help="Number of segments, or 'auto'.")] = "auto",
+    algorithm: Annotated[
+        str, typer.Option(help="kmeans, minibatch, hdbscan or agglomerative.")
+    ] = "kmeans",
+    seed: Annotated[int | None, typer.Option(help="Seed for every clusterer [default 0].")] = None,
+    pca: Annotated[int | None, typer.Option(min=2, help="PCA components first.")] = None,
+    represent: Annotated[
+        str | None, typer.Option(help="What is clustered: profile, items or mix [items].")
+    ] = None,
+    encoder: Annotated[
+        Path | None, typer.Option(help="A local sentence-transformers model folder.")
+    ] = None,
+    min_segment_size: Annotated[
+        int | None, typer.Option(min=1, help="Privacy threshold [default 10].")
+    ] = None,
+    small: Annotated[
+        str, typer.Option(help="Segments under the threshold: merge or unnamed.")
+    ] = "merge",
+    llm: LlmOpt = None,
+    workspace: WorkspaceOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Embed profiled users, cluster them into segments, and name the segments.
+
+    Example: segrec cluster --k 5    (or --k auto to choose by silhouette and stability)
+    """
+    from segrec import pipeline
+
+    if k == "auto":
+        k_value = None
+    elif k.isdigit():
+        k_value = int(k)
+    else:
+        raise InputError(f"--k {k!r}: pass a number of segments (e.g. 5) or 'auto'")
+    settings = _settings(
+        config,
+        workspace=workspace,
+        seed=seed,
+        represent=represent,
+        encoder=encoder,
+        min_segment_size=min_segment_size,
+        llm=llm,
+    )
+    with err.status("clustering", spinner="dots") as status:
+        result = pipeline.run_clustering(
+            settings,
+            k=k_value,
+            algorithm=algorithm,
+            pca=pca,
+            small=small,
+            on_stage=lambda stage: status.update(stage),
+        )
+    report = pipeline.segments_report(settings, result.run.id)
+    if as_json:
+        _emit_json(report)
+    else:
+        _print_segments(report)
+
+
+def _print_segments(report: dict[str, Any]) -> None:
+    run, metrics = report["run"], report["metrics"]
+    if metrics.get("curve"):
+        curve = Table(title="k scan")
+        for column in ("k", "silhouette", "stability"):
+            curve.add_column(column)
+        for row in metrics["curve"]:
+            curve.add_row(str(row["k"]), f"{row['silhouette']:.3f}", f"{row['stability']:.3f}")
+        out.print(curve)
+    table = Table(
+        title=f"run {run['id']}: {metrics['k']} segments of {metrics['users']} users "
+        f"({run['params']['represent']}, {run['params']['algorithm']}) · silhouette "
+        f"{metrics['silhouette']} · stability {metrics['stability']}"
+    )
+    for column in ("id", "name", "size", "share", "top categories", "silh.", "stab."):
+        table.add_column(column)
+    for seg in report["segments"]:
+        name = seg["name"] + (" (fallback)" if seg["fallback"] else "")
+        cats = ", ".join(c["category"] for c in seg["top_categories"][:3])
+        table.add_row(
+            str(seg["id"]),
+            name,
+            str(seg["size"]),
+            f"{seg['share']:.0%}",
+            cats,
+            _fmt(seg["silhouette"]),
+            _fmt(seg["stability"]),
+        )
+    out.print(table)
+    for note in run["notes"]:
+        err.print(f"note: {note}", markup=False)
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+segments_app = typer.Typer(help="The segments of the active clustering run.", no_args_is_help=False)
+app.add_typer(segments_app, name="segments")
+
+
+@segments_app.callback(invoke_without_command=True)
+@user_errors
+def segments(
+    ctx: typer.Context,
+    workspace: WorkspaceOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the segments: name, size, top categories, quality.
+
+    Example: segrec segments --json
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from segrec import pipeline
+
+    report = pipeline.segments_report(_settings(config, workspace=workspace))
+    if as_json:
+        _emit_json(report)
+    else:
+        _print_segments(report)
+
+
+@segments_app.command("show")
+@user_errors
+def segments_show(
+    segment_id: Annotated[int, typer.Argument(help="Segment id.")],
+    workspace: WorkspaceOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Everything about one segment.
+
+    Example: segrec segments show 0
+    """
+    from segrec import pipeline
+
+    run, seg = pipeline.segment_detail(_settings(config, workspace=workspace), segment_id)
+    data = {
+        "run": run.id,
+        "id": seg.segment_id,
+        "name": seg.name,
+        "description": seg.description,
+        "fallback": seg.fallback,
+        "described": seg.described,
+        **seg.facts,
+    }
+    if as_json:
+        _emit_json(data)
+        return
+    lines = [seg.description, ""]
+    lines.append(
+        f"size {seg.size} ({seg.facts['share']:.0%}) · silhouette "
+        f"{_fmt(seg.facts['silhouette'])} · stability {_fmt(seg.facts['stability'])}"
+        f" · variance {_fmt(seg.facts['variance'])}"
+    )
+    lines.append(
+        "top categories: "
+        + ", ".join(f"{c['category']} ×{c['lift']:.2f}" for c in seg.facts["top_categories"])
+        or "—"
+    )
+    lines.append(
+        "top items: " + ", ".join(f"{i['title']} ×{i['lift']:.2f}" for i in seg.facts["top_items"])
+        or "—"
+    )
+    lines.append("members nearest the centroid:")
+    lines += [f"  {m['user_id']}: {m['summary']}" for m in seg.facts["nearest"]]
+    if seg.fallback:
+        lines.append(f"label is a fallback: {seg.facts.get('fallback_reason')}")
+    out.print(Panel("\n".join(lines), title=f"segment {seg.segment_id}: {seg.name}"), markup=False)
+
+
+@app.command()
+@user_errors
+def assign(
+    user: Annotated[str, typer.Option("--user", help="User id.")],
+    workspace: WorkspaceOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Place a user in the active run's nearest segment (for users profiled after it).
+
+    Example: segrec assign --user 42
+    """
+    from segrec import pipeline
+
+    settings = _settings(config, workspace=workspace)
+    found = pipeline.assign_users_to_run(settings, [user])
+    if not found:
+        raise InputError("no clustering run yet — run `segrec cluster --k 5` first")
+    a = found[0]
+    _, seg = pipeline.segment_detail(settings, a.segment_id)
+    data = {
+        "user": a.user_id,
+        "segment": a.segment_id,
+        "name": seg.name,
+        "distance": round(a.distance, 4),
+        "margin": round(a.margin, 4),
+        "late": a.late,
+    }
+    if as_json:
+        _emit_json(data)
+    else:
+        out.print(
+            f'user {a.user_id} → segment {a.segment_id} "{seg.name}" (distance '
+            f"{a.distance:.3f}, margin over the next {a.margin:.3f})",
+            markup=False,
+        )
 
 
 @app.command()

@@ -51,6 +51,13 @@ class Settings(BaseModel):
     max_history_items: int = Field(20, ge=1, description="History items shown to the LLM.")
     max_history_tokens: int = Field(700, ge=50, description="Approximate token cap of history.")
     domain: str = Field("item", description="What the items are, for prompts: movie, product…")
+    encoder: Path | None = Field(
+        None, description="A local sentence-transformers model folder (default: bundled MiniLM)."
+    )
+    represent: Literal["profile", "items", "mix"] = Field(
+        "items", description="What is clustered: profile text, recent items, or a mix."
+    )
+    min_segment_size: int = Field(10, ge=1, description="Privacy threshold for describing.")
     validation_attempts: int = Field(3, ge=1, le=10, description="Tries before the fallback.")
 
     @field_validator("llm")

@@ -32,9 +32,12 @@ from segrec.store import ProfileRecord, Store
 from segrec.templates import Prompt
 
 # Bumped when the profile schema, compaction or grounding rules change: part of cache keys.
-PROFILE_LOGIC_VERSION = "1"
+PROFILE_LOGIC_VERSION = "2"
 
 SUMMARY_MIN, SUMMARY_MAX = 20, 280
+SUMMARY_PREFIX = "This user "
+# Any characters but a quote or a backslash, so the grammar closes the string itself.
+SUMMARY_PATTERN = "^" + SUMMARY_PREFIX + '[^"\\\\]{10,%d}$' % (SUMMARY_MAX - len(SUMMARY_PREFIX))
 MAX_LIKES, MAX_DISLIKES, MAX_FAVOURITES, MAX_THEMES, THEME_MAX = 3, 2, 3, 3, 40
 POSITIVE, NEGATIVE = 0.3, -0.15
 
@@ -235,7 +238,7 @@ class ProfileRequest:
         return {
             "type": "object",
             "properties": {
-                "likes": _enum_list(self.like_options, MAX_LIKES),
+                "likes": _enum_list(self.like_options, MAX_LIKES, min_items=1),
                 "dislikes": _enum_list(self.dislike_options, MAX_DISLIKES),
                 "favourite_items": _enum_list(self.favourite_options, MAX_FAVOURITES),
                 "themes": {
@@ -243,20 +246,24 @@ class ProfileRequest:
                     "items": {"type": "string", "minLength": 3, "maxLength": THEME_MAX},
                     "maxItems": MAX_THEMES,
                 },
-                "summary": {"type": "string", "minLength": SUMMARY_MIN, "maxLength": SUMMARY_MAX},
+                # Third person, bounded: the small model otherwise writes as the user, or loops.
+                "summary": {"type": "string", "pattern": SUMMARY_PATTERN},
             },
             "required": ["likes", "dislikes", "favourite_items", "themes", "summary"],
         }
 
 
-def _enum_list(options: Sequence[str], max_items: int) -> dict[str, Any]:
+def _enum_list(options: Sequence[str], max_items: int, min_items: int = 0) -> dict[str, Any]:
     if not options:
         return {"type": "array", "items": {"type": "string"}, "maxItems": 0}
-    return {
+    schema: dict[str, Any] = {
         "type": "array",
         "items": {"type": "string", "enum": list(options)},
         "maxItems": min(max_items, len(options)),
     }
+    if min_items:
+        schema["minItems"] = min_items
+    return schema
 
 
 def build_request(
@@ -436,10 +443,9 @@ def parse_profile(text: str, request: ProfileRequest, vocabulary: Vocabulary) ->
     favourites = keep(raw.favourite_items, request.favourite_options, MAX_FAVOURITES, "favourite")
     themes = []
     for theme in _dedupe(raw.themes)[:MAX_THEMES]:
-        bad = ungrounded_claims(theme, request, vocabulary)
-        if bad or len(theme) > THEME_MAX:
+        if ungrounded_claims(theme, request, vocabulary):
             removed.append(f"theme: {theme}")
-        else:
+        elif len(theme) <= THEME_MAX and "," not in theme:  # a phrase, not a cut-off list
             themes.append(theme)
     if _degenerate(raw.summary):
         raise ValueError("summary repeats itself")
@@ -470,14 +476,14 @@ def fallback_profile(request: ProfileRequest) -> Profile:
     favourites = list(request.favourite_options[:MAX_FAVOURITES])
     parts = []
     if likes:
-        parts.append("Mostly enjoys " + _join(likes) + ".")
+        parts.append("This user mostly enjoys " + _join(likes) + ".")
     if favourites:
         parts.append("Favourites include " + _join(favourites) + ".")
     if dislikes:
         parts.append("Less keen on " + _join(dislikes) + ".")
     if not parts:
         recent = [e.title for e in request.history[-3:]]
-        parts.append("Recently interacted with " + _join(recent) + ".")
+        parts.append("This user recently interacted with " + _join(recent) + ".")
     summary = " ".join(parts)
     if len(summary) > SUMMARY_MAX:
         summary = summary[: SUMMARY_MAX - 1].rsplit(" ", 1)[0] + "…"

@@ -87,6 +87,40 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (key, encoder_id)
     ) WITHOUT ROWID;
     """,
+    """
+    CREATE TABLE meta (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    CREATE TABLE runs (
+        id INTEGER PRIMARY KEY,
+        created_at TEXT NOT NULL,
+        params TEXT NOT NULL,              -- JSON: k, algorithm, seed, represent, encoder …
+        metrics TEXT NOT NULL,             -- JSON: silhouette, stability, k curve …
+        notes TEXT NOT NULL                -- JSON list: what was assumed or changed
+    );
+    CREATE TABLE segments (
+        run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+        segment_id INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        description TEXT NOT NULL,
+        fallback INTEGER NOT NULL,         -- 1: label from distinctive terms, not the LLM
+        described INTEGER NOT NULL,        -- 0: under the privacy threshold, not described
+        size INTEGER NOT NULL,
+        centroid BLOB NOT NULL,            -- float32, in the clustered vector space
+        facts TEXT NOT NULL,               -- JSON: share, top items/categories, quality …
+        PRIMARY KEY (run_id, segment_id)
+    );
+    CREATE TABLE assignments (
+        run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+        user_id TEXT NOT NULL,
+        segment_id INTEGER NOT NULL,
+        distance REAL NOT NULL,
+        margin REAL NOT NULL,              -- 2nd-nearest minus nearest centroid distance
+        late INTEGER NOT NULL DEFAULT 0,   -- 1: assigned after the run (nearest centroid)
+        PRIMARY KEY (run_id, user_id)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 
@@ -409,6 +443,112 @@ class Store:
         ).fetchall()
         return sorted((_profile_record(r) for r in rows), key=lambda p: natural_key(p.user_id))
 
+    # ---------------------------------------------------------------- runs
+
+    def save_run(
+        self,
+        *,
+        params: Mapping[str, Any],
+        metrics: Mapping[str, Any],
+        notes: Sequence[str],
+        segments: Sequence[SegmentRecord],
+        assignments: Sequence[Assignment],
+    ) -> int:
+        """Store a clustering run with its segments and assignments; it becomes active."""
+        with self.transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO runs (created_at, params, metrics, notes) VALUES (?, ?, ?, ?)",
+                (
+                    _now(),
+                    json.dumps(dict(params), sort_keys=True),
+                    json.dumps(dict(metrics)),
+                    json.dumps(list(notes)),
+                ),
+            )
+            run_id = int(cursor.lastrowid or 0)
+            db.executemany(
+                "INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    (
+                        run_id,
+                        s.segment_id,
+                        s.name,
+                        s.description,
+                        int(s.fallback),
+                        int(s.described),
+                        s.size,
+                        np.asarray(s.centroid, dtype=np.float32).tobytes(),
+                        json.dumps(s.facts, ensure_ascii=False),
+                    )
+                    for s in segments
+                ),
+            )
+            self._insert_assignments(run_id, assignments)
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('active_run', ?)", (str(run_id),))
+        return run_id
+
+    def _insert_assignments(self, run_id: int, assignments: Sequence[Assignment]) -> None:
+        self._db.executemany(
+            "INSERT OR REPLACE INTO assignments VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                (run_id, a.user_id, a.segment_id, a.distance, a.margin, int(a.late))
+                for a in assignments
+            ),
+        )
+
+    def add_assignments(self, run_id: int, assignments: Sequence[Assignment]) -> None:
+        with self.transaction():
+            self._insert_assignments(run_id, assignments)
+
+    def active_run(self) -> RunRecord | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'active_run'").fetchone()
+        return None if row is None else self.run(int(row[0]))
+
+    def set_active_run(self, run_id: int) -> None:
+        if self.run(run_id) is None:
+            raise WorkspaceError(f"no clustering run {run_id} — list runs with `segrec runs`")
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('active_run', ?)", (str(run_id),))
+
+    def run(self, run_id: int) -> RunRecord | None:
+        row = self._db.execute(
+            "SELECT id, created_at, params, metrics, notes FROM runs WHERE id = ?", (run_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return RunRecord(row[0], row[1], json.loads(row[2]), json.loads(row[3]), json.loads(row[4]))
+
+    def runs(self) -> list[RunRecord]:
+        ids = [r[0] for r in self._db.execute("SELECT id FROM runs ORDER BY id").fetchall()]
+        return [run for i in ids if (run := self.run(i)) is not None]
+
+    def segments(self, run_id: int) -> list[SegmentRecord]:
+        rows = self._db.execute(
+            """SELECT segment_id, name, description, fallback, described, size, centroid, facts
+               FROM segments WHERE run_id = ? ORDER BY segment_id""",
+            (run_id,),
+        ).fetchall()
+        return [
+            SegmentRecord(
+                segment_id=r[0],
+                name=r[1],
+                description=r[2],
+                fallback=bool(r[3]),
+                described=bool(r[4]),
+                size=r[5],
+                centroid=np.frombuffer(r[6], dtype=np.float32).copy(),
+                facts=json.loads(r[7]),
+            )
+            for r in rows
+        ]
+
+    def assignments(self, run_id: int) -> dict[str, Assignment]:
+        rows = self._db.execute(
+            "SELECT user_id, segment_id, distance, margin, late FROM assignments WHERE run_id = ?",
+            (run_id,),
+        ).fetchall()
+        return {r[0]: Assignment(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows}
+
     # ---------------------------------------------------------------- embeddings
 
     def get(self, keys: Sequence[str], encoder_id: str) -> dict[str, np.ndarray]:
@@ -433,6 +573,36 @@ class Store:
                     for key, v in vectors.items()
                 ),
             )
+
+
+@dataclass(frozen=True)
+class SegmentRecord:
+    segment_id: int
+    name: str
+    description: str
+    fallback: bool
+    described: bool
+    size: int
+    centroid: np.ndarray
+    facts: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Assignment:
+    user_id: str
+    segment_id: int
+    distance: float
+    margin: float
+    late: bool = False
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    id: int
+    created_at: str
+    params: dict[str, Any]
+    metrics: dict[str, Any]
+    notes: list[str]
 
 
 def _profile_record(row: Sequence[Any]) -> ProfileRecord:

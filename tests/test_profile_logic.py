@@ -103,7 +103,8 @@ def test_schema_enums_come_from_the_history_and_are_disjoint() -> None:
     assert "Animation" in likes and "Action" in likes  # Action: 4.5 and 1.0 → net > 0
     assert dislikes == {"Adventure"}  # only in a 2.0 rating
     assert set(schema["favourite_items"]["items"]["enum"]) <= {e.title for e in HISTORY}
-    assert schema["summary"]["maxLength"] <= 280
+    assert schema["summary"]["pattern"].startswith("^This user ")
+    assert schema["likes"]["minItems"] == 1
 
 
 def test_cache_key_changes_with_history_prompt_model_and_params() -> None:

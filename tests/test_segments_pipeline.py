@@ -1,0 +1,137 @@
+"""`segrec cluster` end to end on the example data: real encoder, fake LLM for speed.
+
+The real bundled model names segments in tests/test_label.py and in the real-model end to
+end test at the bottom of this file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import snapshot
+from segrec import pipeline
+from segrec.cli import app
+from segrec.config import Settings
+from segrec.store import Store
+from segrec.testing import FakeLLM
+
+runner = CliRunner()
+
+
+def schema_answer(messages: Any, schema: dict[str, Any] | None) -> str:
+    """A valid answer for any schema segrec sends: first enum options, a plain summary."""
+    assert schema is not None
+    props = schema["properties"]
+    if "summary" in props:
+        likes = props["likes"]["items"].get("enum", [])[:2]
+        return json.dumps({
+            "likes": likes, "dislikes": [], "favourite_items": [], "themes": [],
+            "summary": "This user mostly enjoys " + " and ".join(likes or ["films"]) + ".",
+        })
+    return json.dumps({"name": "Fans", "description": "Members like films."})
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory: pytest.TempPathFactory, example_ratings: Path,
+             example_movies: Path) -> Settings:
+    settings = Settings(workspace=tmp_path_factory.mktemp("seg") / "ws", domain="movie")
+    pipeline.ingest(settings, example_ratings, example_movies)
+    users = pipeline.select_users(settings).user_ids
+    # leave the last user unprofiled, to assign after clustering
+    stats = pipeline.run_profiles(settings, users[:-1], llm=FakeLLM(default=schema_answer))
+    assert stats.profiled == len(users) - 1
+    return settings
+
+
+@pytest.mark.slow
+def test_cluster_stores_a_deterministic_run(profiled: Settings) -> None:
+    llm = FakeLLM(default=schema_answer)
+    first = pipeline.run_clustering(profiled, k=3, llm=llm)
+    second = pipeline.run_clustering(profiled, k=3, llm=llm)
+    assert first.run.id != second.run.id
+    with Store.open(profiled.workspace) as store:
+        a = store.assignments(first.run.id)
+        b = store.assignments(second.run.id)
+        assert store.active_run().id == second.run.id  # type: ignore[union-attr]
+    assert {u: x.segment_id for u, x in a.items()} == {u: x.segment_id for u, x in b.items()}
+    assert len(a) == 35 and sum(s.size for s in first.segments) == 35
+    report = pipeline.segments_report(profiled)
+    assert report["run"]["params"]["represent"] == "items"
+    assert report["metrics"]["users"] == 35 and -1 <= report["metrics"]["silhouette"] <= 1
+    assert any("lowered" in note for note in report["run"]["notes"])  # tiny data, said so
+    names = [s["name"] for s in report["segments"]]
+    assert len({n.lower() for n in names}) == len(names)
+    for seg in report["segments"]:
+        assert set(seg) >= {"id", "name", "description", "size", "share", "top_items",
+                            "top_categories", "silhouette", "stability", "fallback"}
+        assert 0 <= seg["stability"] <= 1
+        for item in seg["top_items"]:
+            assert item["lift"] > 0 and item["members"] >= 2
+    # centroids, variances and nearest members are stored
+    seg = first.segments[0]
+    assert seg.centroid.shape == (384,) and seg.facts["variance"] > 0
+    assert seg.facts["nearest"][0]["summary"].startswith("This user")
+
+
+@pytest.mark.slow
+def test_privacy_threshold_unnamed_and_merge(profiled: Settings) -> None:
+    strict = profiled.model_copy(update={"min_segment_size": 10})
+    llm = FakeLLM(default=schema_answer)
+    unnamed = pipeline.run_clustering(strict, k=6, small="unnamed", llm=llm)
+    small = [s for s in unnamed.segments if not s.described]
+    assert all(s.name.startswith("Unnamed segment") for s in small)
+    assert all("privacy threshold" in s.description for s in small)
+    merged = pipeline.run_clustering(strict, k=6, small="merge", llm=llm)
+    minimum = merged.run.params["min_segment_size"]
+    assert all(s.size >= minimum for s in merged.segments)
+    assert sum(s.size for s in merged.segments) == 35
+
+
+@pytest.mark.slow
+def test_new_user_is_assigned_to_the_nearest_centroid(profiled: Settings) -> None:
+    pipeline.run_clustering(profiled, k=3, llm=FakeLLM(default=schema_answer))
+    last = pipeline.select_users(profiled).user_ids[-1]
+    pipeline.run_profiles(profiled, [last], llm=FakeLLM(default=schema_answer))
+    result = runner.invoke(app, ["assign", "--user", last, "-w", str(profiled.workspace),
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["user"] == last and data["late"] is True and data["margin"] >= 0
+    again = pipeline.assign_users_to_run(profiled, [last])
+    assert again[0].segment_id == data["segment"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--k", "1"], "at least 2"),
+        (["--k", "99"], "profiled users — lower --k"),
+        (["--k", "three"], "'three'"),
+        (["--algorithm", "spectral"], "kmeans, minibatch, hdbscan, agglomerative"),
+        (["--encoder", "/nonexistent"], "not a sentence-transformers model"),
+        (["--represent", "vibes"], "--represent"),
+    ],
+)
+def test_bad_cluster_flags_change_nothing(profiled: Settings, args: list[str],
+                                          expected: str) -> None:
+    before = snapshot(profiled.workspace)
+    result = runner.invoke(app, ["cluster", *args, "-w", str(profiled.workspace)])
+    assert result.exit_code == 2, result.output
+    assert expected in result.stderr and result.stderr.count("\n") == 1
+    assert snapshot(profiled.workspace) == before
+
+
+def test_cluster_without_profiles_is_a_clear_error(tmp_path: Path, example_ratings: Path,
+                                                   example_movies: Path) -> None:
+    settings = Settings(workspace=tmp_path / "ws")
+    pipeline.ingest(settings, example_ratings, example_movies)
+    result = runner.invoke(app, ["cluster", "--k", "3", "-w", str(settings.workspace)])
+    assert result.exit_code == 2 and "no profiles yet" in result.stderr
+    result = runner.invoke(app, ["segments", "-w", str(settings.workspace)])
+    assert result.exit_code == 2 and "no clustering run yet" in result.stderr
