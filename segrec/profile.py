@@ -37,7 +37,7 @@ PROFILE_LOGIC_VERSION = "2"
 SUMMARY_MIN, SUMMARY_MAX = 20, 280
 SUMMARY_PREFIX = "This user "
 # Any characters but a quote or a backslash, so the grammar closes the string itself.
-SUMMARY_PATTERN = "^" + SUMMARY_PREFIX + '[^"\\\\]{10,%d}$' % (SUMMARY_MAX - len(SUMMARY_PREFIX))
+SUMMARY_PATTERN = f'^{SUMMARY_PREFIX}[^"\\\\]{{10,{SUMMARY_MAX - len(SUMMARY_PREFIX)}}}$'
 MAX_LIKES, MAX_DISLIKES, MAX_FAVOURITES, MAX_THEMES, THEME_MAX = 3, 2, 3, 3, 40
 POSITIVE, NEGATIVE = 0.3, -0.15
 

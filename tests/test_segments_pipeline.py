@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import snapshot
 from typer.testing import CliRunner
 
-from conftest import snapshot
 from segrec import pipeline
 from segrec.cli import app
 from segrec.config import Settings
@@ -29,16 +29,22 @@ def schema_answer(messages: Any, schema: dict[str, Any] | None) -> str:
     props = schema["properties"]
     if "summary" in props:
         likes = props["likes"]["items"].get("enum", [])[:2]
-        return json.dumps({
-            "likes": likes, "dislikes": [], "favourite_items": [], "themes": [],
-            "summary": "This user mostly enjoys " + " and ".join(likes or ["films"]) + ".",
-        })
+        return json.dumps(
+            {
+                "likes": likes,
+                "dislikes": [],
+                "favourite_items": [],
+                "themes": [],
+                "summary": "This user mostly enjoys " + " and ".join(likes or ["films"]) + ".",
+            }
+        )
     return json.dumps({"name": "Fans", "description": "Members like films."})
 
 
 @pytest.fixture(scope="module")
-def profiled(tmp_path_factory: pytest.TempPathFactory, example_ratings: Path,
-             example_movies: Path) -> Settings:
+def profiled(
+    tmp_path_factory: pytest.TempPathFactory, example_ratings: Path, example_movies: Path
+) -> Settings:
     settings = Settings(workspace=tmp_path_factory.mktemp("seg") / "ws", domain="movie")
     pipeline.ingest(settings, example_ratings, example_movies)
     users = pipeline.select_users(settings).user_ids
@@ -67,8 +73,18 @@ def test_cluster_stores_a_deterministic_run(profiled: Settings) -> None:
     names = [s["name"] for s in report["segments"]]
     assert len({n.lower() for n in names}) == len(names)
     for seg in report["segments"]:
-        assert set(seg) >= {"id", "name", "description", "size", "share", "top_items",
-                            "top_categories", "silhouette", "stability", "fallback"}
+        assert set(seg) >= {
+            "id",
+            "name",
+            "description",
+            "size",
+            "share",
+            "top_items",
+            "top_categories",
+            "silhouette",
+            "stability",
+            "fallback",
+        }
         assert 0 <= seg["stability"] <= 1
         for item in seg["top_items"]:
             assert item["lift"] > 0 and item["members"] >= 2
@@ -97,8 +113,7 @@ def test_new_user_is_assigned_to_the_nearest_centroid(profiled: Settings) -> Non
     pipeline.run_clustering(profiled, k=3, llm=FakeLLM(default=schema_answer))
     last = pipeline.select_users(profiled).user_ids[-1]
     pipeline.run_profiles(profiled, [last], llm=FakeLLM(default=schema_answer))
-    result = runner.invoke(app, ["assign", "--user", last, "-w", str(profiled.workspace),
-                                 "--json"])
+    result = runner.invoke(app, ["assign", "--user", last, "-w", str(profiled.workspace), "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["user"] == last and data["late"] is True and data["margin"] >= 0
@@ -118,8 +133,9 @@ def test_new_user_is_assigned_to_the_nearest_centroid(profiled: Settings) -> Non
         (["--represent", "vibes"], "--represent"),
     ],
 )
-def test_bad_cluster_flags_change_nothing(profiled: Settings, args: list[str],
-                                          expected: str) -> None:
+def test_bad_cluster_flags_change_nothing(
+    profiled: Settings, args: list[str], expected: str
+) -> None:
     before = snapshot(profiled.workspace)
     result = runner.invoke(app, ["cluster", *args, "-w", str(profiled.workspace)])
     assert result.exit_code == 2, result.output
@@ -127,8 +143,9 @@ def test_bad_cluster_flags_change_nothing(profiled: Settings, args: list[str],
     assert snapshot(profiled.workspace) == before
 
 
-def test_cluster_without_profiles_is_a_clear_error(tmp_path: Path, example_ratings: Path,
-                                                   example_movies: Path) -> None:
+def test_cluster_without_profiles_is_a_clear_error(
+    tmp_path: Path, example_ratings: Path, example_movies: Path
+) -> None:
     settings = Settings(workspace=tmp_path / "ws")
     pipeline.ingest(settings, example_ratings, example_movies)
     result = runner.invoke(app, ["cluster", "--k", "3", "-w", str(settings.workspace)])
