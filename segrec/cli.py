@@ -96,6 +96,9 @@ ItemsOpt = Annotated[Path | None, typer.Option("--items", help="Item catalogue (
 AttributesOpt = Annotated[
     Path | None, typer.Option("--attributes", help="Optional user attributes (PII refused).")
 ]
+AttributesUserColOpt = Annotated[
+    str | None, typer.Option(help="Attributes column with user ids (default: auto).")
+]
 UserColOpt = Annotated[str | None, typer.Option(help="Log column with user ids.")]
 ItemColOpt = Annotated[str | None, typer.Option(help="Log column with item ids.")]
 BehaviorColOpt = Annotated[str | None, typer.Option(help="Log column with behaviours.")]
@@ -112,6 +115,17 @@ SkipBadRowsOpt = Annotated[
     bool, typer.Option("--skip-bad-rows", help="Skip and count bad rows instead of failing.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object.")]
+LlmOpt = Annotated[
+    str | None, typer.Option("--llm", help="'local' or 'openai:<model>' [default local].")
+]
+ModelPathOpt = Annotated[Path | None, typer.Option(help="A GGUF for the local backend.")]
+ThreadsOpt = Annotated[int | None, typer.Option(help="llama.cpp threads.")]
+BaseUrlOpt = Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint.")]
+ConcurrencyOpt = Annotated[int | None, typer.Option(help="OpenAI requests in flight.")]
+TimeoutOpt = Annotated[float | None, typer.Option(help="Per-request timeout, seconds.")]
+DomainOpt = Annotated[
+    str | None, typer.Option(help="What the items are, for prompts (movie, product…).")
+]
 
 
 def _ingest_files(
@@ -123,6 +137,7 @@ def _ingest_files(
     categories: list[str] | None,
     delimiter: str,
     skip_bad_rows: bool,
+    attributes_user_col: str | None,
 ) -> None:
     from segrec import pipeline
     from segrec.data import ItemColumns, LogColumns
@@ -141,6 +156,7 @@ def _ingest_files(
         ),
         delimiter=delimiter,
         skip_bad_rows=skip_bad_rows,
+        attribute_user_column=attributes_user_col,
     )
     _report_ingest(result)
 
@@ -151,6 +167,7 @@ def ingest(
     ratings: Annotated[Path, typer.Argument(help="Behaviour log (CSV/Parquet).")],
     items: ItemsOpt = None,
     attributes: AttributesOpt = None,
+    attributes_user_col: AttributesUserColOpt = None,
     user_col: UserColOpt = None,
     item_col: ItemColOpt = None,
     behavior_col: BehaviorColOpt = None,
@@ -173,7 +190,15 @@ def ingest(
     columns += (item_id_col, title_col, description_col)
     settings = _settings(config, workspace=workspace)
     _ingest_files(
-        settings, ratings, items, attributes, columns, category_col, delimiter, skip_bad_rows
+        settings,
+        ratings,
+        items,
+        attributes,
+        columns,
+        category_col,
+        delimiter,
+        skip_bad_rows,
+        attributes_user_col,
     )
 
 
@@ -183,6 +208,7 @@ def profile(
     ratings: RatingsArg = None,
     items: ItemsOpt = None,
     attributes: AttributesOpt = None,
+    attributes_user_col: AttributesUserColOpt = None,
     user_col: UserColOpt = None,
     item_col: ItemColOpt = None,
     behavior_col: BehaviorColOpt = None,
@@ -196,17 +222,13 @@ def profile(
     skip_bad_rows: SkipBadRowsOpt = False,
     workspace: WorkspaceOpt = None,
     config: ConfigOpt = None,
-    llm: Annotated[
-        str | None, typer.Option("--llm", help="'local' or 'openai:<model>' [default local].")
-    ] = None,
-    model_path: Annotated[Path | None, typer.Option(help="A GGUF for the local backend.")] = None,
-    threads: Annotated[int | None, typer.Option(help="llama.cpp threads.")] = None,
-    base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint.")] = None,
-    concurrency: Annotated[int | None, typer.Option(help="OpenAI requests in flight.")] = None,
-    timeout: Annotated[float | None, typer.Option(help="Per-request timeout, seconds.")] = None,
-    domain: Annotated[
-        str | None, typer.Option(help="What the items are, for prompts (movie, product…).")
-    ] = None,
+    llm: LlmOpt = None,
+    model_path: ModelPathOpt = None,
+    threads: ThreadsOpt = None,
+    base_url: BaseUrlOpt = None,
+    concurrency: ConcurrencyOpt = None,
+    timeout: TimeoutOpt = None,
+    domain: DomainOpt = None,
     limit: Annotated[
         int | None, typer.Option(min=1, help="Profile only the first N users.")
     ] = None,
@@ -238,14 +260,22 @@ def profile(
         columns = (user_col, item_col, behavior_col, value_col, timestamp_col)
         columns += (item_id_col, title_col, description_col)
         _ingest_files(
-            settings, ratings, items, attributes, columns, category_col, delimiter, skip_bad_rows
+            settings,
+            ratings,
+            items,
+            attributes,
+            columns,
+            category_col,
+            delimiter,
+            skip_bad_rows,
+            attributes_user_col,
         )
     elif items is not None:
         raise InputError(f"{items}: --items given without a behaviour log — pass RATINGS too")
     selection = pipeline.select_users(settings, users=_parse_ids(users, "--users"), limit=limit)
     with _progress("profiling", len(selection.user_ids)) as update:
         stats = pipeline.run_profiles(settings, selection.user_ids, on_progress=update)
-    assigned = pipeline.assign_users_to_run(settings)
+    _, assigned = pipeline.assign_users_to_run(settings)
     if as_json:
         _emit_json(stats.as_json())
     else:
@@ -253,7 +283,7 @@ def profile(
     for note in selection.notes:
         err.print(f"note: {note}", markup=False)
     if assigned:
-        err.print(f"note: {len(assigned)} user(s) assigned to the active segments", markup=False)
+        err.print(f"note: {assigned} user(s) assigned to the active segments", markup=False)
 
 
 @contextmanager
@@ -362,11 +392,6 @@ def _show_profile(record: Any, as_json: bool) -> None:
     out.print(Panel("\n".join(lines), title=f"user {record.user_id}"), markup=False)
 
 
-LlmOpt = Annotated[
-    str | None, typer.Option("--llm", help="'local' or 'openai:<model>' [default local].")
-]
-
-
 @app.command()
 @user_errors
 def cluster(
@@ -389,6 +414,11 @@ def cluster(
         str, typer.Option(help="Segments under the threshold: merge or unnamed.")
     ] = "merge",
     llm: LlmOpt = None,
+    model_path: ModelPathOpt = None,
+    threads: ThreadsOpt = None,
+    base_url: BaseUrlOpt = None,
+    timeout: TimeoutOpt = None,
+    domain: DomainOpt = None,
     workspace: WorkspaceOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
@@ -413,6 +443,11 @@ def cluster(
         encoder=encoder,
         min_segment_size=min_segment_size,
         llm=llm,
+        model_path=model_path,
+        threads=threads,
+        base_url=base_url,
+        timeout_s=timeout,
+        domain=domain,
     )
     with err.status("clustering", spinner="dots") as status:
         result = pipeline.run_clustering(
@@ -558,7 +593,7 @@ def assign(
     from segrec import pipeline
 
     settings = _settings(config, workspace=workspace)
-    found = pipeline.assign_users_to_run(settings, [user])
+    found, _ = pipeline.assign_users_to_run(settings, [user])
     if not found:
         raise InputError("no clustering run yet — run `segrec cluster --k 5` first")
     a = found[0]

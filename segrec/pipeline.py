@@ -60,6 +60,7 @@ def ingest(
     item_columns: ItemColumns = ItemColumns(),
     delimiter: str = ",",
     skip_bad_rows: bool = False,
+    attribute_user_column: str | None = None,
 ) -> IngestResult:
     """Validate the files completely, then load them in one transaction.
 
@@ -74,6 +75,7 @@ def ingest(
         item_columns=item_columns,
         delimiter=delimiter,
         skip_bad_rows=skip_bad_rows,
+        attribute_user_column=attribute_user_column,
     )
     source = {
         "log": str(log),
@@ -478,16 +480,16 @@ def segment_detail(settings: Settings, segment_id: int) -> tuple[RunRecord, Segm
 
 def assign_users_to_run(
     settings: Settings, user_ids: Sequence[str] | None = None
-) -> list[Assignment]:
+) -> tuple[list[Assignment], int]:
     """Nearest-centroid assignment, in the active run, of users profiled after it.
 
-    ``user_ids=None`` assigns every profiled user the run does not know yet. Users the run
-    already holds keep their assignment.
+    Returns the assignments of ``user_ids`` (default: every profiled user) and how many of
+    them were made now; users the run already holds keep theirs. No active run: ``([], 0)``.
     """
     with Store.open(settings.workspace) as store:
         run = store.active_run()
         if run is None:
-            return []
+            return [], 0
         profiles = _profiles(store)
         known = store.assignments(run.id)
         wanted = list(user_ids) if user_ids is not None else sorted(profiles, key=natural_key)
@@ -515,4 +517,4 @@ def assign_users_to_run(
             ]
             store.add_assignments(run.id, fresh)
             known = store.assignments(run.id)
-        return [known[u] for u in wanted]
+        return [known[u] for u in wanted], len(pending)

@@ -32,7 +32,7 @@ from segrec.store import ProfileRecord, Store
 from segrec.templates import Prompt
 
 # Bumped when the profile schema, compaction or grounding rules change: part of cache keys.
-PROFILE_LOGIC_VERSION = "2"
+PROFILE_LOGIC_VERSION = "3"
 
 SUMMARY_MIN, SUMMARY_MAX = 20, 280
 SUMMARY_PREFIX = "This user "

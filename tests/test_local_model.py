@@ -63,28 +63,29 @@ def test_real_model_profiles_are_grounded_and_cached(
     assert again.cached == 4 and again.profiled == 0 and llm.calls == calls_before
 
 
-def test_cli_profile_json_is_one_object(
+def run_cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*segrec_cmd(), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_main_job_end_to_end(
     tmp_path: Path, example_ratings: Path, example_movies: Path
 ) -> None:
-    workspace = tmp_path / "ws"
-    result = subprocess.run(
-        [
-            *segrec_cmd(),
-            "profile",
-            str(example_ratings),
-            "--items",
-            str(example_movies),
-            "--workspace",
-            str(workspace),
-            "--limit",
-            "2",
-            "--threads",
-            "2",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    """profile → cluster → segments through the real CLI, model and encoder."""
+    ws = str(tmp_path / "ws")
+    result = run_cli(
+        "profile",
+        str(example_ratings),
+        "--items",
+        str(example_movies),
+        "--workspace",
+        ws,
+        "--limit",
+        "10",
+        "--threads",
+        "2",
+        "--domain",
+        "movie",
+        "--json",
     )
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
@@ -99,14 +100,23 @@ def test_cli_profile_json_is_one_object(
         "completion_tokens",
         "seconds",
     ]
-    assert data["users"] == 2 and data["profiled"] + data["fallback"] == 2
-    assert "limited to the first 2 of 36 users" in result.stderr
-    shown = subprocess.run(
-        [*segrec_cmd(), "profile", "--show", "29", "--workspace", str(workspace), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    assert data["users"] == 10 and data["profiled"] + data["fallback"] == 10
+    assert "limited to the first 10 of 36 users" in result.stderr
+    shown = run_cli("profile", "--show", "29", "--workspace", ws, "--json")
     assert shown.returncode == 0, shown.stderr
     record = json.loads(shown.stdout)
     assert record["user"] == "29" and record["profile"]["summary"]
+
+    clustered = run_cli("cluster", "--k", "2", "--workspace", ws, "--threads", "2", "--json")
+    assert clustered.returncode == 0, clustered.stderr
+    report = json.loads(clustered.stdout)
+    assert [s["id"] for s in report["segments"]] == [0, 1]
+    assert sum(s["size"] for s in report["segments"]) == 10
+    for segment in report["segments"]:
+        if segment["described"] and not segment["fallback"]:
+            assert 1 <= len(segment["name"].split()) <= 6  # named by the real model
+        assert segment["description"]
+    listed = run_cli("segments", "--workspace", ws, "--json")
+    assert json.loads(listed.stdout) == report
+    one = run_cli("segments", "show", "0", "--workspace", ws)
+    assert one.returncode == 0 and "members nearest the centroid" in one.stdout

@@ -117,8 +117,8 @@ def test_new_user_is_assigned_to_the_nearest_centroid(profiled: Settings) -> Non
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["user"] == last and data["late"] is True and data["margin"] >= 0
-    again = pipeline.assign_users_to_run(profiled, [last])
-    assert again[0].segment_id == data["segment"]
+    again, made = pipeline.assign_users_to_run(profiled, [last])
+    assert again[0].segment_id == data["segment"] and made == 0
 
 
 @pytest.mark.slow
@@ -152,3 +152,24 @@ def test_cluster_without_profiles_is_a_clear_error(
     assert result.exit_code == 2 and "no profiles yet" in result.stderr
     result = runner.invoke(app, ["segments", "-w", str(settings.workspace)])
     assert result.exit_code == 2 and "no clustering run yet" in result.stderr
+
+
+@pytest.mark.slow
+def test_profile_assigns_new_users_when_a_run_is_active(
+    tmp_path: Path, example_ratings: Path, example_movies: Path
+) -> None:
+    """The real model profiles one more user; `segrec profile` places them in a segment."""
+    settings = Settings(workspace=tmp_path / "ws", domain="movie")
+    pipeline.ingest(settings, example_ratings, example_movies)
+    users = pipeline.select_users(settings).user_ids
+    pipeline.run_profiles(settings, users[:-1], llm=FakeLLM(default=schema_answer))
+    run = pipeline.run_clustering(settings, k=3, llm=FakeLLM(default=schema_answer)).run
+    result = runner.invoke(
+        app, ["profile", "--users", users[-1], "-w", str(settings.workspace), "--threads", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "1 user(s) assigned to the active segments" in result.stderr
+    with Store.open(settings.workspace) as store:
+        assignment = store.assignments(run.id)[users[-1]]
+        assert store.profile(users[-1]) is not None
+    assert assignment.late and 0 <= assignment.segment_id < 3

@@ -81,8 +81,10 @@ class LlamaCppLLM:
 
         key = json.dumps(schema, sort_keys=True)
         if key not in self._grammars:
-            try:
-                self._grammars[key] = LlamaGrammar.from_json_schema(key, verbose=False)
+            try:  # property order matters: the grammar makes the model write them in order
+                self._grammars[key] = LlamaGrammar.from_json_schema(
+                    json.dumps(schema), verbose=False
+                )
             except Exception as exc:  # the converter raises assorted types
                 raise LLMError(
                     f"llama.cpp could not turn the JSON schema into a grammar: {exc}"

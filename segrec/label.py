@@ -1,0 +1,432 @@
+"""The label stage: a short name and description for every segment, written by the LLM.
+
+As in Anthropic's Clio, the LLM sees a sample of the segment's members next to the nearest
+users who are *not* members, so the name says what sets the segment apart rather than what
+every user has in common. The answer is checked for what a grammar cannot enforce: a short,
+non-generic name, distinct from the names given to earlier segments, and a description that
+names no catalogue category the members' histories lack. Output still invalid after retries,
+and any LLM transport failure, give a deterministic label built from the segment's most
+distinctive terms (class-based TF-IDF, as in BERTopic), marked as a fallback: naming segments
+never stops a clustering run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel
+from sklearn.feature_extraction import DictVectorizer
+from sklearn.preprocessing import normalize
+
+from segrec.errors import LLMError
+from segrec.llm.base import LLM, GenerationParams, Message, RetryPolicy, generate_structured
+from segrec.profile import _SENTENCE, _degenerate, _join, _norm
+from segrec.templates import Prompt, load_prompt
+
+NAME_MAX_WORDS, NAME_MAX_CHARS = 6, 48
+DESCRIPTION_MIN, DESCRIPTION_MAX, DESCRIPTION_MAX_SENTENCES = 20, 300, 2
+# What the prompt shows: kept small, the bundled 135M model reads ~700 tokens slowly.
+PROMPT_MEMBERS, PROMPT_OTHERS, PROMPT_CATEGORIES, PROMPT_ITEMS = 8, 5, 5, 5
+MEMBER_CHARS, OTHER_CHARS = 120, 90
+
+# Names made only of these words (and numbers) say nothing about a segment; they also never
+# count as the topic words that a name or description must share with the segment.
+GENERIC_WORDS = frozenset(
+    [
+        "segment",
+        "segments",
+        "cluster",
+        "clusters",
+        "group",
+        "groups",
+        "user",
+        "users",
+        "customer",
+        "customers",
+        "people",
+        "member",
+        "members",
+        "audience",
+        "fans",
+        "lovers",
+        "enthusiasts",
+        "buffs",
+        "name",
+        "label",
+        "category",
+        "categories",
+        "other",
+        "others",
+        "general",
+        "misc",
+        "mixed",
+        "various",
+        "unknown",
+        "top",
+        "best",
+        "most",
+        "popular",
+        "likes",
+        "like",
+        "loves",
+        "the",
+        "a",
+        "an",
+        "of",
+        "and",
+        "or",
+        "in",
+        "on",
+        "for",
+        "with",
+        "all",
+    ]
+)
+_NUMBERED = re.compile(r"\b(segment|cluster|group)\s*#?\d+\b", re.IGNORECASE)
+# Sentence punctuation or markup inside a name means the model wrote something else.
+_NOT_A_NAME = re.compile(r"[.;:!?*()\[\]{}<>\"]")
+_MARKUP = re.compile(r"[{}<>\[\]]")
+_STEM = 5  # words sharing their first five letters match: romance/romantic, thriller/thrilling
+
+LABEL_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": NAME_MAX_CHARS},
+        "description": {
+            "type": "string",
+            "minLength": DESCRIPTION_MIN,
+            "maxLength": DESCRIPTION_MAX,
+        },
+    },
+    "required": ["name", "description"],
+}
+
+
+@dataclass(frozen=True)
+class SegmentDoc:
+    """What the label stage knows about one segment; built by the caller from the store."""
+
+    segment_id: int
+    size: int
+    members: list[dict[str, Any]]  # Profile.model_dump() dicts, nearest the centroid first
+    contrast: list[dict[str, Any]]  # the nearest non-members' profiles
+    categories: dict[str, float]  # category -> share of the members' interactions
+    top_items: list[str]  # titles of the segment's top items by lift
+
+
+class SegmentLabel(BaseModel):
+    """A segment's name and description, and whether they came from the fallback."""
+
+    name: str
+    description: str
+    fallback: bool = False
+    fallback_reason: str | None = None
+    raw_output: str | None = None
+
+
+class _Answer(BaseModel):
+    name: str
+    description: str
+
+
+# ------------------------------------------------------------------------------ c-TF-IDF
+
+
+def _term_key(term: str) -> str:
+    return " ".join(term.split()).casefold()
+
+
+def distinctive_terms(docs: Sequence[SegmentDoc], n: int = 4) -> list[list[str]]:
+    """The ``n`` terms most distinctive of each segment, by class-based TF-IDF (BERTopic).
+
+    One document per segment: its members' likes, themes and favourite items, each counted
+    once per member, plus its categories weighted by share (scaled so that they weigh as
+    much as one member-level mention per member). Terms are whole phrases, merged
+    case-insensitively and shown in their first spelling (categories first). Weights are
+    ``tf`` (L1-normalised per segment) times ``log(1 + A / f_t)``, where ``A`` is the mean
+    number of terms per segment and ``f_t`` the term's count over all segments. Ties break
+    alphabetically, so the result is deterministic.
+    """
+    if not docs:
+        return []
+    spelling: dict[str, str] = {}
+    bags: list[dict[str, float]] = []
+    for doc in docs:
+        bag: dict[str, float] = {}
+        scale = max(1, len(doc.members))
+        for category, share in sorted(doc.categories.items(), key=lambda kv: (-kv[1], kv[0])):
+            if share > 0:
+                _add(bag, spelling, category, float(share) * scale)
+        for member in doc.members:
+            for field_name in ("likes", "themes", "favourite_items"):
+                for term in dict.fromkeys(member.get(field_name) or []):
+                    _add(bag, spelling, str(term), 1.0)
+        bags.append(bag)
+    if not any(bags):
+        return [[] for _ in docs]
+    vectorizer = DictVectorizer(sort=True)
+    counts = vectorizer.fit_transform(bags).tocsr()
+    keys = vectorizer.get_feature_names_out()
+    tf = normalize(counts, norm="l1", axis=1)
+    per_term = np.asarray(counts.sum(axis=0)).ravel()
+    average = float(counts.sum()) / counts.shape[0]
+    idf = np.log1p(average / per_term)
+    weights = tf.multiply(idf).tocsr()
+    out: list[list[str]] = []
+    for row in range(weights.shape[0]):
+        start, end = weights.indptr[row], weights.indptr[row + 1]
+        columns, values = weights.indices[start:end], weights.data[start:end]
+        order = sorted(zip(-values, keys[columns], strict=True))
+        out.append([spelling[str(key)] for _, key in order[:n]])
+    return out
+
+
+def _add(bag: dict[str, float], spelling: dict[str, str], term: str, weight: float) -> None:
+    key = _term_key(term)
+    if key:
+        spelling.setdefault(key, " ".join(term.split()))
+        bag[key] = bag.get(key, 0.0) + weight
+
+
+# ------------------------------------------------------------------------------ fallback
+
+
+def fallback_label(
+    doc: SegmentDoc,
+    terms: list[str],
+    taken: set[str],
+    *,
+    reason: str = "deterministic label requested",
+) -> SegmentLabel:
+    """A deterministic label from the segment's distinctive terms, categories and top items.
+
+    The name joins the top terms ("Animation & Children fans", at most six words) and gets
+    a number appended when an earlier segment already has it.
+    """
+    taken_keys = {_term_key(name) for name in taken}
+    top_categories = _top_categories(doc.categories, 3)
+    source = terms or [name for name, _ in top_categories]
+    words = _name_words(source, NAME_MAX_WORDS)
+    name = " ".join(words) if words else f"Segment {doc.segment_id}"
+    if _term_key(name) in taken_keys:
+        base = " ".join(_name_words(source, NAME_MAX_WORDS - 1)) or f"Segment {doc.segment_id}"
+        number = 2
+        while _term_key(f"{base} {number}") in taken_keys:
+            number += 1
+        name = f"{base} {number}"
+    parts = [f"{doc.size} users"]
+    if top_categories:
+        shares = [f"{name_} ({share:.0%})" for name_, share in top_categories]
+        parts[0] += " whose histories centre on " + _join(shares) + "."
+    else:
+        parts[0] += " with no category information."
+    if doc.top_items:
+        parts.append("Top items include " + _join(doc.top_items[:3]) + ".")
+    description = " ".join(parts)
+    if len(description) > DESCRIPTION_MAX:
+        description = description[: DESCRIPTION_MAX - 1].rsplit(" ", 1)[0] + "…"
+    return SegmentLabel(name=name, description=description, fallback=True, fallback_reason=reason)
+
+
+def _top_categories(categories: dict[str, float], n: int) -> list[tuple[str, float]]:
+    ranked = sorted(categories.items(), key=lambda kv: (-kv[1], kv[0]))
+    return [(name, share) for name, share in ranked if share > 0][:n]
+
+
+def _name_words(terms: Sequence[str], budget: int) -> list[str]:
+    """Up to two terms joined by '&', then 'fans', within ``budget`` words."""
+    chosen: list[str] = []
+    for term in terms[:2]:
+        candidate = [*chosen, *(["&"] if chosen else []), *term.split()]
+        if len(candidate) + 1 <= budget:
+            chosen = candidate
+        elif not chosen:
+            chosen = term.split()[: budget - 1]
+    return [*chosen, "fans"] if chosen else []
+
+
+# ------------------------------------------------------------------------------ validation
+
+
+def absent_categories(text: str, present: Iterable[str], vocabulary: frozenset[str]) -> list[str]:
+    """Catalogue categories named in ``text`` but absent from ``present`` (the profiles' rule)."""
+    lowered = f" {_norm(text)} "
+    allowed = set(present)
+    return sorted(
+        category
+        for category in vocabulary - allowed
+        if len(category) > 2 and f" {_norm(category)} " in lowered
+    )
+
+
+_LEAD = re.compile(r"^(?:name\s*[:=-]\s*|(?:likes|loves|enjoys)\s+)", re.IGNORECASE)
+
+
+def _clean_name(name: str) -> str:
+    """The name without quotes, end punctuation or a leading "Name:"/"Loves" the model echoes."""
+    return _LEAD.sub("", " ".join(name.split()).strip(" \"'“”‘’.:;,-")).strip()
+
+
+def _generic(domain: str) -> frozenset[str]:
+    return GENERIC_WORDS | {_norm(domain), _norm(domain) + "s"}
+
+
+def _is_generic(name: str, domain: str) -> bool:
+    generic = _generic(domain)
+    words = _norm(name).split()
+    return bool(_NUMBERED.search(name)) or all(w in generic or w.isdigit() for w in words)
+
+
+def _topic_stems(doc: SegmentDoc, domain: str) -> set[str]:
+    """Stems of the words a label may be about: the segment's categories, items and tastes."""
+    phrases = [c for c, share in doc.categories.items() if share > 0] + list(doc.top_items)
+    for member in doc.members:
+        for field_name in ("likes", "themes", "favourite_items"):
+            phrases.extend(str(v) for v in member.get(field_name) or [])
+    generic = _generic(domain)
+    return {
+        _stem(w)
+        for phrase in phrases
+        for w in _norm(phrase).split()
+        if len(w) >= 4 and w not in generic and not w.isdigit()
+    }
+
+
+def _stem(word: str) -> str:
+    return word.removesuffix("s")[:_STEM]
+
+
+def _on_topic(text: str, stems: set[str]) -> bool:
+    return any(len(w) >= 4 and _stem(w) in stems for w in _norm(text).split())
+
+
+def parse_label(
+    text: str,
+    doc: SegmentDoc,
+    *,
+    taken: set[str],
+    vocabulary: frozenset[str],
+    domain: str = "item",
+) -> SegmentLabel:
+    """Decode and validate one LLM answer for ``doc``; raise ValueError when it is unusable."""
+    try:
+        data = json.loads(text, strict=False)  # llama.cpp lets raw newlines into strings
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    answer = _Answer.model_validate(data)
+    name = _clean_name(answer.name)
+    words = name.split()
+    if not 1 <= len(words) <= NAME_MAX_WORDS or len(name) > NAME_MAX_CHARS:
+        raise ValueError(f"name {name!r} must be 1-{NAME_MAX_WORDS} words")
+    if _NOT_A_NAME.search(name):
+        raise ValueError(f"name {name!r} contains punctuation a name does not have")
+    if _is_generic(name, domain):
+        raise ValueError(f"name {name!r} is generic")
+    stems = _topic_stems(doc, domain)
+    if not _on_topic(name, stems):
+        raise ValueError(f"name {name!r} names none of the segment's categories, items or tastes")
+    if _term_key(name) in {_term_key(t) for t in taken}:
+        raise ValueError(f"name {name!r} is already used by another segment")
+    description = " ".join(answer.description.split())
+    if not DESCRIPTION_MIN <= len(description) <= DESCRIPTION_MAX:
+        raise ValueError(f"description must be {DESCRIPTION_MIN}-{DESCRIPTION_MAX} characters")
+    sentences = [s for s in _SENTENCE.split(description) if s.strip()]
+    if len(sentences) > DESCRIPTION_MAX_SENTENCES:
+        raise ValueError(f"description has {len(sentences)} sentences, at most 2 allowed")
+    if _MARKUP.search(description):
+        raise ValueError("description contains markup or JSON fragments")
+    if _degenerate(description):
+        raise ValueError("description repeats itself")
+    if not _on_topic(description, stems):
+        raise ValueError("description names none of the segment's categories, items or tastes")
+    absent = absent_categories(f"{name}. {description}", doc.categories, vocabulary)
+    if absent:
+        raise ValueError(f"names categories the members' histories lack: {', '.join(absent)}")
+    return SegmentLabel(name=name, description=description, raw_output=text)
+
+
+# ------------------------------------------------------------------------------ prompt
+
+
+def _profile_line(profile: dict[str, Any], limit: int) -> str:
+    summary = " ".join(str(profile.get("summary", "")).split())
+    likes = [str(x) for x in profile.get("likes") or []]
+    line = f"{summary} Likes: {', '.join(likes)}." if likes else summary
+    return line if len(line) <= limit else line[: limit - 1].rsplit(" ", 1)[0] + "…"
+
+
+def render_label_prompt(
+    doc: SegmentDoc, *, taken: Sequence[str], prompt: Prompt, domain: str = "item"
+) -> list[Message]:
+    """The contrastive prompt for one segment: members, nearest non-members, names taken."""
+    return prompt.render(
+        domain=domain,
+        size=doc.size,
+        categories=[
+            (name, round(share * 100))
+            for name, share in _top_categories(doc.categories, PROMPT_CATEGORIES)
+        ],
+        top_items=doc.top_items[:PROMPT_ITEMS],
+        members=[_profile_line(p, MEMBER_CHARS) for p in doc.members[:PROMPT_MEMBERS]],
+        others=[_profile_line(p, OTHER_CHARS) for p in doc.contrast[:PROMPT_OTHERS]],
+        taken=list(taken),
+    )
+
+
+# ------------------------------------------------------------------------------ segments
+
+
+def label_segments(
+    docs: Sequence[SegmentDoc],
+    *,
+    llm: LLM,
+    params: GenerationParams,
+    vocabulary: frozenset[str],
+    attempts: int = 3,
+    domain: str = "item",
+    prompt: Prompt | None = None,
+    retry: RetryPolicy | None = None,
+) -> list[SegmentLabel]:
+    """Name every segment (largest first, so big segments get first pick of names).
+
+    Returns one label per doc, in the order of ``docs``; names are distinct
+    case-insensitively. A segment whose answers all fail validation, or whose LLM call
+    fails, gets :func:`fallback_label` with the reason.
+    """
+    prompt = prompt or load_prompt("label")
+    terms = distinctive_terms(docs)
+    labels: dict[int, SegmentLabel] = {}
+    taken: list[str] = []
+    for index in sorted(range(len(docs)), key=lambda i: (-docs[i].size, docs[i].segment_id)):
+        doc = docs[index]
+        already = set(taken)
+        messages = render_label_prompt(doc, taken=taken, prompt=prompt, domain=domain)
+        parse = partial(parse_label, doc=doc, taken=already, vocabulary=vocabulary, domain=domain)
+        try:
+            result = generate_structured(
+                llm,
+                messages,
+                parse=parse,
+                params=params,
+                schema=LABEL_SCHEMA,
+                attempts=attempts,
+                policy=retry or RetryPolicy(),
+            )
+        except LLMError as exc:
+            label = fallback_label(doc, terms[index], already, reason=f"LLM error: {exc}")
+        else:
+            if result.value is not None:
+                label = result.value
+            else:
+                reason = f"invalid after {result.attempts} tries: {result.errors[-1]}"
+                label = fallback_label(doc, terms[index], already, reason=reason)
+                label.raw_output = result.raw_outputs[-1]
+        labels[index] = label
+        taken.append(label.name)
+    return [labels[i] for i in range(len(docs))]
