@@ -48,8 +48,8 @@ class Settings(BaseModel):
     max_tokens: int = Field(256, ge=16, le=4096, description="Completion token cap per call.")
     repeat_penalty: float = Field(1.15, ge=1, le=2, description="llama.cpp repeat penalty.")
     seed: int = Field(0, description="Sampling seed (and clustering seed).")
-    max_history_items: int = Field(20, ge=1, description="History items shown to the LLM.")
-    max_history_tokens: int = Field(700, ge=50, description="Approximate token cap of history.")
+    max_history_items: int = Field(15, ge=1, description="History items shown to the LLM.")
+    max_history_tokens: int = Field(500, ge=50, description="Approximate token cap of history.")
     domain: str = Field("item", description="What the items are, for prompts: movie, product…")
     encoder: Path | None = Field(
         None, description="A local sentence-transformers model folder (default: bundled MiniLM)."

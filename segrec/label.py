@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -25,8 +25,8 @@ from sklearn.feature_extraction import DictVectorizer
 from sklearn.preprocessing import normalize
 
 from segrec.errors import LLMError
+from segrec.grounding import SENTENCE, absent_categories, degenerate, join_words, norm
 from segrec.llm.base import LLM, GenerationParams, Message, RetryPolicy, generate_structured
-from segrec.profile import _SENTENCE, _degenerate, _join, _norm
 from segrec.templates import Prompt, load_prompt
 
 NAME_MAX_WORDS, NAME_MAX_CHARS = 6, 48
@@ -223,11 +223,11 @@ def fallback_label(
     parts = [f"{doc.size} users"]
     if top_categories:
         shares = [f"{name_} ({share:.0%})" for name_, share in top_categories]
-        parts[0] += " whose histories centre on " + _join(shares) + "."
+        parts[0] += " whose histories centre on " + join_words(shares) + "."
     else:
         parts[0] += " with no category information."
     if doc.top_items:
-        parts.append("Top items include " + _join(doc.top_items[:3]) + ".")
+        parts.append("Top items include " + join_words(doc.top_items[:3]) + ".")
     description = " ".join(parts)
     if len(description) > DESCRIPTION_MAX:
         description = description[: DESCRIPTION_MAX - 1].rsplit(" ", 1)[0] + "…"
@@ -254,17 +254,6 @@ def _name_words(terms: Sequence[str], budget: int) -> list[str]:
 # ------------------------------------------------------------------------------ validation
 
 
-def absent_categories(text: str, present: Iterable[str], vocabulary: frozenset[str]) -> list[str]:
-    """Catalogue categories named in ``text`` but absent from ``present`` (the profiles' rule)."""
-    lowered = f" {_norm(text)} "
-    allowed = set(present)
-    return sorted(
-        category
-        for category in vocabulary - allowed
-        if len(category) > 2 and f" {_norm(category)} " in lowered
-    )
-
-
 _LEAD = re.compile(r"^(?:name\s*[:=-]\s*|(?:likes|loves|enjoys)\s+)", re.IGNORECASE)
 
 
@@ -274,12 +263,12 @@ def _clean_name(name: str) -> str:
 
 
 def _generic(domain: str) -> frozenset[str]:
-    return GENERIC_WORDS | {_norm(domain), _norm(domain) + "s"}
+    return GENERIC_WORDS | {norm(domain), norm(domain) + "s"}
 
 
 def _is_generic(name: str, domain: str) -> bool:
     generic = _generic(domain)
-    words = _norm(name).split()
+    words = norm(name).split()
     return bool(_NUMBERED.search(name)) or all(w in generic or w.isdigit() for w in words)
 
 
@@ -293,7 +282,7 @@ def _topic_stems(doc: SegmentDoc, domain: str) -> set[str]:
     return {
         _stem(w)
         for phrase in phrases
-        for w in _norm(phrase).split()
+        for w in norm(phrase).split()
         if len(w) >= 4 and w not in generic and not w.isdigit()
     }
 
@@ -303,7 +292,7 @@ def _stem(word: str) -> str:
 
 
 def _on_topic(text: str, stems: set[str]) -> bool:
-    return any(len(w) >= 4 and _stem(w) in stems for w in _norm(text).split())
+    return any(len(w) >= 4 and _stem(w) in stems for w in norm(text).split())
 
 
 def parse_label(
@@ -336,12 +325,12 @@ def parse_label(
     description = " ".join(answer.description.split())
     if not DESCRIPTION_MIN <= len(description) <= DESCRIPTION_MAX:
         raise ValueError(f"description must be {DESCRIPTION_MIN}-{DESCRIPTION_MAX} characters")
-    sentences = [s for s in _SENTENCE.split(description) if s.strip()]
+    sentences = [s for s in SENTENCE.split(description) if s.strip()]
     if len(sentences) > DESCRIPTION_MAX_SENTENCES:
         raise ValueError(f"description has {len(sentences)} sentences, at most 2 allowed")
     if _MARKUP.search(description):
         raise ValueError("description contains markup or JSON fragments")
-    if _degenerate(description):
+    if degenerate(description):
         raise ValueError("description repeats itself")
     if not _on_topic(description, stems):
         raise ValueError("description names none of the segment's categories, items or tastes")

@@ -27,18 +27,21 @@ import pandas as pd
 from pydantic import BaseModel, Field
 
 from segrec.errors import LLMError
+from segrec.grounding import SENTENCE, absent_categories, degenerate, join_words, norm
 from segrec.llm.base import LLM, GenerationParams, RetryPolicy, generate_structured
 from segrec.store import ProfileRecord, Store
 from segrec.templates import Prompt
 
 # Bumped when the profile schema, compaction or grounding rules change: part of cache keys.
-PROFILE_LOGIC_VERSION = "3"
+PROFILE_LOGIC_VERSION = "4"
 
 SUMMARY_MIN, SUMMARY_MAX = 20, 280
 SUMMARY_PREFIX = "This user "
 # Any characters but a quote or a backslash, so the grammar closes the string itself.
-SUMMARY_PATTERN = f'^{SUMMARY_PREFIX}[^"\\\\]{{10,{SUMMARY_MAX - len(SUMMARY_PREFIX)}}}$'
+SUMMARY_PATTERN = f'^{SUMMARY_PREFIX}[^"\\\\{{}}\\[\\]]{{10,{SUMMARY_MAX - len(SUMMARY_PREFIX)}}}$'
 MAX_LIKES, MAX_DISLIKES, MAX_FAVOURITES, MAX_THEMES, THEME_MAX = 3, 2, 3, 3, 40
+# A theme is a short phrase of words: no digits (years), brackets or JSON debris.
+THEME_PATTERN = f"^[A-Za-z][A-Za-z' -]{{2,{THEME_MAX - 1}}}$"
 POSITIVE, NEGATIVE = 0.3, -0.15
 
 # Strength of behaviours that carry no rating, in [-1, 1].
@@ -150,7 +153,7 @@ def _describe(behavior: str, value: float | None, scale: ValueScale | None) -> s
 
 
 def compact_history(
-    events: Sequence[Event], *, max_items: int = 20, max_tokens: int = 700
+    events: Sequence[Event], *, max_items: int = 15, max_tokens: int = 500
 ) -> list[Event]:
     """Keep the strongest and the most recent signals, one per item, oldest first.
 
@@ -243,7 +246,7 @@ class ProfileRequest:
                 "favourite_items": _enum_list(self.favourite_options, MAX_FAVOURITES),
                 "themes": {
                     "type": "array",
-                    "items": {"type": "string", "minLength": 3, "maxLength": THEME_MAX},
+                    "items": {"type": "string", "pattern": THEME_PATTERN},
                     "maxItems": MAX_THEMES,
                 },
                 # Third person, bounded: the small model otherwise writes as the user, or loops.
@@ -332,15 +335,10 @@ class Vocabulary:
         return cls(frozenset(c for cats in items["categories"] for c in cats))
 
 
-_SENTENCE = re.compile(r"(?<=[.!?])\s+")
 _QUOTED = re.compile(r"[\"“”]([^\"“”]{3,80})[\"“”]")
 _TOKEN = re.compile(r"[\w'’-]+")
 _CONNECTORS = frozenset({"of", "the", "and", "in", "on", "a", "an", "to", "&"})
 _YEAR = re.compile(r"\s*\(\d{4}\)\s*$")
-
-
-def _norm(text: str) -> str:
-    return " ".join(re.findall(r"\w+", text.lower()))
 
 
 def _capitalised_names(sentence: str, category_words: set[str]) -> list[list[str]]:
@@ -382,19 +380,19 @@ def ungrounded_claims(text: str, request: ProfileRequest, vocabulary: Vocabulary
     Checked: catalogue categories absent from the history; quoted titles and capitalised
     multi-word names none of whose two-word pieces occurs in a history title.
     """
-    claims: list[str] = []
-    lowered = f" {_norm(text)} "
-    for category in vocabulary.categories - request.history_categories:
-        if len(category) > 2 and f" {_norm(category)} " in lowered:
-            claims.append(category)
-    titles = [_norm(_YEAR.sub("", e.title)) for e in request.history]
-    category_words = {_norm(c) for c in vocabulary.categories}
-    names = [_norm(m.group(1)).split() for m in _QUOTED.finditer(text)]
-    names += [[_norm(w) for w in run] for run in _capitalised_names(text, category_words)]
+    claims = absent_categories(text, request.history_categories, vocabulary.categories)
+    titles = [norm(_YEAR.sub("", e.title)) for e in request.history]
+    category_words = {norm(c) for c in vocabulary.categories}
+    names = [norm(m.group(1)).split() for m in _QUOTED.finditer(text)]
+    names += [[norm(w) for w in run] for run in _capitalised_names(text, category_words)]
     for words in names:
         if len(words) < 2:
             continue
-        pairs = {" ".join(words[i : i + 2]) for i in range(len(words) - 1)}
+        pairs = {  # "in the" matches half the catalogue: a pair needs a content word
+            " ".join(words[i : i + 2])
+            for i in range(len(words) - 1)
+            if not {words[i], words[i + 1]} <= _CONNECTORS
+        }
         if not any(pair in title for pair in pairs for title in titles):
             claims.append(" ".join(words))
     return claims
@@ -402,13 +400,6 @@ def ungrounded_claims(text: str, request: ProfileRequest, vocabulary: Vocabulary
 
 def _dedupe(values: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(v.strip() for v in values if v and v.strip()))
-
-
-def _degenerate(text: str) -> bool:
-    """True for the small model's loops: a 4-word run repeated three times or more."""
-    words = _norm(text).split()
-    grams = Counter(tuple(words[i : i + 4]) for i in range(len(words) - 3))
-    return bool(grams) and grams.most_common(1)[0][1] >= 3
 
 
 @dataclass
@@ -445,12 +436,12 @@ def parse_profile(text: str, request: ProfileRequest, vocabulary: Vocabulary) ->
     for theme in _dedupe(raw.themes)[:MAX_THEMES]:
         if ungrounded_claims(theme, request, vocabulary):
             removed.append(f"theme: {theme}")
-        elif len(theme) <= THEME_MAX and "," not in theme:  # a phrase, not a cut-off list
+        elif re.fullmatch(THEME_PATTERN, theme):  # a phrase, not a list or JSON debris
             themes.append(theme)
-    if _degenerate(raw.summary):
+    if degenerate(raw.summary):
         raise ValueError("summary repeats itself")
     sentences = []
-    for sentence in _dedupe(_SENTENCE.split(" ".join(raw.summary.split()))):
+    for sentence in _dedupe(SENTENCE.split(" ".join(raw.summary.split()))):
         bad = ungrounded_claims(sentence, request, vocabulary)
         if bad:
             removed.extend(f"summary: {claim}" for claim in bad)
@@ -476,14 +467,14 @@ def fallback_profile(request: ProfileRequest) -> Profile:
     favourites = list(request.favourite_options[:MAX_FAVOURITES])
     parts = []
     if likes:
-        parts.append("This user mostly enjoys " + _join(likes) + ".")
+        parts.append("This user mostly enjoys " + join_words(likes) + ".")
     if favourites:
-        parts.append("Favourites include " + _join(favourites) + ".")
+        parts.append("Favourites include " + join_words(favourites) + ".")
     if dislikes:
-        parts.append("Less keen on " + _join(dislikes) + ".")
+        parts.append("Less keen on " + join_words(dislikes) + ".")
     if not parts:
         recent = [e.title for e in request.history[-3:]]
-        parts.append("This user recently interacted with " + _join(recent) + ".")
+        parts.append("This user recently interacted with " + join_words(recent) + ".")
     summary = " ".join(parts)
     if len(summary) > SUMMARY_MAX:
         summary = summary[: SUMMARY_MAX - 1].rsplit(" ", 1)[0] + "…"
@@ -494,10 +485,6 @@ def fallback_profile(request: ProfileRequest) -> Profile:
         favourite_items=favourites,
         themes=likes[:MAX_THEMES],
     )
-
-
-def _join(values: Sequence[str]) -> str:
-    return values[0] if len(values) == 1 else ", ".join(values[:-1]) + " and " + values[-1]
 
 
 # ------------------------------------------------------------------------------ one user
@@ -601,8 +588,8 @@ def profile_users(
     prompt: Prompt,
     params: GenerationParams,
     domain: str = "item",
-    max_items: int = 20,
-    max_tokens: int = 700,
+    max_items: int = 15,
+    max_tokens: int = 500,
     attempts: int = 3,
     retry: RetryPolicy = RetryPolicy(),
     on_progress: Callable[[ProfileStats], None] | None = None,
