@@ -1,0 +1,348 @@
+"""Scorers (collaborative, popularity, content) and the blended ranker.
+
+Every scorer maps a binary user × item history matrix to a dense float32 score matrix over
+the same catalogue; the blend standardises each signal per user and adds them with weights
+tuned on a validation split. Pure numpy/scipy: no workspace, no LLM, no printing.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, Self, TypeVar
+
+import numpy as np
+import scipy.linalg
+import scipy.sparse as sp
+
+from segrec.errors import ConfigError
+from segrec.evaluate import Split, evaluate_scores, top_k, validation_split
+
+EASE_LAMBDAS = (50.0, 100.0, 200.0, 500.0)
+BLEND_GRID = (0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0)
+
+T = TypeVar("T")
+
+
+class Scorer(Protocol):
+    """What the evaluator and the ranker rely on: fit on a history matrix, score users."""
+
+    name: str
+
+    def fit(self, X: sp.csr_matrix) -> Self: ...
+
+    def score(self, X_users: sp.csr_matrix) -> np.ndarray: ...
+
+
+class MostPop:
+    """Train interaction counts (number of users per item on a binary matrix)."""
+
+    name = "pop"
+
+    def __init__(self) -> None:
+        self.counts: np.ndarray | None = None
+
+    def fit(self, X: sp.csr_matrix) -> Self:
+        self.counts = np.asarray(X.sum(axis=0), dtype=np.float32).ravel()
+        return self
+
+    def score(self, X_users: sp.csr_matrix) -> np.ndarray:
+        counts = _fitted(self.counts, self)
+        return np.tile(counts, (X_users.shape[0], 1))
+
+
+class ItemKNN:
+    """Item–item cosine similarity on the binary matrix, score = X·S with S's diagonal zeroed.
+
+    ``neighbours=None`` keeps every similarity (the PROTOCOL baseline); an integer keeps, for
+    each item, only its most similar items, which bounds memory on big catalogues.
+    """
+
+    name = "itemknn"
+
+    def __init__(self, neighbours: int | None = None) -> None:
+        if neighbours is not None and neighbours < 1:
+            raise ValueError(f"neighbours must be >= 1 or None, got {neighbours}")
+        self.neighbours = neighbours
+        self.similarity: sp.csr_matrix | None = None
+
+    def fit(self, X: sp.csr_matrix) -> Self:
+        X = sp.csc_matrix(X, dtype=np.float32)
+        norms = np.sqrt(np.asarray(X.multiply(X).sum(axis=0)).ravel())
+        inverse = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+        Xn = X @ sp.diags(inverse.astype(np.float32))
+        S = sp.csc_matrix(Xn.T @ Xn)
+        S = sp.csc_matrix(S - sp.diags(S.diagonal()))
+        S.eliminate_zeros()
+        if self.neighbours is not None:
+            S = _keep_top_per_column(S, self.neighbours)
+        self.similarity = sp.csr_matrix(S, dtype=np.float32)
+        return self
+
+    def score(self, X_users: sp.csr_matrix) -> np.ndarray:
+        S = _fitted(self.similarity, self)
+        return np.asarray((sp.csr_matrix(X_users, dtype=np.float32) @ S).toarray())
+
+
+class EASE:
+    """EASE (Steck 2019): B = I − P·diag(1/diag(P)), P = (XᵀX + λI)⁻¹, diag(B) = 0.
+
+    The inverse is computed in float64 (Cholesky) and B kept in float32. Memory and time grow
+    with the catalogue: about 16·n_items² bytes while fitting and n³ flops — 9k items take
+    ~1.3 GB and seconds, 100k items would need ~160 GB, so use ItemKNN with ``neighbours`` or
+    a pruned catalogue there.
+    """
+
+    name = "ease"
+
+    def __init__(self, lam: float = 200.0) -> None:
+        if lam <= 0:
+            raise ValueError(f"EASE λ must be > 0, got {lam}")
+        self.lam = float(lam)
+        self.B: np.ndarray | None = None
+
+    def fit(self, X: sp.csr_matrix) -> Self:
+        X = sp.csr_matrix(X, dtype=np.float64)
+        gram = (X.T @ X).toarray()
+        gram[np.diag_indices_from(gram)] += self.lam
+        P = _spd_inverse(gram)
+        B = P / (-np.diag(P))[None, :]
+        B[np.diag_indices_from(B)] = 0.0
+        self.B = B.astype(np.float32)
+        return self
+
+    def score(self, X_users: sp.csr_matrix) -> np.ndarray:
+        B = _fitted(self.B, self)
+        return np.asarray(sp.csr_matrix(X_users, dtype=np.float32) @ B)
+
+
+def tune_ease(
+    split: Split, lams: Sequence[float] = EASE_LAMBDAS
+) -> tuple[float, dict[float, float]]:
+    """λ with the best NDCG@10 on the validation split cut from ``split``'s train part.
+
+    Ties go to the earlier λ in ``lams``. Returns the λ and every λ's validation NDCG@10.
+    """
+    if not lams:
+        raise ValueError("tune_ease needs at least one λ")
+    validation = validation_split(split)
+    results: dict[float, float] = {}
+    for lam in lams:
+        scores = EASE(lam).fit(validation.fit).score(validation.train)
+        results[float(lam)] = evaluate_scores(scores, validation)["ndcg@10"]
+    best = max(results, key=lambda lam: results[lam])
+    return best, results
+
+
+class SegmentPopularity:
+    """Popularity within the user's segment: what people like this user interact with.
+
+    Unlike a `Scorer` it needs segment labels, both to fit (one per row of X) and to score
+    (one per scored user). Label -1 (or any label not seen in fit) falls back to global
+    popularity.
+    """
+
+    name = "segment_pop"
+
+    def __init__(self) -> None:
+        self.counts: dict[int, np.ndarray] = {}
+        self.global_counts: np.ndarray | None = None
+
+    def fit(self, X: sp.csr_matrix, labels: np.ndarray) -> Self:
+        labels = _labels(labels, X.shape[0])
+        X = sp.csr_matrix(X, dtype=np.float32)
+        self.global_counts = np.asarray(X.sum(axis=0), dtype=np.float32).ravel()
+        self.counts = {
+            int(label): np.asarray(X[labels == label].sum(axis=0), dtype=np.float32).ravel()
+            for label in np.unique(labels)
+            if label >= 0
+        }
+        return self
+
+    def score(self, X_users: sp.csr_matrix, labels: np.ndarray) -> np.ndarray:
+        global_counts = _fitted(self.global_counts, self)
+        labels = _labels(labels, X_users.shape[0])
+        scores = np.empty((X_users.shape[0], global_counts.size), dtype=np.float32)
+        for row, label in enumerate(labels):
+            scores[row] = self.counts.get(int(label), global_counts)
+        return scores
+
+
+def cosine_scores(
+    user_vectors: np.ndarray, item_vectors: np.ndarray, *, normalise_items: bool = True
+) -> np.ndarray:
+    """Cosine similarity of every user vector with every item vector, (n_users, n_items).
+
+    User vectors are L2-normalised here (zero vectors score 0), so callers may pass raw means
+    of item embeddings. Pass ``normalise_items=False`` when the item vectors are already unit
+    length (the encoder's output is) to skip a pass over the catalogue on the serving path.
+    """
+    users = _l2_normalise(np.asarray(user_vectors, dtype=np.float32))
+    items = np.asarray(item_vectors, dtype=np.float32)
+    items = _l2_normalise(items) if normalise_items else items
+    if items.ndim != 2 or users.shape[1] != items.shape[1]:
+        raise ValueError(f"user vectors are {users.shape[1]}-d, item vectors {items.shape}")
+    return users @ items.T
+
+
+@dataclass
+class Blend:
+    """Weighted sum of per-user standardised signals.
+
+    Each signal is z-scored over the items of each user's row, so weights are comparable
+    across signals whose scales differ by orders of magnitude (counts, cosines, EASE
+    scores). z-scoring is an increasing affine map per user, and it is done in float64, so a
+    blend whose only non-zero weight is one signal ranks exactly like that signal.
+    """
+
+    weights: dict[str, float] = field(default_factory=dict)
+
+    def combine(self, signals: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The blended score matrix (float64); signals with weight 0 are not needed."""
+        active = {name: w for name, w in self.weights.items() if w != 0.0}
+        if not active:
+            raise ConfigError("blend: every weight is 0; give at least one signal a weight")
+        missing = [name for name in active if name not in signals]
+        if missing:
+            raise ConfigError(
+                f"blend: weight for {missing[0]!r} but no such signal "
+                f"(available: {', '.join(sorted(signals)) or 'none'}); remove the weight"
+            )
+        return _weighted_sum({name: standardise(signals[name]) for name in active}, active)
+
+
+def standardise(scores: np.ndarray) -> np.ndarray:
+    """Per-row z-score in float64; a constant row becomes all zeros."""
+    scores = np.asarray(scores, dtype=np.float64)
+    centred = scores - scores.mean(axis=1, keepdims=True)
+    spread = centred.std(axis=1, keepdims=True)
+    return np.divide(centred, spread, out=np.zeros_like(centred), where=spread > 0)
+
+
+def tune_blend(
+    signals_val: Mapping[str, np.ndarray],
+    split_val: Split,
+    *,
+    grid: Sequence[float] = BLEND_GRID,
+    rounds: int = 3,
+) -> tuple[Blend, list[dict[str, object]]]:
+    """Blend weights by coordinate ascent on validation NDCG@10.
+
+    Starts from the best single signal (weight 1), then, signal by signal, tries every grid
+    weight for the others and keeps a change only if it strictly improves; repeats until a
+    round changes nothing. Since every single signal is a candidate, the result is never
+    worse on validation than the best of them (e.g. EASE alone). Returns the blend and the
+    trace: one entry per evaluated weight vector.
+    """
+    names = sorted(signals_val)
+    if not names:
+        raise ValueError("tune_blend needs at least one signal")
+    standardised = {name: standardise(signals_val[name]) for name in names}
+    trace: list[dict[str, object]] = []
+    cache: dict[tuple[float, ...], float] = {}
+
+    def evaluate(weights: dict[str, float]) -> float:
+        key = tuple(weights[n] for n in names)
+        if key not in cache:
+            metrics = evaluate_scores(_weighted_sum(standardised, weights), split_val)
+            cache[key] = metrics["ndcg@10"]
+            trace.append({"weights": dict(weights), **metrics})
+        return cache[key]
+
+    singles = [{n: float(n == anchor) for n in names} for anchor in names]
+    best = max(singles, key=evaluate)
+    best_value = evaluate(best)
+    anchor = next(n for n in names if best[n] == 1.0)
+    for _ in range(rounds):
+        improved = False
+        for name, weight in itertools.product([n for n in names if n != anchor], grid):
+            candidate = {**best, name: float(weight)}
+            value = evaluate(candidate)
+            if value > best_value:
+                best, best_value, improved = candidate, value, True
+        if not improved:
+            break
+    return Blend({n: w for n, w in best.items() if w != 0.0}), trace
+
+
+def recommend_top_n(
+    scores: np.ndarray,
+    seen: sp.csr_matrix | None,
+    n: int,
+    *,
+    allowed: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The n best items per user and their scores, best first.
+
+    Seen items are never returned; ``allowed`` is a boolean mask over items (one row for
+    everyone, or one row per user) for category filters and exclude lists. Rows with fewer
+    than n eligible items are padded with index -1 and score -inf. Ties go to the lower index.
+    """
+    indices = top_k(scores, n, seen, allowed=allowed)
+    picked = np.take_along_axis(np.asarray(scores), np.maximum(indices, 0), axis=1)
+    picked = np.where(indices >= 0, picked, -np.inf)
+    return indices, picked
+
+
+def _weighted_sum(
+    standardised: Mapping[str, np.ndarray], weights: Mapping[str, float]
+) -> np.ndarray:
+    """Σ weight · signal over the non-zero weights (signals already standardised)."""
+    active = [(name, w) for name, w in weights.items() if w != 0.0]
+    first_name, first_weight = active[0]
+    total = first_weight * standardised[first_name]
+    for name, weight in active[1:]:
+        total += weight * standardised[name]
+    return total
+
+
+def _spd_inverse(matrix: np.ndarray) -> np.ndarray:
+    """Inverse of a symmetric positive definite matrix via Cholesky (half the flops of LU)."""
+    factor, info = scipy.linalg.lapack.dpotrf(matrix, lower=False, overwrite_a=True)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"Cholesky failed (info={info}); is λ > 0?")
+    inverse, info = scipy.linalg.lapack.dpotri(factor, lower=False, overwrite_c=True)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"inverse from Cholesky failed (info={info})")
+    upper = np.triu(inverse)
+    return upper + np.triu(inverse, 1).T
+
+
+def _keep_top_per_column(S: sp.csc_matrix, k: int) -> sp.csc_matrix:
+    """Keep the k largest entries of each column (ties by lower row index)."""
+    S = sp.csc_matrix(S)
+    keep = np.zeros(S.nnz, dtype=bool)
+    for col in range(S.shape[1]):
+        start, end = S.indptr[col], S.indptr[col + 1]
+        if end - start <= k:
+            keep[start:end] = True
+            continue
+        values = S.data[start:end]
+        rows = S.indices[start:end]
+        order = np.lexsort((rows, -values))[:k]
+        keep[start + order] = True
+    S.data[~keep] = 0.0
+    S.eliminate_zeros()
+    return S
+
+
+def _l2_normalise(vectors: np.ndarray) -> np.ndarray:
+    if vectors.ndim != 2:
+        raise ValueError(f"vectors must be 2-d, got shape {vectors.shape}")
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+
+
+def _labels(labels: np.ndarray | Sequence[int | None], n: int) -> np.ndarray:
+    """Segment labels as int64 with None/NaN → -1, checked against the number of rows."""
+    values = np.array([-1 if v is None or v != v else int(v) for v in labels], dtype=np.int64)
+    if values.size != n:
+        raise ValueError(f"{values.size} segment labels for {n} rows")
+    return values
+
+
+def _fitted(value: T | None, scorer: object) -> T:
+    if value is None:
+        raise RuntimeError(f"{type(scorer).__name__} is not fitted; call fit() first")
+    return value
