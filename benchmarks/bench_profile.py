@@ -130,6 +130,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--no-server", action="store_true")
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -143,12 +144,17 @@ def main() -> None:
         warm = Recorder(llm)  # a first run warms the model and records the prompts
         pipeline.run_profiles(first, users, llm=warm)
 
-        second = fresh_workspace(root, "b", users)
-        timed = Recorder(llm)
-        start = time.perf_counter()
-        stats = pipeline.run_profiles(second, users, llm=timed)
-        segrec_s = time.perf_counter() - start
-        raw_s = raw_llama_replay(llm._llama, timed.calls)
+        # Alternate the two paths and keep each one's best round: a shared machine's noise
+        # then inflates both alike instead of whichever ran while another job was busy.
+        segrec_times, raw_times = [], []
+        for round_ in range(args.rounds):
+            second = fresh_workspace(root, f"b{round_}", users)
+            timed = Recorder(llm)
+            start = time.perf_counter()
+            stats = pipeline.run_profiles(second, users, llm=timed)
+            segrec_times.append(time.perf_counter() - start)
+            raw_times.append(raw_llama_replay(llm._llama, timed.calls))
+        segrec_s, raw_s = min(segrec_times), min(raw_times)
         rates = grounding_rates(second, users)
 
         server_rows = []
@@ -186,8 +192,10 @@ def main() -> None:
         f"| users/s | {stats.users / segrec_s:.3f} |",
         f"| completion tokens/s | {stats.completion_tokens / segrec_s:.1f} |",
         f"| prompt tokens per user | {stats.prompt_tokens / stats.users:.0f} |",
-        f"| segrec wall time | {segrec_s:.1f} s |",
-        f"| raw llama_cpp, same prompts/schemas/params | {raw_s:.1f} s |",
+        f"| segrec wall time (best of {args.rounds}: "
+        f"{', '.join(f'{t:.1f}' for t in segrec_times)} s) | {segrec_s:.1f} s |",
+        f"| raw llama_cpp, same prompts/schemas/params (best of "
+        f"{', '.join(f'{t:.1f}' for t in raw_times)} s) | {raw_s:.1f} s |",
         f"| **overhead ratio** (target ≤ 1.05) | **{segrec_s / raw_s:.3f}** |",
         f"| fallback rate | {rates['fallback_rate']:.1%} |",
         f"| LLM profiles with ≥1 ungrounded claim removed | {rates['hallucinated_profiles']:.1%} |",
@@ -199,6 +207,9 @@ def main() -> None:
         lines += [
             "",
             "## OpenAI backend against `python -m llama_cpp.server` (same users, same model)",
+            "",
+            "llama_cpp.server answers one request at a time, so more requests in flight can",
+            "only overlap network and JSON work; the speed-up measures that, not the model.",
             "",
             "| concurrency | wall time | users/s | speed-up vs 1 | fallback | failed |",
             "|---|---|---|---|---|---|",

@@ -13,6 +13,7 @@ place that touches the workspace, and it commits each user as soon as it is done
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -637,9 +638,9 @@ def profile_users(
             retry=retry,
         )
 
-    def record(request: ProfileRequest, future: Future[ProfileRecord]) -> None:
+    def record(request: ProfileRequest, outcome: Callable[[], ProfileRecord]) -> None:
         try:
-            result = future.result()
+            result = outcome()
         except LLMError as exc:
             stats.failed += 1
             stats.failures[request.user_id] = str(exc)
@@ -658,6 +659,11 @@ def profile_users(
             on_progress(stats)
 
     workers = max(1, int(getattr(llm, "concurrency", 1)))
+    if workers == 1:  # in-process backends: no thread hop per call
+        for request in todo:
+            record(request, functools.partial(run, request))
+        stats.seconds = time.perf_counter() - start
+        return stats
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending: dict[Future[ProfileRecord], ProfileRequest] = {}
         queue = iter(todo)
@@ -667,11 +673,11 @@ def profile_users(
                 if len(pending) >= workers:
                     finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for future in finished:
-                        record(pending.pop(future), future)
+                        record(pending.pop(future), future.result)
             while pending:
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    record(pending.pop(future), future)
+                    record(pending.pop(future), future.result)
         except BaseException:
             for future in pending:
                 future.cancel()
