@@ -580,6 +580,42 @@ def segments_show(
 
 @app.command()
 @user_errors
+def runs(
+    activate: Annotated[
+        int | None, typer.Option("--activate", help="Make this run the active one.")
+    ] = None,
+    workspace: WorkspaceOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List clustering runs (the newest is active unless another is chosen).
+
+    Example: segrec runs --activate 2
+    """
+    from segrec import pipeline
+
+    rows = pipeline.list_runs(_settings(config, workspace=workspace), activate=activate)
+    if as_json:
+        _emit_json({"runs": rows})
+        return
+    table = Table(title="clustering runs")
+    for column in ("run", "active", "created", "k", "algorithm", "represent", "silhouette"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            str(row["id"]),
+            "*" if row["active"] else "",
+            row["created_at"],
+            str(row["params"]["k"]),
+            row["params"]["algorithm"],
+            row["params"]["represent"],
+            _fmt(row["metrics"]["silhouette"]),
+        )
+    out.print(table)
+
+
+@app.command()
+@user_errors
 def assign(
     user: Annotated[str, typer.Option("--user", help="User id.")],
     workspace: WorkspaceOpt = None,

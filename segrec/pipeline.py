@@ -467,6 +467,24 @@ def segments_report(settings: Settings, run_id: int | None = None) -> dict[str, 
     }
 
 
+def list_runs(settings: Settings, *, activate: int | None = None) -> list[dict[str, Any]]:
+    """Every clustering run, oldest first; ``activate`` makes that run the active one."""
+    with Store.open(settings.workspace) as store:
+        if activate is not None:
+            store.set_active_run(activate)
+        active = store.active_run()
+        return [
+            {
+                "id": run.id,
+                "created_at": run.created_at,
+                "active": active is not None and run.id == active.id,
+                "params": run.params,
+                "metrics": {k: v for k, v in run.metrics.items() if k != "curve"},
+            }
+            for run in store.runs()
+        ]
+
+
 def segment_detail(settings: Settings, segment_id: int) -> tuple[RunRecord, SegmentRecord]:
     with Store.open(settings.workspace) as store:
         run = _active_run(store, settings)

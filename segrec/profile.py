@@ -370,6 +370,8 @@ def _capitalised_names(sentence: str, category_words: set[str]) -> list[list[str
             run = run[:-1]
         if run and tokens and run[0] == tokens[0]:
             run = run[1:] if len(run) > 2 else []
+        while run and run[0].lower() in _CONNECTORS:  # "Close to Heat" → "Heat"
+            run = run[1:]
         if len(run) >= 2:
             names.append(run)
     return names

@@ -65,6 +65,15 @@ def test_cluster_stores_a_deterministic_run(profiled: Settings) -> None:
         b = store.assignments(second.run.id)
         assert store.active_run().id == second.run.id  # type: ignore[union-attr]
     assert {u: x.segment_id for u, x in a.items()} == {u: x.segment_id for u, x in b.items()}
+    listed = runner.invoke(
+        app, ["runs", "--activate", str(first.run.id), "-w", str(profiled.workspace), "--json"]
+    )
+    assert listed.exit_code == 0, listed.output
+    active = [r["id"] for r in json.loads(listed.stdout)["runs"] if r["active"]]
+    assert active == [first.run.id]
+    assert pipeline.segments_report(profiled)["run"]["id"] == first.run.id
+    bad = runner.invoke(app, ["runs", "--activate", "999", "-w", str(profiled.workspace)])
+    assert bad.exit_code == 2 and "no clustering run 999" in bad.stderr
     assert len(a) == 35 and sum(s.size for s in first.segments) == 35
     report = pipeline.segments_report(profiled)
     assert report["run"]["params"]["represent"] == "items"

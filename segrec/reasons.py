@@ -1,0 +1,404 @@
+"""Why each recommended item: one short reason per item, grounded in the user's own history.
+
+The LLM sees a short history (the user's strongest and most recent liked items, the same for
+every candidate of one user, so llama.cpp reuses the cached prompt prefix) and then the
+candidate: title, categories, and the history items it is most similar to. A per-candidate
+grammar makes the reason start "Because you liked" + a liked history title or a category the
+item shares (its anchors), then allows only lower-case words, so the small model cannot
+name anything new there. Validation checks the rest: one or two finished sentences, no
+loops, an anchor named, no catalogue category the history and the candidate lack, no
+title-like name that is neither a history title nor the candidate's own (for backends that
+ignore the pattern). An answer still invalid after the retries, an LLM failure, and an item
+sharing nothing with what the user liked give a deterministic reason from the candidate's
+strongest signal, marked as a fallback with why: explaining never stops a recommendation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from pydantic import BaseModel
+
+from segrec.errors import LLMError
+from segrec.grounding import SENTENCE, degenerate, norm
+from segrec.llm.base import LLM, GenerationParams, Message, RetryPolicy, generate_structured
+from segrec.profile import Event, ProfileRequest, Vocabulary, compact_history, ungrounded_claims
+from segrec.templates import Prompt, load_prompt
+
+REASON_MIN, REASON_MAX, REASON_MAX_SENTENCES = 10, 160, 2
+# The grammar makes every reason start from what the user liked that the item shares,
+# "Because you liked <anchor>" (or "<anchor> and <anchor>"), then lets the model say why in
+# lower-case words only: no new names, years or numbers the anchors do not carry.
+REASON_PREFIX = "Because you liked "
+MAX_ANCHORS, ANCHOR_MAX_CHARS = 6, 50
+_TAIL = "(,? [a-z][a-z ,'-]{{0,{n}}})?[.!]"
+_MARKUP = re.compile(r"[{}<>\[\]]")
+# Anchors with these would need escapes llama.cpp's pattern converter does not read.
+_UNSAFE_ANCHOR = re.compile(r'["\\^${}<>\[\]]')
+_YEAR = re.compile(r"\s*\(\d{4}\)$")
+# A sentence ending on one of these is unfinished (often cut off by the length bound).
+_DANGLING = frozenset(
+    {"a", "about", "an", "and", "are", "as", "at", "be", "because", "but", "by", "for", "from"}
+    | {"has", "have", "in", "is", "it", "its", "it's", "like", "of", "on", "or", "so", "than"}
+    | {"that", "the", "their", "this", "to", "was", "which", "while", "who", "with"}
+)
+_WORD = re.compile(r"[\w'’]+")
+# What the prompt shows: the 135M model reads ~170 tokens/s on two cores.
+PROMPT_HISTORY, PROMPT_HISTORY_TOKENS, PROMPT_BECAUSE = 8, 160, 2
+
+# How each signal is said when the facts its full sentence needs are missing (no shared
+# category, no similar history item, no segment name). Also the known signals, in the order
+# that breaks ties between equally strong ones.
+SIGNAL_WORDS: dict[str, str] = {
+    "ease": "People with tastes like yours liked this.",
+    "itemknn": "People who liked what you liked also liked this.",
+    "cosine": "Close to what you liked.",
+    "segment_pop": "Popular in your segment.",
+    "pop": "Widely popular right now.",
+}
+NO_SIGNAL = "Picked for you from your history."
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One recommended item, with what the ranker knows about why it ranks high."""
+
+    item_id: str
+    title: str
+    categories: tuple[str, ...]
+    score: float
+    signals: dict[str, float] = field(hash=False)  # per-signal contribution to the score
+    because: tuple[str, ...] = ()  # titles of the user's most similar history items
+
+
+class Reason(BaseModel):
+    """The reason shown next to one recommended item, and whether it is the template."""
+
+    item_id: str
+    reason: str
+    fallback: bool = False
+    fallback_reason: str | None = None
+
+
+class _Answer(BaseModel):
+    reason: str
+
+
+# ------------------------------------------------------------------------------ history
+
+
+@dataclass(frozen=True)
+class ReasonContext:
+    """One user's history as the reason stage reads it; built once, shared by all candidates.
+
+    ``history`` is every event (what a reason may cite); ``shown`` is the short history the
+    prompt shows: liked items only when there are any, since a reason cites what the user
+    liked.
+    """
+
+    history: tuple[Event, ...]
+    shown: tuple[Event, ...]
+
+    @classmethod
+    def build(
+        cls,
+        history: Sequence[Event],
+        *,
+        max_items: int = PROMPT_HISTORY,
+        max_tokens: int = PROMPT_HISTORY_TOKENS,
+    ) -> ReasonContext:
+        liked = [e for e in history if e.strength > 0] or list(history)
+        shown = compact_history(liked, max_items=max_items, max_tokens=max_tokens)
+        return cls(history=tuple(history), shown=tuple(shown))
+
+    def claims(self, text: str, candidate: Candidate, vocabulary: Vocabulary) -> list[str]:
+        """Names in ``text`` absent from the history and the candidate (profile's rules).
+
+        Catalogue categories and title-like names are checked by
+        :func:`segrec.profile.ungrounded_claims`, which reads a request's events only, so the
+        candidate joins the history as one more event.
+        """
+        itself = Event(
+            item_id=candidate.item_id,
+            title=candidate.title,
+            categories=candidate.categories,
+            behavior="recommended",
+            value=None,
+            timestamp=None,
+            seq=-1,
+            strength=0.0,
+            description="recommended",
+        )
+        request = ProfileRequest(
+            user_id="",
+            history=(*self.history, itself),
+            lines=(),
+            like_options=(),
+            dislike_options=(),
+            favourite_options=(),
+            cache_key="",
+        )
+        return ungrounded_claims(text, request, vocabulary)
+
+
+# ------------------------------------------------------------------------------ facts
+
+
+def similar_titles(candidate: Candidate, history: Sequence[Event]) -> list[str]:
+    """The candidate's ``because`` titles that are history items the user liked."""
+    titles = {norm(e.title): e.title for e in history if e.strength > 0}
+    found = (titles.get(norm(title)) for title in candidate.because)
+    return list(dict.fromkeys(title for title in found if title))
+
+
+def _liked_sharing(candidate: Candidate, history: Sequence[Event]) -> list[Event]:
+    """Liked history items sharing a category with the candidate, most shared and liked first."""
+    wanted = set(candidate.categories)
+    sharing = [e for e in history if e.strength > 0 and wanted & set(e.categories)]
+    return sorted(
+        sharing,
+        key=lambda e: (-len(wanted & set(e.categories)), -e.strength, -(e.timestamp or -1)),
+    )
+
+
+def shared_categories(candidate: Candidate, history: Sequence[Event]) -> list[str]:
+    """The candidate's categories that the user's liked history has, weightiest first."""
+    weight: Counter[str] = Counter()
+    for event in history:
+        if event.strength > 0:
+            for category in set(event.categories) & set(candidate.categories):
+                weight[category] += event.strength
+    return sorted(weight, key=lambda c: (-weight[c], candidate.categories.index(c)))
+
+
+def anchors(candidate: Candidate, history: Sequence[Event]) -> list[str]:
+    """What a reason may start from: liked history titles and categories the item shares.
+
+    The ``because`` titles come first, then shared categories, then liked items sharing a
+    category; names too long or with characters a grammar pattern cannot hold are skipped.
+    """
+    options = [
+        *similar_titles(candidate, history),
+        *shared_categories(candidate, history),
+        *(e.title for e in _liked_sharing(candidate, history)),
+    ]
+    usable = (a for a in options if len(a) <= ANCHOR_MAX_CHARS and not _UNSAFE_ANCHOR.search(a))
+    return list(dict.fromkeys(usable))[:MAX_ANCHORS]
+
+
+def _literal(text: str) -> str:
+    """``text`` as a regex literal that llama.cpp's pattern converter also reads verbatim."""
+    return "".join("[.]" if c == "." else "\\" + c if c in "()|*+?" else c for c in text)
+
+
+def _tail_bound(options: Sequence[str]) -> int:
+    """How many free characters fit after the longest two anchors within REASON_MAX."""
+    longest = max(len(option) for option in options)
+    # ", " + the first letter + the closing stop
+    return max(0, REASON_MAX - len(REASON_PREFIX) - 2 * longest - len(" and ") - 4)
+
+
+def _reason_pattern(options: Sequence[str], tail: int) -> str:
+    anchor = "(" + "|".join(_literal(option) for option in options) + ")"
+    return f"^{REASON_PREFIX}{anchor}( and {anchor})?{_TAIL.format(n=tail)}$"
+
+
+def reason_schema(options: Sequence[str]) -> dict[str, Any]:
+    """The JSON schema for one candidate: one sentence that starts from its anchors."""
+    pattern = _reason_pattern(options, _tail_bound(options))
+    return {
+        "type": "object",
+        "properties": {"reason": {"type": "string", "pattern": pattern}},
+        "required": ["reason"],
+    }
+
+
+def _cut_off(reason: str, options: Sequence[str]) -> bool:
+    """True when the grammar ended the reason: its free words filled the whole bound.
+
+    A bound one shorter would not match then. A reason from a backend that ignored the
+    pattern does not match at all; only its last word tells.
+    """
+    tail = _tail_bound(options)
+    return (
+        tail > 0
+        and re.fullmatch(_reason_pattern(options, tail), reason) is not None
+        and re.fullmatch(_reason_pattern(options, tail - 1), reason) is None
+    )
+
+
+# ------------------------------------------------------------------------------ template
+
+
+def strongest_signal(candidate: Candidate) -> str | None:
+    """The known signal contributing most to the score, or None when none contributes."""
+    known = [name for name in SIGNAL_WORDS if candidate.signals.get(name, 0.0) > 0]
+    return max(known, key=lambda name: candidate.signals[name], default=None)
+
+
+def template_reason(
+    candidate: Candidate, history: Sequence[Event], *, segment_name: str | None = None
+) -> str:
+    """A deterministic reason from the candidate's strongest signal, naming only facts.
+
+    It cites a history title only if the user liked it (a ``because`` title, or a liked item
+    sharing a category), and a category only if both the candidate and the user's liked
+    history have it; without such facts it says the signal in plain words.
+    """
+    signal = strongest_signal(candidate)
+    if signal is None:
+        return NO_SIGNAL
+    because = similar_titles(candidate, history)
+    if signal in ("ease", "itemknn"):
+        titles = because or [e.title for e in _liked_sharing(candidate, history)]
+        if titles:
+            return f"People who liked {titles[0]} also liked this."
+    elif signal == "cosine":
+        categories = shared_categories(candidate, history)
+        if because and categories:
+            return f"Close to {because[0]} and your taste for {categories[0]}."
+        if because:
+            return f"Close to {because[0]}."
+        if categories:
+            return f"Close to your taste for {categories[0]}."
+    elif signal == "segment_pop" and segment_name and segment_name.strip():
+        return f"Popular in your segment '{' '.join(segment_name.split())}'."
+    return SIGNAL_WORDS[signal]
+
+
+# ------------------------------------------------------------------------------ LLM
+
+
+def render_reason_prompt(
+    candidate: Candidate, context: ReasonContext, *, prompt: Prompt, domain: str = "item"
+) -> list[Message]:
+    """The prompt for one candidate: the user's short history first, the candidate last."""
+    return prompt.render(
+        domain=domain,
+        history=context.shown,
+        title=candidate.title,
+        categories=candidate.categories,
+        because=similar_titles(candidate, context.history)[:PROMPT_BECAUSE],
+    )
+
+
+def _cites(reason: str, options: Sequence[str]) -> bool:
+    """Whether ``reason`` names one of ``options`` (a title with or without its year)."""
+    text = f" {norm(reason)} "
+    names = {norm(n) for option in options for n in (option, _YEAR.sub("", option))}
+    return any(name and f" {name} " in text for name in names)
+
+
+def parse_reason(
+    text: str,
+    candidate: Candidate,
+    context: ReasonContext,
+    vocabulary: Vocabulary,
+    options: Sequence[str],
+) -> Reason:
+    """Decode and validate one LLM answer for ``candidate``; raise ValueError when unusable.
+
+    ``options`` are the candidate's :func:`anchors`: the reason must name one of them,
+    whether or not the backend enforced the schema's pattern.
+    """
+    try:
+        data = json.loads(text, strict=False)  # llama.cpp lets raw newlines into strings
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    reason = " ".join(_Answer.model_validate(data).reason.split())
+    if not REASON_MIN <= len(reason) <= REASON_MAX:
+        raise ValueError(f"reason must be {REASON_MIN}-{REASON_MAX} characters, not {len(reason)}")
+    sentences = [s for s in SENTENCE.split(reason) if s.strip()]
+    if len(sentences) > REASON_MAX_SENTENCES:
+        raise ValueError(f"reason has {len(sentences)} sentences, at most 2 allowed")
+    if _MARKUP.search(reason):
+        raise ValueError("reason contains markup or JSON fragments")
+    if degenerate(reason):
+        raise ValueError("reason repeats itself")
+    words = _WORD.findall(reason.lower())
+    if (words and words[-1] in _DANGLING) or _cut_off(reason, options):
+        raise ValueError("reason is cut off mid-sentence")
+    # Sentence by sentence, as the profile stage checks: a capitalised first word is no name.
+    claims = [c for s in sentences for c in context.claims(s, candidate, vocabulary)]
+    if claims:
+        raise ValueError(f"names what the user's history lacks: {', '.join(claims)}")
+    if not _cites(reason, options):
+        raise ValueError("names none of the liked titles or categories the item shares")
+    return Reason(item_id=candidate.item_id, reason=reason)
+
+
+def write_reasons(
+    candidates: Sequence[Candidate],
+    history: Sequence[Event],
+    *,
+    llm: LLM,
+    params: GenerationParams,
+    vocabulary: frozenset[str],
+    segment_name: str | None = None,
+    attempts: int = 2,
+    domain: str = "item",
+    prompt: Prompt | None = None,
+    retry: RetryPolicy | None = None,
+) -> list[Reason]:
+    """One reason per candidate, in order: the LLM's when valid, else the template's.
+
+    ``history`` is the user's events (see :func:`segrec.profile.user_events`);
+    ``vocabulary`` every category in the catalogue. A candidate sharing no liked title or
+    category with the history, an answer still invalid after ``attempts`` tries, and an
+    LLM error all give :func:`template_reason`, marked as a fallback with the reason why;
+    LLM trouble never raises.
+    """
+    if attempts < 1:
+        raise ValueError("attempts must be at least 1")
+    prompt = prompt or load_prompt("reason")
+    context = ReasonContext.build(history)
+    grounding = Vocabulary(vocabulary)
+
+    def explain(candidate: Candidate) -> Reason:
+        options = anchors(candidate, history)
+        if not options:
+            why = "the history has no liked title or category this item shares"
+        else:
+            messages = render_reason_prompt(candidate, context, prompt=prompt, domain=domain)
+            parse = partial(
+                parse_reason,
+                candidate=candidate,
+                context=context,
+                vocabulary=grounding,
+                options=options,
+            )
+            try:
+                result = generate_structured(
+                    llm,
+                    messages,
+                    parse=parse,
+                    params=params,
+                    schema=reason_schema(options),
+                    attempts=attempts,
+                    policy=retry or RetryPolicy(),
+                )
+            except LLMError as exc:
+                why = f"LLM error: {exc}"
+            else:
+                if result.value is not None:
+                    return result.value
+                why = f"invalid after {result.attempts} tries: {result.errors[-1]}"
+        return Reason(
+            item_id=candidate.item_id,
+            reason=template_reason(candidate, history, segment_name=segment_name),
+            fallback=True,
+            fallback_reason=why,
+        )
+
+    # One at a time for llama.cpp (the shared history prefix stays cached); a hosted
+    # backend that takes concurrent calls gets them.
+    workers = max(1, int(getattr(llm, "concurrency", 1)))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(explain, candidates))
