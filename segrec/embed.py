@@ -145,11 +145,13 @@ class SentenceTransformerEncoder:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
             from sentence_transformers import SentenceTransformer
+            from transformers.utils import logging as transformers_logging
         except ImportError as error:
             raise SegrecError(
                 f"sentence-transformers is not installed ({error}): run "
                 "`pip install sentence-transformers`"
             ) from error
+        transformers_logging.disable_progress_bar()  # no "Loading weights" bar on stderr
         try:
             return SentenceTransformer(str(self.path), device=self.device, local_files_only=True)
         except (OSError, ValueError, RuntimeError, KeyError) as error:
