@@ -475,9 +475,9 @@ def _print_segments(report: dict[str, Any]) -> None:
             curve.add_row(str(row["k"]), f"{row['silhouette']:.3f}", f"{row['stability']:.3f}")
         out.print(curve)
     table = Table(
-        title=f"run {run['id']}: {metrics['k']} segments of {metrics['users']} users "
-        f"({run['params']['represent']}, {run['params']['algorithm']}) · silhouette "
-        f"{metrics['silhouette']} · stability {metrics['stability']}"
+        title=f"run {run['id']}: {metrics['k']} segments of {metrics['users']} users",
+        caption=f"{run['params']['represent']} vectors, {run['params']['algorithm']} · "
+        f"silhouette {_fmt(metrics['silhouette'])} · stability {_fmt(metrics['stability'])}",
     )
     for column in ("id", "name", "size", "share", "top categories", "silh.", "stab."):
         table.add_column(column)

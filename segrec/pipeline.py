@@ -212,14 +212,13 @@ def _profiles(store: Store) -> dict[str, Profile]:
 
 def _vectors_for(
     store: Store,
-    settings: Settings,
     encoder: SentenceTransformerEncoder,
     user_ids: Sequence[str],
     profiles: Mapping[str, Profile],
     represent: str,
+    interactions: pd.DataFrame,
 ) -> np.ndarray:
     """The clustered vectors of ``user_ids``, with item and text embeddings cached."""
-    interactions = store.interactions_frame(user_ids)
     item_ids: list[str] = []
     item_vectors = None
     if represent in ("items", "mix"):
@@ -278,7 +277,8 @@ def run_clustering(
             raise InputError(f"only {n} profiled users: clustering needs at least 3")
         encoder = _encoder(settings)
         stage("embedding")
-        X = _vectors_for(store, settings, encoder, user_ids, profiles, settings.represent)
+        interactions = store.interactions_frame(user_ids)
+        X = _vectors_for(store, encoder, user_ids, profiles, settings.represent, interactions)
         notes: list[str] = []
         curve: list[dict[str, float]] = []
         k_requested: int | str = "auto" if k is None else k
@@ -297,7 +297,6 @@ def run_clustering(
             notes += merged
         stage("stability")
         stability = bootstrap_stability(X, clustering, n_boot=10, seed=settings.seed)
-        interactions = store.interactions_frame(user_ids)
         items = store.items_frame()
         summaries = {u: p.summary for u, p in profiles.items()}
         facts = segment_facts(
@@ -526,7 +525,14 @@ def assign_users_to_run(
                     f"run {run.id} was built with encoder {run.params['encoder_id']}, but the "
                     f"configured one is {encoder.encoder_id} — rerun `segrec cluster`"
                 )
-            X = _vectors_for(store, settings, encoder, pending, profiles, run.params["represent"])
+            X = _vectors_for(
+                store,
+                encoder,
+                pending,
+                profiles,
+                run.params["represent"],
+                store.interactions_frame(pending),
+            )
             centroids = np.stack([s.centroid for s in store.segments(run.id)])
             labels, distances, margins = assign_users(X, centroids)
             fresh = [
