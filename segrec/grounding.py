@@ -6,9 +6,11 @@ names that the data does not contain, and the small model's repetition loops.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
@@ -39,3 +41,37 @@ def degenerate(text: str) -> bool:
 def join_words(values: Sequence[str]) -> str:
     """'A', 'A and B', 'A, B and C'."""
     return values[0] if len(values) == 1 else ", ".join(values[:-1]) + " and " + values[-1]
+
+
+MARKUP = re.compile(r"[{}<>\[\]]")
+
+
+def decode_json(text: str) -> Any:
+    """Parse an LLM's JSON answer; ValueError (so callers retry) when it is not JSON.
+
+    ``strict=False``: llama.cpp's JSON-schema grammar lets raw newlines into strings.
+    """
+    try:
+        return json.loads(text, strict=False)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+
+
+def check_prose(
+    text: str, *, what: str, min_chars: int, max_chars: int, max_sentences: int
+) -> list[str]:
+    """The form checks every free-text field shares; returns its sentences.
+
+    Raises ValueError for a length outside the bounds, too many sentences, markup or JSON
+    debris, or a repetition loop.
+    """
+    if not min_chars <= len(text) <= max_chars:
+        raise ValueError(f"{what} must be {min_chars}-{max_chars} characters, not {len(text)}")
+    sentences = [s for s in SENTENCE.split(text) if s.strip()]
+    if len(sentences) > max_sentences:
+        raise ValueError(f"{what} has {len(sentences)} sentences, at most {max_sentences} allowed")
+    if MARKUP.search(text):
+        raise ValueError(f"{what} contains markup or JSON fragments")
+    if degenerate(text):
+        raise ValueError(f"{what} repeats itself")
+    return sentences

@@ -12,7 +12,6 @@ never stops a clustering run.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +24,13 @@ from sklearn.feature_extraction import DictVectorizer
 from sklearn.preprocessing import normalize
 
 from segrec.errors import LLMError
-from segrec.grounding import SENTENCE, absent_categories, degenerate, join_words, norm
+from segrec.grounding import (
+    absent_categories,
+    check_prose,
+    decode_json,
+    join_words,
+    norm,
+)
 from segrec.llm.base import LLM, GenerationParams, Message, RetryPolicy, generate_structured
 from segrec.templates import Prompt, load_prompt
 
@@ -91,7 +96,6 @@ GENERIC_WORDS = frozenset(
 _NUMBERED = re.compile(r"\b(segment|cluster|group)\s*#?\d+\b", re.IGNORECASE)
 # Sentence punctuation or markup inside a name means the model wrote something else.
 _NOT_A_NAME = re.compile(r"[.;:!?*()\[\]{}<>\"]")
-_MARKUP = re.compile(r"[{}<>\[\]]")
 _STEM = 5  # words sharing their first five letters match: romance/romantic, thriller/thrilling
 
 LABEL_SCHEMA: dict[str, Any] = {
@@ -304,10 +308,7 @@ def parse_label(
     domain: str = "item",
 ) -> SegmentLabel:
     """Decode and validate one LLM answer for ``doc``; raise ValueError when it is unusable."""
-    try:
-        data = json.loads(text, strict=False)  # llama.cpp lets raw newlines into strings
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"not JSON: {exc}") from None
+    data = decode_json(text)
     answer = _Answer.model_validate(data)
     name = _clean_name(answer.name)
     words = name.split()
@@ -323,15 +324,13 @@ def parse_label(
     if _term_key(name) in {_term_key(t) for t in taken}:
         raise ValueError(f"name {name!r} is already used by another segment")
     description = " ".join(answer.description.split())
-    if not DESCRIPTION_MIN <= len(description) <= DESCRIPTION_MAX:
-        raise ValueError(f"description must be {DESCRIPTION_MIN}-{DESCRIPTION_MAX} characters")
-    sentences = [s for s in SENTENCE.split(description) if s.strip()]
-    if len(sentences) > DESCRIPTION_MAX_SENTENCES:
-        raise ValueError(f"description has {len(sentences)} sentences, at most 2 allowed")
-    if _MARKUP.search(description):
-        raise ValueError("description contains markup or JSON fragments")
-    if degenerate(description):
-        raise ValueError("description repeats itself")
+    check_prose(
+        description,
+        what="description",
+        min_chars=DESCRIPTION_MIN,
+        max_chars=DESCRIPTION_MAX,
+        max_sentences=DESCRIPTION_MAX_SENTENCES,
+    )
     if not _on_topic(description, stems):
         raise ValueError("description names none of the segment's categories, items or tastes")
     absent = absent_categories(f"{name}. {description}", doc.categories, vocabulary)

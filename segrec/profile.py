@@ -28,7 +28,14 @@ import pandas as pd
 from pydantic import BaseModel, Field
 
 from segrec.errors import LLMError
-from segrec.grounding import SENTENCE, absent_categories, degenerate, join_words, norm
+from segrec.grounding import (
+    SENTENCE,
+    absent_categories,
+    decode_json,
+    degenerate,
+    join_words,
+    norm,
+)
 from segrec.llm.base import LLM, GenerationParams, RetryPolicy, generate_structured
 from segrec.store import ProfileRecord, Store
 from segrec.templates import Prompt
@@ -413,10 +420,7 @@ class Grounded:
 
 def parse_profile(text: str, request: ProfileRequest, vocabulary: Vocabulary) -> Grounded:
     """Decode, validate and ground one LLM answer; raise ValueError when it is unusable."""
-    try:
-        data = json.loads(text, strict=False)  # llama.cpp lets raw newlines into strings
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"not JSON: {exc}") from None
+    data = decode_json(text)
     raw = Profile.model_validate(data)
     removed: list[str] = []
 

@@ -15,7 +15,6 @@ strongest signal, marked as a fallback with why: explaining never stops a recomm
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -27,7 +26,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from segrec.errors import LLMError
-from segrec.grounding import SENTENCE, degenerate, norm
+from segrec.grounding import check_prose, decode_json, norm
 from segrec.llm.base import LLM, GenerationParams, Message, RetryPolicy, generate_structured
 from segrec.profile import Event, ProfileRequest, Vocabulary, compact_history, ungrounded_claims
 from segrec.templates import Prompt, load_prompt
@@ -39,7 +38,6 @@ REASON_MIN, REASON_MAX, REASON_MAX_SENTENCES = 10, 160, 2
 REASON_PREFIX = "Because you liked "
 MAX_ANCHORS, ANCHOR_MAX_CHARS = 6, 50
 _TAIL = "(,? [a-z][a-z ,'-]{{0,{n}}})?[.!]"
-_MARKUP = re.compile(r"[{}<>\[\]]")
 # Anchors with these would need escapes llama.cpp's pattern converter does not read.
 _UNSAFE_ANCHOR = re.compile(r'["\\^${}<>\[\]]')
 _YEAR = re.compile(r"\s*\(\d{4}\)$")
@@ -308,20 +306,15 @@ def parse_reason(
     ``options`` are the candidate's :func:`anchors`: the reason must name one of them,
     whether or not the backend enforced the schema's pattern.
     """
-    try:
-        data = json.loads(text, strict=False)  # llama.cpp lets raw newlines into strings
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"not JSON: {exc}") from None
+    data = decode_json(text)
     reason = " ".join(_Answer.model_validate(data).reason.split())
-    if not REASON_MIN <= len(reason) <= REASON_MAX:
-        raise ValueError(f"reason must be {REASON_MIN}-{REASON_MAX} characters, not {len(reason)}")
-    sentences = [s for s in SENTENCE.split(reason) if s.strip()]
-    if len(sentences) > REASON_MAX_SENTENCES:
-        raise ValueError(f"reason has {len(sentences)} sentences, at most 2 allowed")
-    if _MARKUP.search(reason):
-        raise ValueError("reason contains markup or JSON fragments")
-    if degenerate(reason):
-        raise ValueError("reason repeats itself")
+    sentences = check_prose(
+        reason,
+        what="reason",
+        min_chars=REASON_MIN,
+        max_chars=REASON_MAX,
+        max_sentences=REASON_MAX_SENTENCES,
+    )
     words = _WORD.findall(reason.lower())
     if (words and words[-1] in _DANGLING) or _cut_off(reason, options):
         raise ValueError("reason is cut off mid-sentence")
