@@ -18,12 +18,9 @@ import json
 import os
 import platform
 import random
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +31,10 @@ sys.path.insert(0, str(ROOT))
 from segrec import pipeline  # noqa: E402
 from segrec.config import Settings  # noqa: E402
 from segrec.llm.base import Completion  # noqa: E402
-from segrec.llm.llamacpp import LlamaCppLLM, bundled_model_path  # noqa: E402
+from segrec.llm.llamacpp import LlamaCppLLM  # noqa: E402
 from segrec.llm.openai import OpenAILLM  # noqa: E402
 from segrec.store import Store  # noqa: E402
+from segrec.testing import llama_server  # noqa: E402
 
 
 class Recorder:
@@ -90,40 +88,6 @@ def raw_llama_replay(llama: Any, calls: list[dict[str, Any]]) -> float:
     return time.perf_counter() - start
 
 
-def start_server(threads: int) -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "llama_cpp.server",
-            "--model",
-            str(bundled_model_path()),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--n_ctx",
-            "2048",
-            "--n_threads",
-            str(threads),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}/v1"
-    for _ in range(240):
-        try:
-            urllib.request.urlopen(url + "/models", timeout=2).close()
-            return process, url
-        except OSError:
-            time.sleep(0.5)
-    process.kill()
-    raise RuntimeError("llama_cpp.server did not start")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=24)
@@ -159,8 +123,7 @@ def main() -> None:
 
         server_rows = []
         if not args.no_server:
-            process, url = start_server(args.threads)
-            try:
+            with llama_server(threads=args.threads) as url:
                 for concurrency in (1, 4):
                     settings = fresh_workspace(root, f"server{concurrency}", users)
                     backend = OpenAILLM(
@@ -169,9 +132,6 @@ def main() -> None:
                     t0 = time.perf_counter()
                     s = pipeline.run_profiles(settings, users, llm=backend)
                     server_rows.append((concurrency, time.perf_counter() - t0, s))
-            finally:
-                process.terminate()
-                process.wait(timeout=30)
 
     lines = [
         "# Profile-stage benchmark",

@@ -7,10 +7,18 @@ each stage also has a test on the bundled model and encoder.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import socket
+import subprocess
+import sys
 import threading
-from collections.abc import Callable, Sequence
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -78,3 +86,46 @@ class FakeEncoder:
                 out[row, 0] = 1.0
         out /= np.linalg.norm(out, axis=1, keepdims=True)
         return out
+
+
+@contextmanager
+def llama_server(*, threads: int = 2, log: Path | None = None) -> Iterator[str]:
+    """A real ``python -m llama_cpp.server`` with the bundled model on a free loopback port.
+
+    Yields its OpenAI-compatible base URL; the server is stopped on exit. For tests and
+    benchmarks of the OpenAI backend.
+    """
+    from segrec.llm.llamacpp import bundled_model_path
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    command = [
+        sys.executable, "-m", "llama_cpp.server", "--model", str(bundled_model_path()),
+        "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
+        "--n_threads", str(threads),
+    ]  # fmt: skip
+    with open(log or os.devnull, "wb") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                tail = log.read_text()[-2000:] if log else ""
+                raise RuntimeError(f"llama_cpp.server exited: {tail}")
+            try:
+                with urllib.request.urlopen(base_url + "/models", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("llama_cpp.server did not start in 120 s") from None
+                time.sleep(0.5)
+        yield base_url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
