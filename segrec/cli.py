@@ -677,6 +677,200 @@ def users(
     out.print(table)
 
 
+NOpt = Annotated[int, typer.Option("--n", help="How many items per user (1–1000).")]
+CategoryFilterOpt = Annotated[
+    list[str] | None,
+    typer.Option("--category", help="Only items with this category (repeatable)."),
+]
+ExcludeOpt = Annotated[
+    str | None, typer.Option("--exclude", help="Item ids never to recommend, comma-separated.")
+]
+ExcludeFileOpt = Annotated[
+    Path | None,
+    typer.Option("--exclude-file", help="File with item ids to leave out, one per line."),
+]
+
+
+def _filters(categories: list[str] | None, exclude: str | None, exclude_file: Path | None) -> Any:
+    from segrec.serving import Filters
+
+    ids = [part.strip() for part in (exclude or "").split(",") if part.strip()]
+    if exclude_file is not None:
+        try:
+            text = exclude_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"--exclude-file {exclude_file}: cannot read it ({exc})") from None
+        ids += [line.strip() for line in text.splitlines() if line.strip()]
+    return Filters(categories=list(categories or []), exclude=list(dict.fromkeys(ids)))
+
+
+@app.command()
+@user_errors
+def recommend(
+    user: Annotated[str | None, typer.Option("--user", help="One user id.")] = None,
+    all_users: Annotated[
+        bool, typer.Option("--all", help="Every user with interactions (needs --out).")
+    ] = False,
+    n: NOpt = 10,
+    out_path: Annotated[
+        Path | None, typer.Option("--out", help="Write recs.parquet, .csv or .json.")
+    ] = None,
+    category: CategoryFilterOpt = None,
+    exclude: ExcludeOpt = None,
+    exclude_file: ExcludeFileOpt = None,
+    represent: Annotated[
+        str | None, typer.Option(help="User vector for the content signal: items, profile, mix.")
+    ] = None,
+    encoder: Annotated[
+        Path | None, typer.Option(help="A local sentence-transformers model folder.")
+    ] = None,
+    workspace: WorkspaceOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Top-N unseen items from the blended ranker (no LLM involved).
+
+    Example: segrec recommend --user 1 --n 10    ·    segrec recommend --all --out recs.parquet
+    """
+    from segrec import serving
+
+    if (user is None) == (not all_users):
+        raise InputError("pass either --user ID or --all")
+    if all_users and out_path is None:
+        raise InputError(
+            "--all writes one row per recommendation: add --out recs.parquet|.csv|.json"
+        )
+    serving.check_n(n)
+    if out_path is not None:
+        serving.check_out(out_path)
+    settings = _settings(config, workspace=workspace, represent=represent, encoder=encoder)
+    filters = _filters(category, exclude, exclude_file)
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        disable=not err.is_terminal,
+    )
+    with progress:
+        task = progress.add_task("loading the ranker", total=None)
+        result = serving.recommend(
+            settings,
+            [user] if user is not None else None,
+            n=n,
+            filters=filters,
+            on_stage=lambda stage: progress.update(task, description=stage),
+            on_progress=lambda done, total: progress.update(
+                task, description="recommending", completed=done, total=total
+            ),
+        )
+    table = result.table
+    if out_path is not None:
+        serving.write_table(table, out_path)
+        users = table["user_id"].nunique()
+        err.print(
+            f"wrote {len(table)} recommendations for {users} users to {out_path}", markup=False
+        )
+    if as_json and user is not None:
+        _emit_json({"user": user, "items": table.drop(columns=["user_id"]).to_dict("records")})
+    elif user is not None and out_path is None:
+        grid = Table(title=f"top {n} for user {user}")
+        signals = [
+            c for c in table.columns if c not in ("user_id", "rank", "item_id", "title", "score")
+        ]
+        for column in ("#", "item", "title", "score", *signals):
+            grid.add_column(column)
+        for row in table.itertuples(index=False):
+            grid.add_row(
+                str(row.rank),
+                str(row.item_id),
+                str(row.title),
+                f"{row.score:.2f}",
+                *(f"{getattr(row, s):+.2f}" for s in signals),
+            )
+        out.print(grid)
+    for note in result.notes:
+        err.print(f"note: {note}", markup=False)
+
+
+@app.command()
+@user_errors
+def explain(
+    user: Annotated[str, typer.Option("--user", help="User id.")],
+    n: NOpt = 10,
+    category: CategoryFilterOpt = None,
+    exclude: ExcludeOpt = None,
+    exclude_file: ExcludeFileOpt = None,
+    llm: LlmOpt = None,
+    model_path: ModelPathOpt = None,
+    threads: ThreadsOpt = None,
+    base_url: BaseUrlOpt = None,
+    timeout: TimeoutOpt = None,
+    domain: DomainOpt = None,
+    workspace: WorkspaceOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A user's profile, segment and top-N items, each with a reason from their history.
+
+    Example: segrec explain --user 1 --n 5 --json
+    """
+    from segrec import serving
+
+    serving.check_n(n)
+    settings = _settings(
+        config,
+        workspace=workspace,
+        llm=llm,
+        model_path=model_path,
+        threads=threads,
+        base_url=base_url,
+        timeout_s=timeout,
+        domain=domain,
+    )
+    filters = _filters(category, exclude, exclude_file)
+    with err.status("explaining", spinner="dots") as status:
+        data, notes = serving.explain(
+            settings, user, n=n, filters=filters, on_stage=lambda stage: status.update(stage)
+        )
+    if as_json:
+        _emit_json(data)
+    else:
+        _print_explain(data)
+    for note in notes:
+        err.print(f"note: {note}", markup=False)
+
+
+def _print_explain(data: dict[str, Any]) -> None:
+    profile = data["profile"]
+    lines = [profile["summary"]]
+    if profile.get("likes"):
+        lines.append("likes: " + ", ".join(profile["likes"]))
+    if profile.get("dislikes"):
+        lines.append("dislikes: " + ", ".join(profile["dislikes"]))
+    if profile.get("fallback"):
+        lines.append("(deterministic fallback profile)")
+    out.print(Panel("\n".join(lines), title=f"user {data['user']}"), markup=False)
+    segment = data["segment"]
+    if segment is None:
+        out.print("segment: none yet — no clustering run (run `segrec cluster`)", markup=False)
+    else:
+        name = segment["name"] + (" (fallback label)" if segment["label_fallback"] else "")
+        out.print(f"segment {segment['id']}: {name} — {segment['why']}", markup=False)
+    grid = Table(title=f"top {len(data['items'])}", show_lines=True)
+    for column in ("#", "title", "score", "signals", "why"):
+        grid.add_column(column)
+    for rank, item in enumerate(data["items"], start=1):
+        signals = " ".join(
+            f"{k} {v:+.2f}" for k, v in sorted(item["signals"].items(), key=lambda kv: -kv[1])
+        )
+        why = item["reason"] + (" [template]" if item["reason_fallback"] else "")
+        grid.add_row(str(rank), item["title"], f"{item['score']:.2f}", signals, why)
+    out.print(grid)
+
+
 def main() -> None:
     app(prog_name="segrec")
 

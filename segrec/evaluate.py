@@ -67,6 +67,8 @@ class Split:
     (see `fold_scores`). None: one model fit on all of ``fit`` scores everyone."""
     notes: list[str] = field(default_factory=list)
     """Human-readable facts about how the split was made (for reports)."""
+    fit_users: list[str] = field(default_factory=list)
+    """The user of each row of ``fit`` (evaluated users first, in ``users`` order)."""
 
     @property
     def n_users(self) -> int:
@@ -134,6 +136,7 @@ def protocol_split(interactions: pd.DataFrame, *, test_frac: float = 0.2) -> Spl
         test_frac=test_frac,
         track="warm",
         notes=notes,
+        fit_users=list(user_index),
     )
 
 
@@ -185,6 +188,36 @@ def cold_split(split: Split, known: int = 3, *, folds: int = 5, seed: int = 0) -
             f"cold track: history cut to the first {known} train items; models fit in "
             f"{folds} folds of users (seed {seed}), never on the scored user's train",
         ],
+        fit_users=list(split.fit_users),
+    )
+
+
+def stacked_cold_split(
+    split: Split, knowns: Sequence[int], *, folds: int = 5, seed: int = 0
+) -> Split:
+    """Several cold cuts of the same users stacked as one split (rows repeat per cut).
+
+    Tuning for "users with a short history" on one cut length is noisy; stacking the cuts
+    that group spans averages over them. The cuts share the fold assignment, so
+    `fold_scores` fits one model per fold for all of them.
+    """
+    if not knowns:
+        raise ValueError("stacked_cold_split needs at least one cut length")
+    cuts = [cold_split(split, known, folds=folds, seed=seed) for known in knowns]
+    first = cuts[0]
+    return Split(
+        users=[u for cut in cuts for u in cut.users],
+        items=list(first.items),
+        train=sp.csr_matrix(sp.vstack([cut.train for cut in cuts])),
+        test=[t for cut in cuts for t in cut.test],
+        train_frames=pd.concat([cut.train_frames for cut in cuts], ignore_index=True),
+        test_frames=first.test_frames,
+        fit=first.fit,
+        test_frac=first.test_frac,
+        track="cold-" + "+".join(str(k) for k in knowns),
+        folds=np.concatenate([cut.folds for cut in cuts if cut.folds is not None]),
+        notes=[*split.notes, f"cold cuts of {', '.join(map(str, knowns))} items stacked"],
+        fit_users=list(first.fit_users),
     )
 
 
@@ -232,6 +265,9 @@ def subsample(split: Split, n: int, *, seed: int) -> Split:
         track=split.track,
         folds=None if split.folds is None else split.folds[rows],
         notes=[*split.notes, f"random sample of {n} of {len(split.users)} users, seed {seed}"],
+        fit_users=[split.fit_users[i] for i in np.concatenate([rows, rest])]
+        if split.fit_users
+        else [],
     )
 
 

@@ -47,6 +47,8 @@ _DANGLING = frozenset(
     | {"has", "have", "in", "is", "it", "its", "it's", "like", "of", "on", "or", "so", "than"}
     | {"that", "the", "their", "this", "to", "was", "which", "while", "who", "with"}
 )
+# The model speaking as itself ("not a choice for me") instead of to the user.
+_FIRST_PERSON = frozenset({"i", "me", "my", "mine", "myself", "i'm", "i've", "we", "us", "our"})
 _WORD = re.compile(r"[\w'’]+")
 # What the prompt shows: the 135M model reads ~170 tokens/s on two cores.
 PROMPT_HISTORY, PROMPT_HISTORY_TOKENS, PROMPT_BECAUSE = 8, 160, 2
@@ -318,6 +320,8 @@ def parse_reason(
     words = _WORD.findall(reason.lower())
     if (words and words[-1] in _DANGLING) or _cut_off(reason, options):
         raise ValueError("reason is cut off mid-sentence")
+    if _FIRST_PERSON & set(words):
+        raise ValueError("speaks in the first person; a reason addresses the user")
     # Sentence by sentence, as the profile stage checks: a capitalised first word is no name.
     claims = [c for s in sentences for c in context.claims(s, candidate, vocabulary)]
     if claims:

@@ -121,6 +121,21 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (run_id, user_id)
     ) WITHOUT ROWID;
     """,
+    """
+    CREATE TABLE rankers (
+        data_version TEXT NOT NULL,        -- interactions/items/ingest counts it was tuned on
+        run_id INTEGER NOT NULL,           -- clustering run whose segments it used (0: none)
+        spec TEXT NOT NULL,                -- JSON: weights per history group, λ, validation
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (data_version, run_id)
+    );
+    CREATE TABLE chats (
+        user_id TEXT PRIMARY KEY REFERENCES users(user_id),
+        questions TEXT NOT NULL,           -- JSON list
+        answers TEXT NOT NULL,             -- JSON list
+        created_at TEXT NOT NULL
+    );
+    """,
 ]
 
 
@@ -548,6 +563,31 @@ class Store:
             (run_id,),
         ).fetchall()
         return {r[0]: Assignment(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows}
+
+    # ---------------------------------------------------------------- rankers
+
+    def data_version(self) -> str:
+        """Changes whenever interactions or items change (the ranker is tuned per version)."""
+        interactions = self._count("interactions")
+        items = self._count("items")
+        row = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM ingests").fetchone()
+        return f"interactions={interactions};items={items};ingest={row[0]}"
+
+    def ranker_spec(self, data_version: str, run_id: int | None) -> dict[str, Any] | None:
+        row = self._db.execute(
+            "SELECT spec FROM rankers WHERE data_version = ? AND run_id = ?",
+            (data_version, run_id or 0),
+        ).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def save_ranker_spec(
+        self, data_version: str, run_id: int | None, spec: Mapping[str, Any]
+    ) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO rankers VALUES (?, ?, ?, ?)",
+                (data_version, run_id or 0, json.dumps(dict(spec)), _now()),
+            )
 
     # ---------------------------------------------------------------- embeddings
 

@@ -1,0 +1,453 @@
+"""The default ranker: five signals, blended with weights tuned on a validation split.
+
+Signals (each a users × items score matrix; see `segrec.recommend` for the models):
+
+* ``ease`` — EASE on the binary history matrix (λ tuned on validation). Left out above
+  `EASE_MAX_ITEMS` items, where its dense item × item matrix would not fit in memory.
+* ``itemknn`` — item–item cosine; on catalogues above `EASE_MAX_ITEMS` it keeps each item's
+  `LARGE_NEIGHBOURS` nearest items only.
+* ``cosine`` — content: the user's vector (by default the mean embedding of the items they
+  interacted with; a profile embedding when given) against every item's embedding.
+* ``segment_pop`` — popularity among the members of the user's segment.
+* ``pop`` — global popularity, log-scaled (log1p of the counts: after the per-user z-score
+  a few blockbusters would otherwise flatten every other item to the same score).
+
+The blend z-scores each signal over each user's row and adds them with weights (see
+`segrec.recommend.Blend`). Two weight sets are tuned: ``long`` for users with more than
+``short_history`` known items and ``short`` for newcomers, because what works differs:
+collaborative models dominate once a history exists, popularity and content carry a user
+with three items. ``long`` is tuned on the PROTOCOL's validation split cut from the train
+data (the last 20% of each user's train), ``short`` on the same validation users cut to
+their first 2, 3 and 4 items, stacked (PROTOCOL's cold track, models fit without the scored
+users; one cut length alone gave weights that changed with every seed).
+Tuning starts from the best single signal, so on validation a blend is never worse than
+EASE alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+import numpy as np
+import scipy.sparse as sp
+
+from segrec.cluster import assign, cluster_vectors
+from segrec.errors import ConfigError
+from segrec.evaluate import (
+    Split,
+    evaluate_scores,
+    fold_scores,
+    stacked_cold_split,
+    validation_split,
+)
+from segrec.recommend import (
+    EASE,
+    EASE_LAMBDAS,
+    ItemKNN,
+    SegmentPopularity,
+    cosine_scores,
+    recommend_top_n,
+    standardise,
+    tune_blend,
+)
+
+SIGNALS: tuple[str, ...] = ("ease", "itemknn", "cosine", "segment_pop", "pop")
+EASE_MAX_ITEMS = 20_000
+LARGE_NEIGHBOURS = 200
+SHORT_HISTORY = 5
+SHORT_CUTS = (2, 3, 4)  # the short-history weights are tuned on these history lengths
+MIN_TUNING_USERS = 20
+# Used when there are too few users to tune on (fewer than MIN_TUNING_USERS). They are the
+# weights tuned on ml-latest-small's validation split (benchmarks/quality.md).
+DEFAULT_WEIGHTS: dict[str, dict[str, float]] = {
+    "long": {"ease": 1.0, "itemknn": 0.2, "pop": 0.05, "cosine": 0.05},
+    "short": {"pop": 1.0, "itemknn": 0.35},
+}
+GROUPS = ("long", "short")
+
+
+@dataclass
+class RankerSpec:
+    """What is stored with a run: weights per history group, model settings, how tuned."""
+
+    weights: dict[str, dict[str, float]]
+    ease_lambda: float | None = 200.0
+    neighbours: int | None = None
+    short_history: int = SHORT_HISTORY
+    tuned: bool = False
+    validation: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def signals(self) -> list[str]:
+        """Every signal some group gives a non-zero weight, in `SIGNALS` order."""
+        used = {name for group in self.weights.values() for name, w in group.items() if w}
+        return [name for name in SIGNALS if name in used]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "weights": self.weights,
+            "ease_lambda": self.ease_lambda,
+            "neighbours": self.neighbours,
+            "short_history": self.short_history,
+            "tuned": self.tuned,
+            "validation": self.validation,
+            "notes": self.notes,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RankerSpec:
+        return cls(
+            weights={g: dict(w) for g, w in data["weights"].items()},
+            ease_lambda=data.get("ease_lambda"),
+            neighbours=data.get("neighbours"),
+            short_history=int(data.get("short_history", SHORT_HISTORY)),
+            tuned=bool(data.get("tuned", False)),
+            validation=dict(data.get("validation", {})),
+            notes=list(data.get("notes", [])),
+        )
+
+
+def default_spec(n_items: int, *, available: Sequence[str] = SIGNALS) -> RankerSpec:
+    """The untuned spec: `DEFAULT_WEIGHTS` restricted to what is available."""
+    use_ease = n_items <= EASE_MAX_ITEMS and "ease" in available
+    weights = {
+        group: {
+            name: w
+            for name, w in DEFAULT_WEIGHTS[group].items()
+            if name in available and (name != "ease" or use_ease)
+        }
+        for group in GROUPS
+    }
+    if not use_ease and "itemknn" in available:
+        weights["long"].setdefault("itemknn", 1.0)
+    for group in GROUPS:
+        if not weights[group]:
+            weights[group] = {available[0]: 1.0}
+    return RankerSpec(
+        weights=weights,
+        ease_lambda=200.0 if use_ease else None,
+        neighbours=None if n_items <= EASE_MAX_ITEMS else LARGE_NEIGHBOURS,
+    )
+
+
+@dataclass
+class Recommendations:
+    """Top-n per user: item column indices (-1 pads), blended scores, per-signal parts.
+
+    ``contributions[name][u, r]`` is weight × z-score of that signal for the r-th item of
+    user u; they add up to the score.
+    """
+
+    indices: np.ndarray
+    scores: np.ndarray
+    contributions: dict[str, np.ndarray]
+
+
+class Ranker:
+    """The fitted models behind the signals, over one catalogue (the columns of X)."""
+
+    def __init__(
+        self,
+        spec: RankerSpec,
+        item_vectors: np.ndarray | None = None,
+        *,
+        names: Sequence[str] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.names = list(names) if names is not None else spec.signals
+        unknown = [n for n in self.names if n not in SIGNALS]
+        if unknown:
+            raise ConfigError(
+                f"ranker: unknown signal {unknown[0]!r} — choose from {', '.join(SIGNALS)}"
+            )
+        if "cosine" in self.names and item_vectors is None:
+            raise ConfigError("ranker: the cosine signal needs item embeddings")
+        if "ease" in self.names and spec.ease_lambda is None:
+            raise ConfigError("ranker: EASE is off for this catalogue (too many items)")
+        self.item_vectors = (
+            None if item_vectors is None else np.asarray(item_vectors, dtype=np.float32)
+        )
+        self.ease: EASE | None = None
+        self.knn: ItemKNN | None = None
+        self.counts: np.ndarray | None = None
+        self.segments: SegmentPopularity | None = None
+
+    def fit(self, X: sp.csr_matrix, labels: np.ndarray | None = None) -> Self:
+        """Fit the models the signals need on the binary history matrix X (users × items)."""
+        X = sp.csr_matrix(X, dtype=np.float32)
+        if self.item_vectors is not None and self.item_vectors.shape[0] != X.shape[1]:
+            raise ValueError(
+                f"{self.item_vectors.shape[0]} item vectors for {X.shape[1]} catalogue items"
+            )
+        if "ease" in self.names:
+            assert self.spec.ease_lambda is not None
+            self.ease = EASE(self.spec.ease_lambda).fit(X)
+        if "itemknn" in self.names:
+            self.knn = ItemKNN(self.spec.neighbours).fit(X)
+        self.counts = np.asarray(X.sum(axis=0), dtype=np.float32).ravel()
+        if "segment_pop" in self.names:
+            self.segments = SegmentPopularity().fit(
+                X, labels if labels is not None else np.full(X.shape[0], -1)
+            )
+        return self
+
+    def signals(
+        self,
+        X_users: sp.csr_matrix,
+        *,
+        labels: np.ndarray | None = None,
+        user_vectors: np.ndarray | None = None,
+        names: Sequence[str] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Raw score matrices of the wanted signals for the given users' histories."""
+        if self.counts is None:
+            raise RuntimeError("Ranker is not fitted; call fit() first")
+        X_users = sp.csr_matrix(X_users, dtype=np.float32)
+        out: dict[str, np.ndarray] = {}
+        for name in names if names is not None else self.names:
+            if name == "ease":
+                assert self.ease is not None
+                out[name] = self.ease.score(X_users)
+            elif name == "itemknn":
+                assert self.knn is not None
+                out[name] = self.knn.score(X_users)
+            elif name == "pop":
+                out[name] = np.broadcast_to(np.log1p(self.counts), X_users.shape)
+            elif name == "segment_pop":
+                assert self.segments is not None
+                rows = labels if labels is not None else np.full(X_users.shape[0], -1)
+                out[name] = np.log1p(self.segments.score(X_users, rows))
+            elif name == "cosine":
+                assert self.item_vectors is not None
+                vectors = (
+                    user_vectors
+                    if user_vectors is not None
+                    else history_vectors(X_users, self.item_vectors)
+                )
+                out[name] = cosine_scores(vectors, self.item_vectors, normalise_items=False)
+        return out
+
+    def groups(self, X_users: sp.csr_matrix) -> np.ndarray:
+        """Per user, "short" (at most ``short_history`` known items) or "long"."""
+        known = np.diff(sp.csr_matrix(X_users).indptr)
+        return np.where(known <= self.spec.short_history, "short", "long")
+
+    def blend(
+        self, signals: Mapping[str, np.ndarray], groups: np.ndarray
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Blended scores (float64) and each signal's weighted part, per the user's group."""
+        n_users = len(groups)
+        z = {name: standardise(matrix) for name, matrix in signals.items()}
+        n_items = next(iter(z.values())).shape[1]
+        parts: dict[str, np.ndarray] = {}
+        for name in z:
+            weight = np.array(
+                [self.spec.weights.get(g, {}).get(name, 0.0) for g in groups], dtype=np.float64
+            )
+            if np.any(weight):
+                parts[name] = z[name] * weight[:, None]
+        if not parts:
+            raise ConfigError("ranker: every weight is 0; give at least one signal a weight")
+        total = np.zeros((n_users, n_items), dtype=np.float64)
+        for part in parts.values():
+            total += part
+        return total, parts
+
+    def recommend(
+        self,
+        X_users: sp.csr_matrix,
+        n: int,
+        *,
+        labels: np.ndarray | None = None,
+        user_vectors: np.ndarray | None = None,
+        allowed: np.ndarray | None = None,
+        batch: int = 256,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> Recommendations:
+        """The top n unseen items per user, in batches of users (bounded memory)."""
+        X_users = sp.csr_matrix(X_users, dtype=np.float32)
+        n_users = X_users.shape[0]
+        indices = np.full((n_users, n), -1, dtype=np.int64)
+        scores = np.full((n_users, n), -np.inf)
+        contributions = {name: np.zeros((n_users, n)) for name in self.names}
+        for start in range(0, n_users, batch):
+            rows = slice(start, min(start + batch, n_users))
+            Xb = X_users[rows]
+            signals = self.signals(
+                Xb,
+                labels=None if labels is None else labels[rows],
+                user_vectors=None if user_vectors is None else user_vectors[rows],
+            )
+            total, parts = self.blend(signals, self.groups(Xb))
+            mask = allowed
+            if allowed is not None and np.ndim(allowed) == 2:
+                mask = allowed[rows]
+            top, top_scores = recommend_top_n(total, Xb, n, allowed=mask)
+            indices[rows], scores[rows] = top, top_scores
+            safe = np.maximum(top, 0)
+            for name, part in parts.items():
+                picked = np.take_along_axis(part, safe, axis=1)
+                contributions[name][rows] = np.where(top >= 0, picked, 0.0)
+            if on_batch is not None:
+                on_batch(Xb.shape[0])
+        return Recommendations(indices, scores, contributions)
+
+
+def history_vectors(X_users: sp.csr_matrix, item_vectors: np.ndarray) -> np.ndarray:
+    """Each user's mean item embedding (unit length; zero for an empty history)."""
+    vectors = np.asarray(sp.csr_matrix(X_users, dtype=np.float32) @ item_vectors)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+
+
+# ------------------------------------------------------------------------------ tuning
+
+LabelsFor = Callable[[Split], tuple[np.ndarray, np.ndarray]]
+"""Segment labels for a split: (one per row of ``fit``, one per evaluated user)."""
+
+
+def split_signals(
+    split: Split,
+    spec: RankerSpec,
+    names: Sequence[str],
+    *,
+    item_vectors: np.ndarray | None,
+    labels_for: LabelsFor | None = None,
+) -> dict[str, np.ndarray]:
+    """Every named signal for the split's users, from models fit the way the track needs
+    (once on the warm track, per fold on the cold one; see `segrec.evaluate.fold_scores`).
+
+    ``item_vectors`` are aligned with ``split.items``.
+    """
+    fit_labels = user_labels = None
+    if "segment_pop" in names:
+        if labels_for is None:
+            raise ConfigError("ranker: segment_pop needs segment labels")
+        fit_labels, user_labels = labels_for(split)
+    out: dict[str, np.ndarray] = {}
+    for name in names:
+
+        def score(fit_rows: np.ndarray, user_rows: np.ndarray, name: str = name) -> np.ndarray:
+            ranker = Ranker(spec, item_vectors, names=[name])
+            ranker.fit(split.fit[fit_rows], None if fit_labels is None else fit_labels[fit_rows])
+            rows_labels = None if user_labels is None else user_labels[user_rows]
+            return ranker.signals(split.train[user_rows], labels=rows_labels)[name]
+
+        out[name] = np.asarray(fold_scores(split, score), dtype=np.float32)
+    return out
+
+
+def kmeans_labels(item_vectors_for: Callable[[Split], np.ndarray], k: int, seed: int) -> LabelsFor:
+    """Segment labels from k-means on the mean item embedding of every fit row.
+
+    Evaluated users get the nearest centroid of their known history's vector (on the warm
+    track that is their own cluster). Used by `segrec eval`, where the population is not
+    clustered yet; it is the default ``--represent items`` clustering of `segrec cluster`.
+    """
+
+    def labels_for(split: Split) -> tuple[np.ndarray, np.ndarray]:
+        vectors = item_vectors_for(split)
+        fit_vectors = history_vectors(split.fit, vectors)
+        clustering = cluster_vectors(fit_vectors, k=min(k, fit_vectors.shape[0]), seed=seed)
+        user_labels, _ = assign(history_vectors(split.train, vectors), clustering.centroids)
+        return clustering.labels.astype(np.int64), user_labels
+
+    return labels_for
+
+
+def tune_ranker(
+    split: Split,
+    *,
+    item_vectors_for: Callable[[Split], np.ndarray] | None,
+    labels_for: LabelsFor | None = None,
+    lambdas: Sequence[float] = EASE_LAMBDAS,
+    seed: int = 0,
+    on_stage: Callable[[str], None] | None = None,
+) -> RankerSpec:
+    """Tune EASE's λ and both weight sets on validation splits cut from ``split``'s train.
+
+    ``item_vectors_for(split)`` gives item embeddings aligned with ``split.items`` (None: no
+    content signal); ``labels_for`` segment labels (None: no segment signal). Too few users
+    to tune on gives `default_spec`, marked untuned with the reason.
+    """
+    stage = on_stage or (lambda _: None)
+    available = [
+        name
+        for name in SIGNALS
+        if (name != "cosine" or item_vectors_for is not None)
+        and (name != "segment_pop" or labels_for is not None)
+    ]
+    spec = default_spec(len(split.items), available=available)
+    if len(split.users) < MIN_TUNING_USERS:
+        spec.notes.append(
+            f"only {len(split.users)} users with a held-out item (< {MIN_TUNING_USERS}): "
+            "default weights, not tuned"
+        )
+        return spec
+    if spec.ease_lambda is None:
+        available = [n for n in available if n != "ease"]
+        spec.notes.append(
+            f"{len(split.items)} items > {EASE_MAX_ITEMS}: EASE left out, ItemKNN keeps "
+            f"{LARGE_NEIGHBOURS} neighbours per item"
+        )
+    validation = validation_split(split)
+    vectors = item_vectors_for(validation) if item_vectors_for is not None else None
+
+    results: dict[str, Any] = {}
+    others = [n for n in available if n != "ease"]
+    signals = split_signals(validation, spec, others, item_vectors=vectors, labels_for=labels_for)
+    if spec.ease_lambda is not None:
+        stage("tuning EASE λ")
+        by_lambda: dict[float, float] = {}
+        best_scores: np.ndarray | None = None
+        for lam in lambdas:
+            scores = EASE(lam).fit(validation.fit).score(validation.train)
+            by_lambda[float(lam)] = evaluate_scores(scores, validation)["ndcg@10"]
+            if max(by_lambda.values()) == by_lambda[float(lam)]:
+                best_scores, spec.ease_lambda = scores, float(lam)
+        assert best_scores is not None
+        signals["ease"] = best_scores
+        results["ease_lambda"] = {str(k): round(v, 4) for k, v in by_lambda.items()}
+
+    stage("tuning weights (long histories)")
+    blend, trace = tune_blend(signals, validation)
+    weights = {"long": blend.weights}
+    results["long"] = _tuning_summary(trace, signals, len(validation.users))
+    del signals
+
+    stage("tuning weights (short histories)")
+    cold = stacked_cold_split(validation, SHORT_CUTS, seed=seed)
+    cold_signals = split_signals(cold, spec, available, item_vectors=vectors, labels_for=labels_for)
+    blend, trace = tune_blend(cold_signals, cold)
+    weights["short"] = blend.weights
+    results["short"] = _tuning_summary(trace, cold_signals, len(cold.users))
+    spec.weights = weights
+    spec.tuned = True
+    spec.validation = results
+    spec.notes.append(
+        f"weights tuned on a validation split of {len(validation.users)} users (last 20% of "
+        "train); short histories on the same users cut to their first "
+        f"{', '.join(map(str, SHORT_CUTS))} items"
+    )
+    return spec
+
+
+def _tuning_summary(
+    trace: Sequence[Mapping[str, Any]], signals: Mapping[str, np.ndarray], users: int
+) -> dict[str, Any]:
+    """Validation NDCG@10 of the chosen blend and of every signal alone (from the trace)."""
+    names = sorted(signals)
+    singles = {
+        name: round(float(t["ndcg@10"]), 4)
+        for t in trace
+        for name in names
+        if t["weights"] == {n: float(n == name) for n in names}
+    }
+    return {
+        "users": users,
+        "ndcg@10": round(max(float(t["ndcg@10"]) for t in trace), 4),
+        "single_signals": singles,
+    }
