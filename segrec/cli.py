@@ -871,6 +871,139 @@ def _print_explain(data: dict[str, Any]) -> None:
     out.print(grid)
 
 
+@app.command("eval")
+@user_errors
+def eval_(
+    ratings: Annotated[Path, typer.Argument(help="Behaviour log (CSV/Parquet).")],
+    items: Annotated[Path, typer.Option("--items", help="Item catalogue (CSV/Parquet).")],
+    users: Annotated[
+        int | None, typer.Option("--users", help="Evaluate a seeded random sample of N users.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed for the sample, folds and clustering.")] = 0,
+    tracks: Annotated[
+        str, typer.Option(help="Comma-separated: warm, cold, segments, grounding.")
+    ] = "warm,cold,segments,grounding",
+    k: Annotated[int, typer.Option("--k", help="Segments for the segment signal/track.")] = 5,
+    no_llm: Annotated[
+        bool, typer.Option("--no-llm", help="Leave out the methods that need LLM profiles.")
+    ] = False,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the results to this JSON file.")
+    ] = None,
+    user_col: UserColOpt = None,
+    item_col: ItemColOpt = None,
+    behavior_col: BehaviorColOpt = None,
+    value_col: ValueColOpt = None,
+    timestamp_col: TimestampColOpt = None,
+    item_id_col: ItemIdColOpt = None,
+    title_col: TitleColOpt = None,
+    description_col: DescriptionColOpt = None,
+    category_col: CategoryColOpt = None,
+    llm: LlmOpt = None,
+    model_path: ModelPathOpt = None,
+    threads: ThreadsOpt = None,
+    base_url: BaseUrlOpt = None,
+    concurrency: ConcurrencyOpt = None,
+    timeout: TimeoutOpt = None,
+    domain: DomainOpt = None,
+    workspace: Annotated[
+        Path | None,
+        typer.Option("--workspace", "-w", help="Evaluation workspace [default .segrec-eval]."),
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """The offline evaluation protocol: baselines and segrec's rankers on the same users.
+
+    Example: segrec eval ratings.csv --items movies.csv --users 100 --json eval.json
+    """
+    from segrec import quality
+    from segrec.data import ItemColumns, LogColumns
+
+    chosen = quality.parse_tracks(tracks)
+    if json_out is not None and json_out.suffix.lower() != ".json":
+        raise InputError(f"--json {json_out}: give a file name ending in .json")
+    settings = _settings(
+        config,
+        workspace=workspace or Path(".segrec-eval"),
+        llm=llm,
+        model_path=model_path,
+        threads=threads,
+        base_url=base_url,
+        concurrency=concurrency,
+        timeout_s=timeout,
+        domain=domain,
+    )
+    log_columns = LogColumns(user_col, item_col, behavior_col, value_col, timestamp_col)
+    item_columns = ItemColumns(
+        item_id_col, title_col, description_col, tuple(category_col) if category_col else None
+    )
+    with err.status("evaluating", spinner="dots") as status:
+        result = quality.run_eval(
+            settings,
+            ratings,
+            items,
+            users=users,
+            seed=seed,
+            tracks=chosen,
+            k=k,
+            use_llm=not no_llm,
+            log_columns=log_columns,
+            item_columns=item_columns,
+            on_stage=lambda stage: status.update(stage),
+            on_profiles=lambda stats: status.update(
+                f"profiling with the LLM: {stats.done}/{stats.users} (cached {stats.cached})"
+            ),
+        )
+    if json_out is not None:
+        tmp = json_out.with_name(f".{json_out.name}.tmp")
+        tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.replace(json_out)
+    _print_eval(result)
+
+
+def _print_eval(result: dict[str, Any]) -> None:
+    who = f"{result['users']} users" + (
+        f" (random sample, seed {result['seed']})" if result["sampled"] else " (all)"
+    )
+    for track in ("warm", "cold"):
+        rows = result["tracks"].get(track)
+        if not rows:
+            continue
+        table = Table(title=f"{track} track · {who}")
+        for column in ("method", "NDCG@10", "Recall@20"):
+            table.add_column(column)
+        for name, m in rows.items():
+            table.add_row(name, f"{m['ndcg@10']:.4f}", f"{m['recall@20']:.4f}")
+        out.print(table)
+    segments = result["tracks"].get("segments")
+    if segments:
+        table = Table(title=f"segments track · {who}")
+        for column in ("represent", "lift", "stability (ARI)", "silhouette", "sizes"):
+            table.add_column(column)
+        for name, m in segments.items():
+            table.add_row(
+                name,
+                _fmt(m["lift"]),
+                _fmt(m["stability_ari"]),
+                _fmt(m["silhouette"]),
+                str(m["sizes"]),
+            )
+        out.print(table)
+    grounding = result["tracks"].get("grounding")
+    if grounding:
+        out.print(
+            f"grounding · {grounding['profiles']} LLM profiles: raw output named something "
+            f"absent from the history in {grounding['hallucination_rate_raw']:.0%} "
+            f"({grounding['claims_removed_per_profile']:.2f} claims removed per profile); "
+            f"stored profiles {grounding['hallucination_rate_stored']:.0%}; fallback "
+            f"{grounding['fallback_rate']:.0%}",
+            markup=False,
+        )
+    for note in result["notes"]:
+        err.print(f"note: {note}", markup=False)
+    err.print(f"evaluated in {result['wall_s']:.0f} s", markup=False)
+
+
 def main() -> None:
     app(prog_name="segrec")
 

@@ -259,8 +259,9 @@ def recommend(
     with Store.open(settings.workspace) as store:
         if user_ids is not None:
             _check_users(store, user_ids)
+        # Filters are checked before the ranker is tuned (and stored): bad input writes nothing.
+        allowed = _allowed(store.items_frame(), filters or Filters())
         served = load_ranker(store, settings, on_stage=on_stage)
-        allowed = _allowed(served.items, filters or Filters())
         wanted = list(user_ids) if user_ids is not None else served.users
         X_rows, labels, vectors = _histories(store, settings, served, wanted)
     done = 0
@@ -387,6 +388,7 @@ def explain(
     stage = on_stage or (lambda _: None)
     with Store.open(settings.workspace) as store:
         _check_users(store, [user_id])
+        allowed = _allowed(store.items_frame(), filters or Filters())
         record = store.profile(user_id)
     backend = llm if llm is not None else make_llm(settings)
     notes: list[str] = []
@@ -402,7 +404,6 @@ def explain(
         profile = Profile.model_validate(record.profile)
         served = load_ranker(store, settings, on_stage=stage)
         notes += served.notes
-        allowed = _allowed(served.items, filters or Filters())
         X_rows, labels, vectors = _histories(store, settings, served, [user_id])
         segment = _segment_info(store, settings, served, user_id, profile)
         interactions = store.interactions_frame([user_id])

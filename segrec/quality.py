@@ -1,0 +1,392 @@
+"""`segrec eval`: the PROTOCOL tracks on any dataset, every method on the same users.
+
+The split, metrics and baselines come from `segrec.evaluate` and `segrec.recommend`; the
+default ranker and its tuning from `segrec.ranker`. LLM profiles are made from train
+interactions only, through the normal cached pipeline, in an evaluation workspace of their
+own (train rows only, so no prompt ever sees a test item); reruns reuse them.
+
+Methods (rows of each track's table):
+
+* ``MostPop``, ``ItemKNN``, ``EASE`` — the PROTOCOL baselines (EASE λ tuned on validation).
+* ``segrec`` — the default ranker (`segrec.ranker`), weights tuned on validation.
+* ``cosine:items`` / ``cosine:llm-profile`` / ``cosine:deterministic-profile`` — content
+  only: cosine between item embeddings and the mean item embedding of the user's known
+  items, the embedding of their LLM profile, or of the deterministic profile built from the
+  same history without an LLM.
+* ``segrec:llm-profile`` / ``segrec:deterministic-profile`` — the default ranker with its
+  content signal taken from that profile instead of the item mean (same weights): what
+  the LLM profile adds to the ranker, against the profile any history gives for free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from segrec.cluster import cluster_vectors, seed_ari
+from segrec.config import Settings
+from segrec.data import Dataset, ItemColumns, LogColumns, load_dataset
+from segrec.embed import SentenceTransformerEncoder, embed_texts
+from segrec.errors import InputError
+from segrec.evaluate import (
+    Split,
+    cold_split,
+    evaluate_scores,
+    fold_scores,
+    protocol_split,
+    subsample,
+)
+from segrec.llm import make_llm
+from segrec.llm.base import LLM, RetryPolicy
+from segrec.pipeline import generation_params
+from segrec.profile import (
+    Profile,
+    build_request,
+    fallback_profile,
+    profile_users,
+    user_events,
+    value_scales,
+)
+from segrec.ranker import Ranker, kmeans_labels, split_signals, tune_ranker
+from segrec.recommend import EASE, ItemKNN, MostPop, cosine_scores, tune_ease
+from segrec.store import Store
+from segrec.templates import load_prompt
+
+TRACKS = ("warm", "cold", "segments", "grounding")
+COLD_KNOWN = 3
+LLM_METHODS = ("cosine:llm-profile", "segrec:llm-profile")
+
+
+def parse_tracks(text: str, known: Sequence[str] = TRACKS) -> list[str]:
+    tracks = [t.strip() for t in text.split(",") if t.strip()]
+    if not tracks:
+        raise InputError(f"--tracks: empty — choose from {', '.join(known)}")
+    for track in tracks:
+        if track not in known:
+            raise InputError(f"--tracks: unknown track {track!r} — choose from {', '.join(known)}")
+    return list(dict.fromkeys(tracks))
+
+
+def _fingerprint(*paths: Path) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:10]
+
+
+class _Context:
+    """What every track shares: the split, the sample, item vectors, the tuned ranker."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        dataset: Dataset,
+        split: Split,
+        evaluated: Split,
+        store: Store,
+        encoder: SentenceTransformerEncoder,
+    ) -> None:
+        self.settings = settings
+        self.dataset = dataset
+        self.split = split
+        self.evaluated = evaluated
+        self.store = store
+        self.encoder = encoder
+        items = dataset.items.set_index("item_id")
+        texts = list(items.loc[split.items, "text"])
+        self.item_vectors = embed_texts(texts, encoder, cache=store)
+        self.position = {item: i for i, item in enumerate(split.items)}
+
+    def vectors_for(self, part: Split) -> np.ndarray:
+        return self.item_vectors[[self.position[i] for i in part.items]]
+
+
+def run_eval(
+    settings: Settings,
+    ratings: Path,
+    items: Path,
+    *,
+    users: int | None = None,
+    seed: int = 0,
+    tracks: Sequence[str] = TRACKS,
+    k: int = 5,
+    use_llm: bool = True,
+    llm: LLM | None = None,
+    log_columns: LogColumns = LogColumns(),
+    item_columns: ItemColumns = ItemColumns(),
+    on_stage: Callable[[str], None] | None = None,
+    on_profiles: Callable[[Any], None] | None = None,
+) -> dict[str, Any]:
+    """Every requested track as the JSON object `segrec eval --json` writes."""
+    stage = on_stage or (lambda _: None)
+    started = time.perf_counter()
+    if users is not None and users < 1:
+        raise InputError(f"--users {users}: must be at least 1")
+    if k < 2:
+        raise InputError(f"--k {k}: need at least 2 segments")
+    stage("reading the data")
+    dataset = load_dataset(ratings, items, log_columns=log_columns, item_columns=item_columns)
+    split = protocol_split(dataset.interactions)
+    if not split.users:
+        raise InputError(f"{ratings}: no user has a test item left after the split")
+    sampled = users is not None and users < len(split.users)
+    evaluated = subsample(split, users, seed=seed) if sampled and users else split
+    notes = list(evaluated.notes)
+    need_profiles = (
+        "grounding" in tracks
+        or "segments" in tracks
+        or (use_llm and ("warm" in tracks or "cold" in tracks))
+    )
+    workspace = Path(settings.workspace) / f"{ratings.stem}-{_fingerprint(ratings, items)}"
+    result: dict[str, Any] = {
+        "dataset": str(ratings),
+        "users": len(evaluated.users),
+        "sampled": sampled,
+        "seed": seed,
+        "tracks": {},
+    }
+    with Store.open(workspace, create=True) as store:
+        encoder = SentenceTransformerEncoder(settings.encoder)
+        stage("embedding items")
+        ctx = _Context(settings, dataset, split, evaluated, store, encoder)
+        cold = cold_split(evaluated, COLD_KNOWN, seed=seed) if "cold" in tracks else None
+        profiles: dict[str, dict[str, Profile]] = {}
+        if need_profiles:
+            backend = llm if (llm is not None or not use_llm) else make_llm(settings)
+            profiles = _profiles(ctx, cold, backend, stage, on_profiles)
+            if not use_llm:
+                notes.append("--no-llm: methods that need LLM profiles were left out")
+        stage("tuning the ranker on validation")
+        labels_for = kmeans_labels(ctx.vectors_for, k, seed)
+        spec = tune_ranker(
+            split,
+            item_vectors_for=ctx.vectors_for,
+            labels_for=labels_for,
+            seed=seed,
+            on_stage=stage,
+        )
+        result["ranker"] = spec.as_dict()
+        if "warm" in tracks:
+            stage("warm track")
+            result["tracks"]["warm"] = _ranking_track(
+                ctx, evaluated, spec, labels_for, profiles, "warm"
+            )
+        if cold is not None:
+            stage("cold track")
+            result["tracks"]["cold"] = _ranking_track(ctx, cold, spec, labels_for, profiles, "cold")
+        if "segments" in tracks:
+            stage("segments track")
+            result["tracks"]["segments"] = _segments_track(ctx, profiles, k, seed)
+        if "grounding" in tracks and "llm" in profiles:
+            result["tracks"]["grounding"] = _grounding_track(ctx, store)
+    result["notes"] = notes
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def _train_dataset(ctx: _Context, cold: Split | None) -> Dataset:
+    """The rows the evaluation workspace holds: train interactions only, plus each
+    evaluated user's cold history under the id ``cold:<user>``."""
+    interactions = ctx.dataset.interactions
+    train_lines = set(ctx.split.train_frames["line"])
+    train = interactions[interactions["line"].isin(train_lines)]
+    frames = [train]
+    if cold is not None:
+        cold_lines = set(cold.train_frames["line"])
+        cold_rows = interactions[interactions["line"].isin(cold_lines)].copy()
+        cold_rows["user_id"] = "cold:" + cold_rows["user_id"].astype(str)
+        frames.append(cold_rows)
+    return replace(ctx.dataset, interactions=pd.concat(frames, ignore_index=True))
+
+
+def _profiles(
+    ctx: _Context,
+    cold: Split | None,
+    llm: LLM | None,
+    stage: Callable[[str], None],
+    on_profiles: Callable[[Any], None] | None,
+) -> dict[str, dict[str, Profile]]:
+    """LLM (when ``llm``) and deterministic profiles of the evaluated users, from train
+    histories (warm) and from their first items (cold)."""
+    settings, store = ctx.settings, ctx.store
+    stage("loading train rows into the evaluation workspace")
+    store.ingest(_train_dataset(ctx, cold), source={"eval": "train rows of the PROTOCOL split"})
+    warm_ids = list(ctx.evaluated.users)
+    cold_ids = [f"cold:{u}" for u in cold.users] if cold is not None else []
+    wanted = warm_ids + cold_ids
+    out: dict[str, dict[str, Profile]] = {}
+    if llm is not None:
+        stage(f"profiling {len(wanted)} histories with the LLM (cached)")
+        profile_users(
+            store,
+            wanted,
+            llm=llm,
+            prompt=load_prompt("profile"),
+            params=generation_params(settings),
+            domain=settings.domain,
+            max_items=settings.max_history_items,
+            max_tokens=settings.max_history_tokens,
+            attempts=settings.validation_attempts,
+            retry=RetryPolicy(attempts=settings.retries),
+            on_progress=on_profiles,
+        )
+        records = {r.user_id: r for r in store.profiles()}
+        out["llm"] = {u: Profile.model_validate(records[u].profile) for u in wanted if u in records}
+    items = store.items_frame()
+    stored = store.interactions_frame(wanted)
+    events = user_events(stored, items, value_scales(store.interactions_frame()))
+    prompt = load_prompt("profile")
+    params = generation_params(settings)
+    out["deterministic"] = {
+        u: fallback_profile(
+            build_request(
+                u,
+                events.get(u, []),
+                prompt=prompt,
+                model_id="-",
+                params=params,
+                max_items=settings.max_history_items,
+                max_tokens=settings.max_history_tokens,
+            )
+        )
+        for u in wanted
+    }
+    return out
+
+
+def _profile_vectors(
+    ctx: _Context, profiles: dict[str, Profile], ids: Sequence[str]
+) -> tuple[np.ndarray, int]:
+    """Profile embeddings for ``ids`` (zero vector, counted, for a user without one)."""
+    texts = [profiles[u].embedding_text() if u in profiles else "" for u in ids]
+    vectors = embed_texts([t or "-" for t in texts], ctx.encoder, cache=ctx.store)
+    missing = np.array([not t for t in texts])
+    vectors[missing] = 0.0
+    return vectors, int(missing.sum())
+
+
+def _metrics(scores: np.ndarray, part: Split) -> dict[str, float]:
+    m = evaluate_scores(scores, part)
+    return {"ndcg@10": round(m["ndcg@10"], 4), "recall@20": round(m["recall@20"], 4)}
+
+
+def _ranking_track(
+    ctx: _Context,
+    part: Split,
+    spec: Any,
+    labels_for: Any,
+    profiles: dict[str, dict[str, Profile]],
+    track: str,
+) -> dict[str, dict[str, float]]:
+    """Baselines and segrec's rankers on one track (warm or cold), same users."""
+    table: dict[str, dict[str, float]] = {}
+
+    def baseline(make: Callable[[], Any]) -> np.ndarray:
+        return fold_scores(
+            part, lambda fit, rows: make().fit(part.fit[fit]).score(part.train[rows])
+        )
+
+    table["MostPop"] = _metrics(baseline(MostPop), part)
+    table["ItemKNN"] = _metrics(baseline(ItemKNN), part)
+    # tune_ranker chose λ exactly as PROTOCOL's EASE baseline does (same validation, grid).
+    lam = spec.ease_lambda if spec.ease_lambda is not None else tune_ease(ctx.split)[0]
+    table["EASE"] = _metrics(baseline(lambda: EASE(lam)), part)
+    vectors = ctx.vectors_for(part)
+    signals = split_signals(part, spec, spec.signals, item_vectors=vectors, labels_for=labels_for)
+    ranker = Ranker(spec, vectors)
+    groups = ranker.groups(part.train)
+    blended, _ = ranker.blend(signals, groups)
+    table["segrec"] = _metrics(blended, part)
+    item_mean = split_signals(part, spec, ["cosine"], item_vectors=vectors)["cosine"]
+    table["cosine:items"] = _metrics(item_mean, part)
+    ids = [f"cold:{u}" for u in part.users] if track == "cold" else list(part.users)
+    for kind in ("llm", "deterministic"):
+        if kind not in profiles:
+            continue
+        user_vecs, _ = _profile_vectors(ctx, profiles[kind], ids)
+        content = cosine_scores(user_vecs, vectors, normalise_items=False)
+        table[f"cosine:{kind}-profile"] = _metrics(content, part)
+        if "cosine" in signals:
+            swapped, _ = ranker.blend({**signals, "cosine": content}, groups)
+            table[f"segrec:{kind}-profile"] = _metrics(swapped, part)
+    return table
+
+
+def _segments_track(
+    ctx: _Context, profiles: dict[str, dict[str, Profile]], k: int, seed: int
+) -> dict[str, dict[str, Any]]:
+    """PROTOCOL track 4 for each user representation: lift, seed ARI, silhouette."""
+    part = ctx.evaluated
+    if len(part.users) < max(k, 3):
+        raise InputError(f"segments track: {len(part.users)} users cannot make {k} segments")
+    X_train = sp.csr_matrix(part.train, dtype=np.float32)
+    pop = np.asarray(X_train.sum(axis=0)).ravel()
+    mostpop = evaluate_scores(np.tile(pop, (len(part.users), 1)), part)["ndcg@10"]
+    from segrec.ranker import history_vectors
+
+    reps = {"items": history_vectors(part.train, ctx.vectors_for(part))}
+    for kind in ("llm", "deterministic"):
+        if kind in profiles:
+            reps[f"{kind}-profile"], _ = _profile_vectors(ctx, profiles[kind], part.users)
+    out: dict[str, dict[str, Any]] = {}
+    for name, X in reps.items():
+        clustering = cluster_vectors(X, k=k, seed=seed)
+        counts = np.stack(
+            [np.asarray(X_train[clustering.labels == j].sum(axis=0)).ravel() for j in range(k)]
+        )
+        segment_ndcg = evaluate_scores(counts[clustering.labels], part)["ndcg@10"]
+        out[name] = {
+            "lift": round(segment_ndcg / mostpop, 4) if mostpop > 0 else None,
+            "segment_pop_ndcg@10": round(segment_ndcg, 4),
+            "stability_ari": round(seed_ari(X, k=k, seeds=range(seed, seed + 5)), 4),
+            "silhouette": round(float(clustering.silhouette), 4),
+            "sizes": sorted(np.bincount(clustering.labels, minlength=k).tolist(), reverse=True),
+        }
+    return out
+
+
+def _grounding_track(ctx: _Context, store: Store) -> dict[str, Any]:
+    """PROTOCOL track 5 over the evaluated users' LLM profiles (warm histories).
+
+    ``hallucination_rate_raw``: share of profiles whose model output named a category or
+    title absent from the history (removed by grounding before storing);
+    ``hallucination_rate_stored``: the same check on what was stored (likes, dislikes,
+    favourite items), which grounding should hold at 0.
+    """
+    ids = set(ctx.evaluated.users)
+    records = [r for r in store.profiles() if r.user_id in ids]
+    if not records:
+        return {}
+    items = store.items_frame()
+    events = user_events(
+        store.interactions_frame(list(ids)), items, value_scales(store.interactions_frame())
+    )
+    bad = 0
+    for record in records:
+        history = events.get(record.user_id, [])
+        categories = {c for e in history for c in e.categories}
+        titles = {e.title for e in history}
+        profile = Profile.model_validate(record.profile)
+        if (
+            set(profile.likes + profile.dislikes) - categories
+            or set(profile.favourite_items) - titles
+        ):
+            bad += 1
+    n = len(records)
+    return {
+        "profiles": n,
+        "hallucination_rate_raw": round(sum(bool(r.removed) for r in records) / n, 4),
+        "claims_removed_per_profile": round(sum(len(r.removed) for r in records) / n, 4),
+        "hallucination_rate_stored": round(bad / n, 4),
+        "fallback_rate": round(sum(r.fallback for r in records) / n, 4),
+    }

@@ -1,0 +1,386 @@
+"""The default ranker, `segrec recommend`, `segrec explain` and `segrec eval`.
+
+Ranker logic runs on synthetic matrices; the commands on the example data with the real
+encoder (the ranker needs no LLM). Explain's reasons use the real bundled model in the slow
+test; elsewhere a fake LLM stands in.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from conftest import segrec_cmd, snapshot
+from typer.testing import CliRunner
+
+from segrec import pipeline, serving
+from segrec.cli import app
+from segrec.config import Settings
+from segrec.evaluate import evaluate_scores, protocol_split, validation_split
+from segrec.ranker import (
+    EASE_MAX_ITEMS,
+    Ranker,
+    RankerSpec,
+    default_spec,
+    split_signals,
+    tune_ranker,
+)
+from segrec.recommend import EASE
+from segrec.store import Store
+from segrec.testing import FakeLLM
+
+runner = CliRunner()
+
+
+# ------------------------------------------------------------------------------ ranker
+
+
+def _random_log(seed: int = 0, users: int = 60, items: int = 40) -> pd.DataFrame:
+    """Users with tastes over two item blocks, so collaborative signals mean something."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(users):
+        block = u % 2
+        pool = np.arange(items // 2) + block * (items // 2)
+        picks = rng.choice(pool, size=rng.integers(6, 14), replace=False)
+        extra = rng.choice(items, size=2, replace=False)
+        for t, i in enumerate([*picks, *extra]):
+            rows.append((f"u{u}", f"i{i}", 4.0, 1000 * u + t))
+    return pd.DataFrame(rows, columns=["user_id", "item_id", "value", "timestamp"])
+
+
+def test_ranker_never_recommends_seen_items_and_contributions_add_up() -> None:
+    split = protocol_split(_random_log())
+    spec = RankerSpec(weights={"long": {"ease": 1.0, "pop": 0.5}, "short": {"pop": 1.0}})
+    ranker = Ranker(spec).fit(split.fit)
+    recs = ranker.recommend(split.train, 5, batch=7)
+    for row in range(split.train.shape[0]):
+        seen = set(split.train[row].indices)
+        picked = [c for c in recs.indices[row] if c >= 0]
+        assert picked and not seen & set(picked)
+    total = sum(recs.contributions.values())
+    assert np.allclose(total, recs.scores)
+    assert (np.diff(recs.scores, axis=1) <= 1e-12).all()  # best first
+
+
+def test_blend_with_one_signal_ranks_exactly_like_that_signal() -> None:
+    split = protocol_split(_random_log(1))
+    spec = RankerSpec(weights={"long": {"ease": 1.0}, "short": {"ease": 1.0}}, ease_lambda=5.0)
+    ranker = Ranker(spec).fit(split.fit)
+    blended, _ = ranker.blend(ranker.signals(split.train), ranker.groups(split.train))
+    ease = EASE(5.0).fit(split.fit).score(split.train)
+    assert evaluate_scores(blended, split) == evaluate_scores(ease, split)
+
+
+def test_short_histories_use_the_short_weights() -> None:
+    X = sp.csr_matrix(np.array([[1, 0, 0, 0], [1, 1, 1, 0]], dtype=np.float32))
+    spec = RankerSpec(weights={"long": {"itemknn": 1.0}, "short": {"pop": 1.0}}, short_history=2)
+    ranker = Ranker(spec).fit(X)
+    assert list(ranker.groups(X)) == ["short", "long"]
+    _, parts = ranker.blend(ranker.signals(X), ranker.groups(X))
+    assert np.all(parts["pop"][1] == 0) and np.all(parts["itemknn"][0] == 0)
+
+
+def test_spec_round_trips_and_large_catalogues_leave_ease_out() -> None:
+    spec = default_spec(100)
+    assert RankerSpec.from_dict(json.loads(json.dumps(spec.as_dict()))) == spec
+    big = default_spec(EASE_MAX_ITEMS + 1)
+    assert big.ease_lambda is None and "ease" not in big.signals
+    assert big.neighbours is not None and "itemknn" in big.weights["long"]
+
+
+def test_tuned_blend_is_never_worse_than_its_best_signal_on_validation() -> None:
+    split = protocol_split(_random_log(2, users=80))
+    spec = tune_ranker(split, item_vectors_for=None)
+    assert spec.tuned and set(spec.weights) == {"long", "short"}
+    validation = validation_split(split)
+    names = ["ease", "itemknn", "pop"]
+    signals = split_signals(validation, spec, names, item_vectors=None)
+    ranker = Ranker(spec)
+    blended, _ = ranker.blend(signals, np.full(len(validation.users), "long"))
+    best_single = max(evaluate_scores(signals[n], validation)["ndcg@10"] for n in names)
+    assert evaluate_scores(blended, validation)["ndcg@10"] >= best_single - 1e-12
+    assert spec.validation["long"]["ndcg@10"] >= max(
+        spec.validation["long"]["single_signals"].values()
+    )
+
+
+def test_too_few_users_gives_marked_default_weights() -> None:
+    split = protocol_split(_random_log(3, users=8))
+    spec = tune_ranker(split, item_vectors_for=None)
+    assert not spec.tuned and "not tuned" in spec.notes[0]
+
+
+# ------------------------------------------------------------------------------ commands
+
+
+@pytest.fixture(scope="module")
+def workspace(
+    tmp_path_factory: pytest.TempPathFactory, example_ratings: Path, example_movies: Path
+) -> Settings:
+    settings = Settings(workspace=tmp_path_factory.mktemp("serve") / "ws", domain="movie")
+    pipeline.ingest(settings, example_ratings, example_movies)
+    return settings
+
+
+def _ws(settings: Settings) -> list[str]:
+    return ["-w", str(settings.workspace)]
+
+
+def test_recommend_all_writes_unseen_items_for_every_user(
+    workspace: Settings, tmp_path: Path
+) -> None:
+    for suffix in (".parquet", ".csv", ".json"):
+        out = tmp_path / f"recs{suffix}"
+        result = runner.invoke(
+            app, ["recommend", "--all", "--n", "7", "--out", str(out), *_ws(workspace)]
+        )
+        assert result.exit_code == 0, result.output
+        assert "wrote 252 recommendations for 36 users" in result.stderr
+    table = pd.read_parquet(tmp_path / "recs.parquet")
+    assert set(table.columns) >= {"user_id", "rank", "item_id", "title", "score"}
+    with Store.open(workspace.workspace) as store:
+        seen = store.interactions_frame()
+        spec = store.ranker_spec(store.data_version(), None)
+    assert spec is not None and spec["tuned"]  # stored with the data version
+    pairs = set(zip(seen["user_id"], seen["item_id"], strict=True))
+    assert not pairs & set(zip(table["user_id"], table["item_id"], strict=True))
+    assert (table.groupby("user_id")["rank"].max() == 7).all()
+    csv = pd.read_csv(tmp_path / "recs.csv", dtype={"user_id": str, "item_id": str})
+    assert list(csv["item_id"]) == list(table["item_id"])
+
+
+def test_recommend_one_user_json_and_filters(workspace: Settings) -> None:
+    user = pipeline.select_users(workspace).user_ids[0]
+    result = runner.invoke(
+        app,
+        [
+            "recommend",
+            "--user",
+            user,
+            "--n",
+            "5",
+            "--category",
+            "comedy",
+            "--json",
+            *_ws(workspace),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["user"] == user and len(data["items"]) == 5
+    with Store.open(workspace.workspace) as store:
+        items = store.items_frame().set_index("item_id")
+    for item in data["items"]:
+        assert "Comedy" in items.loc[item["item_id"], "categories"]
+    first = data["items"][0]["item_id"]
+    result = runner.invoke(
+        app,
+        [
+            "recommend",
+            "--user",
+            user,
+            "--n",
+            "5",
+            "--category",
+            "Comedy",
+            "--exclude",
+            first,
+            "--json",
+            *_ws(workspace),
+        ],
+    )
+    assert first not in [i["item_id"] for i in json.loads(result.stdout)["items"]]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["recommend", "--user", "nobody"], "list users with `segrec users`"),
+        (["explain", "--user", "nobody"], "list users with `segrec users`"),
+        (["recommend", "--user", "{user}", "--n", "0"], "--n 0: must be between 1 and 1000"),
+        (["explain", "--user", "{user}", "--n", "5000"], "--n 5000"),
+        (["recommend", "--user", "{user}", "--category", "Jazz"], "--category 'Jazz'"),
+        (["explain", "--user", "{user}", "--category", "Jazz"], "--category 'Jazz'"),
+        (["recommend", "--user", "{user}", "--exclude", "nope"], "unknown item id 'nope'"),
+        (["recommend", "--all"], "add --out"),
+        (["recommend", "--all", "--out", "recs.xlsx"], "unknown format '.xlsx'"),
+        (["recommend"], "pass either --user ID or --all"),
+    ],
+)
+def test_bad_recommend_and_explain_input_is_one_line_and_writes_nothing(
+    tmp_path: Path,
+    example_ratings: Path,
+    example_movies: Path,
+    args: list[str],
+    expected: str,
+) -> None:
+    settings = Settings(workspace=tmp_path / "ws")
+    pipeline.ingest(settings, example_ratings, example_movies)
+    user = pipeline.select_users(settings).user_ids[0]
+    before = snapshot(settings.workspace)
+    args = [a.replace("{user}", user) for a in args]
+    result = runner.invoke(app, [*args, *_ws(settings)])
+    assert result.exit_code == 2, result.output
+    assert expected in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert snapshot(settings.workspace) == before
+
+
+def _fake_answer(messages: Any, schema: dict[str, Any] | None) -> str:
+    """Valid profiles; reasons that name the first anchor the grammar offers."""
+    assert schema is not None
+    props = schema["properties"]
+    if "summary" in props:
+        likes = props["likes"]["items"].get("enum", [])[:2]
+        return json.dumps(
+            {
+                "likes": likes,
+                "dislikes": [],
+                "favourite_items": [],
+                "themes": [],
+                "summary": "This user mostly enjoys " + " and ".join(likes or ["films"]) + ".",
+            }
+        )
+    pattern = props["reason"]["pattern"]
+    anchor = re.match(r"\^Because you liked \(([^|)]*)", pattern)
+    assert anchor is not None
+    name = anchor.group(1).replace("[.]", ".").replace("\\", "")
+    return json.dumps({"reason": f"Because you liked {name}, this fits your taste."})
+
+
+def test_explain_json_has_exactly_the_documented_shape(workspace: Settings) -> None:
+    user = pipeline.select_users(workspace).user_ids[1]
+    data, notes = serving.explain(workspace, user, n=4, llm=FakeLLM(default=_fake_answer))
+    assert set(data) == {"user", "profile", "segment", "items"}
+    assert data["segment"] is None  # no clustering yet
+    assert any("no clustering run yet" in n for n in notes)
+    assert data["profile"]["summary"].startswith("This user")
+    assert len(data["items"]) == 4
+    for item in data["items"]:
+        assert set(item) == {"item_id", "title", "score", "signals", "reason", "reason_fallback"}
+        assert abs(sum(item["signals"].values()) - item["score"]) < 1e-3
+    assert any(not i["reason_fallback"] for i in data["items"])
+
+
+# ------------------------------------------------------------------------------ eval
+
+
+def test_eval_json_holds_every_track_on_the_same_users(
+    tmp_path: Path, example_ratings: Path, example_movies: Path
+) -> None:
+    out = tmp_path / "eval.json"
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            str(example_ratings),
+            "--items",
+            str(example_movies),
+            "--users",
+            "20",
+            "--seed",
+            "3",
+            "--tracks",
+            "warm,cold,segments",
+            "--no-llm",
+            "--k",
+            "3",
+            "--json",
+            str(out),
+            "-w",
+            str(tmp_path / "evalws"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["users"] == 20 and data["sampled"] is True and data["seed"] == 3
+    for track in ("warm", "cold"):
+        rows = data["tracks"][track]
+        assert {"MostPop", "ItemKNN", "EASE", "segrec", "cosine:items"} <= set(rows)
+        for metrics in rows.values():
+            assert set(metrics) == {"ndcg@10", "recall@20"}
+            assert 0.0 <= metrics["ndcg@10"] <= 1.0
+    assert set(data["tracks"]["segments"]) >= {"items", "deterministic-profile"}
+    assert "random sample of 20" in result.stderr
+    assert "warm track · 20 users (random sample, seed 3)" in result.stdout
+
+
+def test_eval_rejects_unknown_tracks(
+    tmp_path: Path, example_ratings: Path, example_movies: Path
+) -> None:
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            str(example_ratings),
+            "--items",
+            str(example_movies),
+            "--tracks",
+            "warm,vibes",
+            "-w",
+            str(tmp_path / "e"),
+        ],
+    )
+    assert result.exit_code == 2 and "unknown track 'vibes'" in result.stderr
+    assert not (tmp_path / "e").exists()
+
+
+# ------------------------------------------------------------------------------ real model
+
+
+@pytest.mark.slow
+def test_explain_on_the_real_model_gives_grounded_reasons(
+    tmp_path: Path, example_ratings: Path, example_movies: Path
+) -> None:
+    """`segrec explain --json` end to end: real model profiles the user and writes reasons;
+    every LLM reason cites something the user liked, every template is marked."""
+    ws = tmp_path / "ws"
+    settings = Settings(workspace=ws)
+    pipeline.ingest(settings, example_ratings, example_movies)
+    user = pipeline.select_users(settings).user_ids[2]
+    result = subprocess.run(
+        [
+            *segrec_cmd(),
+            "explain",
+            "--user",
+            user,
+            "--n",
+            "4",
+            "--json",
+            "--threads",
+            "2",
+            "--domain",
+            "movie",
+            "-w",
+            str(ws),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert set(data) == {"user", "profile", "segment", "items"} and data["segment"] is None
+    with Store.open(ws) as store:
+        history = store.interactions_frame([user])
+        items = store.items_frame().set_index("item_id")
+    liked = history[history["value"] >= 3.5]
+    titles = {items.loc[i, "title"].lower() for i in liked["item_id"]}
+    titles |= {re.sub(r"\s*\(\d{4}\)$", "", t) for t in titles}
+    categories = {c.lower() for i in liked["item_id"] for c in items.loc[i, "categories"]}
+    for item in data["items"]:
+        assert item["item_id"] not in set(history["item_id"])
+        if item["reason_fallback"]:
+            continue
+        text = item["reason"].lower()
+        assert text.startswith("because you liked ")
+        assert any(name in text for name in titles | categories), item["reason"]
+    assert "profiled now" in result.stderr
