@@ -70,7 +70,7 @@ def run_cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess[str]:
 def test_cli_main_job_end_to_end(
     tmp_path: Path, example_ratings: Path, example_movies: Path
 ) -> None:
-    """profile → cluster → segments through the real CLI, model and encoder."""
+    """profile → cluster → segments → explain through the real CLI, model and encoder."""
     ws = str(tmp_path / "ws")
     result = run_cli(
         "profile",
@@ -120,3 +120,24 @@ def test_cli_main_job_end_to_end(
     assert json.loads(listed.stdout) == report
     one = run_cli("segments", "show", "0", "--workspace", ws)
     assert one.returncode == 0 and "members nearest the centroid" in one.stdout
+
+    # explain: the user's segment in the run just made, and reasons from the real model
+    explained = run_cli(
+        "explain",
+        "--user",
+        "29",
+        "--n",
+        "3",
+        "--workspace",
+        ws,
+        "--threads",
+        "2",
+        "--domain",
+        "movie",
+        "--json",
+    )
+    assert explained.returncode == 0, explained.stderr
+    data = json.loads(explained.stdout)
+    assert data["user"] == "29" and data["segment"]["id"] in (0, 1)
+    assert data["segment"]["name"] == report["segments"][data["segment"]["id"]]["name"]
+    assert len(data["items"]) == 3 and all(i["reason"] for i in data["items"])
