@@ -19,6 +19,7 @@ from segrec.evaluate import (
     per_user_metrics,
     protocol_split,
     recall_at_k,
+    stacked_cold_split,
     subsample,
     top_k,
     validation_split,
@@ -270,6 +271,21 @@ def test_cold_split_keeps_first_three_known_items_and_the_test_sets() -> None:
     )
     with pytest.raises(ValueError, match="warm or validation split"):
         cold_split(cold)
+
+
+def test_stacked_cold_split_repeats_users_per_cut_with_shared_folds() -> None:
+    rows = [(u, f"i{i}", i) for u in ("a", "b", "c") for i in range(10)] + holder(10)
+    split = protocol_split(frame(rows))
+    stacked = stacked_cold_split(split, (2, 3), folds=2, seed=1)
+    n = len(split.users)
+    assert stacked.users == split.users * 2 and stacked.fit is split.fit
+    assert np.diff(stacked.train.indptr)[:n].tolist() == [2] * n
+    assert np.diff(stacked.train.indptr)[n:].tolist() == [3] * n
+    assert stacked.folds is not None
+    assert stacked.folds[:n].tolist() == stacked.folds[n:].tolist()
+    assert [t.tolist() for t in stacked.test] == [t.tolist() for t in split.test] * 2
+    with pytest.raises(ValueError, match="at least one"):
+        stacked_cold_split(split, ())
 
 
 def test_fold_scores_never_fit_on_the_scored_users_train() -> None:
