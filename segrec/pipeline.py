@@ -144,19 +144,31 @@ def run_profiles(
     """Profile users with the configured backend (or ``llm``), resuming from the cache."""
     backend = llm if llm is not None else make_llm(settings)
     with Store.open(settings.workspace) as store:
-        return profile_users(
-            store,
-            user_ids,
-            llm=backend,
-            prompt=load_prompt("profile"),
-            params=generation_params(settings),
-            domain=settings.domain,
-            max_items=settings.max_history_items,
-            max_tokens=settings.max_history_tokens,
-            attempts=settings.validation_attempts,
-            retry=RetryPolicy(attempts=settings.retries),
-            on_progress=on_progress,
-        )
+        return profile_in(store, settings, user_ids, llm=backend, on_progress=on_progress)
+
+
+def profile_in(
+    store: Store,
+    settings: Settings,
+    user_ids: Sequence[str],
+    *,
+    llm: LLM,
+    on_progress: Callable[[ProfileStats], None] | None = None,
+) -> ProfileStats:
+    """`profile_users` on an open store with the settings' prompt, parameters and limits."""
+    return profile_users(
+        store,
+        user_ids,
+        llm=llm,
+        prompt=load_prompt("profile"),
+        params=generation_params(settings),
+        domain=settings.domain,
+        max_items=settings.max_history_items,
+        max_tokens=settings.max_history_tokens,
+        attempts=settings.validation_attempts,
+        retry=RetryPolicy(attempts=settings.retries),
+        on_progress=on_progress,
+    )
 
 
 def show_profile(settings: Settings, user_id: str) -> ProfileRecord:

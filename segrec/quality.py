@@ -45,13 +45,12 @@ from segrec.evaluate import (
     subsample,
 )
 from segrec.llm import make_llm
-from segrec.llm.base import LLM, RetryPolicy
-from segrec.pipeline import generation_params
+from segrec.llm.base import LLM
+from segrec.pipeline import generation_params, profile_in
 from segrec.profile import (
     Profile,
     build_request,
     fallback_profile,
-    profile_users,
     user_events,
     value_scales,
 )
@@ -227,19 +226,7 @@ def _profiles(
     out: dict[str, dict[str, Profile]] = {}
     if llm is not None:
         stage(f"profiling {len(wanted)} histories with the LLM (cached)")
-        profile_users(
-            store,
-            wanted,
-            llm=llm,
-            prompt=load_prompt("profile"),
-            params=generation_params(settings),
-            domain=settings.domain,
-            max_items=settings.max_history_items,
-            max_tokens=settings.max_history_tokens,
-            attempts=settings.validation_attempts,
-            retry=RetryPolicy(attempts=settings.retries),
-            on_progress=on_profiles,
-        )
+        profile_in(store, settings, wanted, llm=llm, on_progress=on_profiles)
         records = {r.user_id: r for r in store.profiles()}
         out["llm"] = {u: Profile.model_validate(records[u].profile) for u in wanted if u in records}
     items = store.items_frame()

@@ -129,3 +129,34 @@ def llama_server(*, threads: int = 2, log: Path | None = None) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def schema_answer(messages: Sequence[Message], schema: dict[str, Any] | None) -> str:
+    """A valid answer to any schema segrec sends, for `FakeLLM(default=schema_answer)`.
+
+    Profiles take the first two like options; segment labels a fixed name; reasons name the
+    first anchor their grammar offers.
+    """
+    import json
+
+    if schema is None:
+        raise ValueError("schema_answer answers structured requests only")
+    props = schema["properties"]
+    if "summary" in props:
+        likes = props["likes"]["items"].get("enum", [])[:2]
+        return json.dumps(
+            {
+                "likes": likes,
+                "dislikes": [],
+                "favourite_items": [],
+                "themes": [],
+                "summary": "This user mostly enjoys " + " and ".join(likes or ["films"]) + ".",
+            }
+        )
+    if "reason" in props:
+        anchor = re.match(r"\^Because you liked \(([^|)]*)", props["reason"]["pattern"])
+        if anchor is None:
+            raise ValueError("reason schema without anchors")
+        name = anchor.group(1).replace("[.]", ".").replace("\\", "")
+        return json.dumps({"reason": f"Because you liked {name}, this fits your taste."})
+    return json.dumps({"name": "Fans", "description": "Members like films."})

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import snapshot
@@ -18,27 +17,9 @@ from segrec import pipeline
 from segrec.cli import app
 from segrec.config import Settings
 from segrec.store import Store
-from segrec.testing import FakeLLM
+from segrec.testing import FakeLLM, schema_answer
 
 runner = CliRunner()
-
-
-def schema_answer(messages: Any, schema: dict[str, Any] | None) -> str:
-    """A valid answer for any schema segrec sends: first enum options, a plain summary."""
-    assert schema is not None
-    props = schema["properties"]
-    if "summary" in props:
-        likes = props["likes"]["items"].get("enum", [])[:2]
-        return json.dumps(
-            {
-                "likes": likes,
-                "dislikes": [],
-                "favourite_items": [],
-                "themes": [],
-                "summary": "This user mostly enjoys " + " and ".join(likes or ["films"]) + ".",
-            }
-        )
-    return json.dumps({"name": "Fans", "description": "Members like films."})
 
 
 @pytest.fixture(scope="module")

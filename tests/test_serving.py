@@ -11,7 +11,6 @@ import json
 import re
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -34,7 +33,7 @@ from segrec.ranker import (
 )
 from segrec.recommend import EASE
 from segrec.store import Store
-from segrec.testing import FakeLLM
+from segrec.testing import FakeLLM, schema_answer
 
 runner = CliRunner()
 
@@ -233,31 +232,9 @@ def test_bad_recommend_and_explain_input_is_one_line_and_writes_nothing(
     assert snapshot(settings.workspace) == before
 
 
-def _fake_answer(messages: Any, schema: dict[str, Any] | None) -> str:
-    """Valid profiles; reasons that name the first anchor the grammar offers."""
-    assert schema is not None
-    props = schema["properties"]
-    if "summary" in props:
-        likes = props["likes"]["items"].get("enum", [])[:2]
-        return json.dumps(
-            {
-                "likes": likes,
-                "dislikes": [],
-                "favourite_items": [],
-                "themes": [],
-                "summary": "This user mostly enjoys " + " and ".join(likes or ["films"]) + ".",
-            }
-        )
-    pattern = props["reason"]["pattern"]
-    anchor = re.match(r"\^Because you liked \(([^|)]*)", pattern)
-    assert anchor is not None
-    name = anchor.group(1).replace("[.]", ".").replace("\\", "")
-    return json.dumps({"reason": f"Because you liked {name}, this fits your taste."})
-
-
 def test_explain_json_has_exactly_the_documented_shape(workspace: Settings) -> None:
     user = pipeline.select_users(workspace).user_ids[1]
-    data, notes = serving.explain(workspace, user, n=4, llm=FakeLLM(default=_fake_answer))
+    data, notes = serving.explain(workspace, user, n=4, llm=FakeLLM(default=schema_answer))
     assert set(data) == {"user", "profile", "segment", "items"}
     assert data["segment"] is None  # no clustering yet
     assert any("no clustering run yet" in n for n in notes)
