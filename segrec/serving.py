@@ -171,8 +171,10 @@ def load_ranker(
         label_of = dict(zip(users, labels, strict=True))
 
         def labels_for(part: Split) -> tuple[np.ndarray, np.ndarray]:
+            # By id: on a stacked cold split the scored rows repeat the users.
             fit = np.array([label_of.get(u, -1) for u in part.fit_users], dtype=np.int64)
-            return fit, fit[: len(part.users)]
+            scored = np.array([label_of.get(u, -1) for u in part.users], dtype=np.int64)
+            return fit, scored
 
         spec = tune_ranker(
             split,

@@ -361,3 +361,23 @@ def test_explain_on_the_real_model_gives_grounded_reasons(
         assert text.startswith("because you liked ")
         assert any(name in text for name in titles | categories), item["reason"]
     assert "profiled now" in result.stderr
+
+
+def test_ranker_tunes_with_segment_labels_once_a_run_exists(
+    tmp_path: Path, example_ratings: Path, example_movies: Path
+) -> None:
+    """With an active run the segment signal is tuned too (stacked cold rows repeat users,
+    so labels must be looked up by id), and the spec is stored under that run."""
+    settings = Settings(workspace=tmp_path / "ws", domain="movie")
+    pipeline.ingest(settings, example_ratings, example_movies)
+    users = pipeline.select_users(settings).user_ids
+    pipeline.run_profiles(settings, users, llm=FakeLLM(default=schema_answer))
+    run = pipeline.run_clustering(settings, k=3, llm=FakeLLM(default=schema_answer)).run
+    result = serving.recommend(settings, [users[0]], n=5)
+    assert len(result.table) == 5
+    with Store.open(settings.workspace) as store:
+        spec = store.ranker_spec(store.data_version(), run.id)
+    assert spec is not None and spec["tuned"]
+    assert "segment_pop" in spec["validation"]["long"]["single_signals"]
+    data, _ = serving.explain(settings, users[0], n=3, llm=FakeLLM(default=schema_answer))
+    assert data["segment"]["run"] == run.id and data["segment"]["why"]
