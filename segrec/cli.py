@@ -1004,6 +1004,154 @@ def _print_eval(result: dict[str, Any]) -> None:
     err.print(f"evaluated in {result['wall_s']:.0f} s", markup=False)
 
 
+MaxQuestionsOpt = Annotated[
+    int, typer.Option("--max-questions", help="Most questions to ask (stops early when sure).")
+]
+AnswersOpt = Annotated[
+    str | None,
+    typer.Option("--answers", help="Scripted answers, one per line (a file, or - for stdin)."),
+]
+SaveAsOpt = Annotated[
+    str | None, typer.Option("--save-as", help="Store the new user under this (new) id.")
+]
+
+
+def _scripted(source: str) -> Iterator[bytes]:
+    """Answers from a file or stdin, as bytes: the chat decodes them (bad UTF-8 replaced)."""
+    if source == "-":
+        raw = sys.stdin.buffer.read()
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise InputError(f"--answers {source}: file not found — give a file or - for stdin")
+        raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return (line.removesuffix(b"\r") for line in lines)
+
+
+@app.command()
+@user_errors
+def chat(
+    max_questions: MaxQuestionsOpt = 5,
+    n: NOpt = 10,
+    answers: AnswersOpt = None,
+    save_as: SaveAsOpt = None,
+    llm: LlmOpt = None,
+    model_path: ModelPathOpt = None,
+    threads: ThreadsOpt = None,
+    base_url: BaseUrlOpt = None,
+    timeout: TimeoutOpt = None,
+    domain: DomainOpt = None,
+    workspace: WorkspaceOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ask a new user a few questions, place them in a segment and recommend, with reasons.
+
+    Answer with numbers ("1,3"), names from the catalogue, or nothing; quit leaves.
+    Example: segrec chat --max-questions 3 --save-as newbie
+    """
+    from segrec import chat as chats
+    from segrec import serving
+    from segrec.store import Store
+
+    serving.check_n(n)
+    settings = _settings(
+        config,
+        workspace=workspace,
+        llm=llm,
+        model_path=model_path,
+        threads=threads,
+        base_url=base_url,
+        timeout_s=timeout,
+        domain=domain,
+    )
+    if save_as is not None:
+        with Store.open(settings.workspace) as store:
+            chats.check_new_user(store, save_as)
+    script = _scripted(answers) if answers is not None else None
+    with err.status("loading the ranker and segments", spinner="dots") as status:
+        context = chats.ChatContext.from_workspace(settings, on_stage=status.update)
+    session = chats.ChatSession(context, max_questions=max_questions, n=n)
+    talk = err if as_json else out
+    if not context.segments:
+        talk.print("note: no segment exists yet (run `segrec cluster`)", markup=False)
+
+    def ask(question: Any) -> bytes | None:
+        if not quiet:
+            talk.print(f"\n{question.render()}", markup=False, highlight=False)
+        if script is not None:
+            return next(script, None)
+        talk.print("answer> ", end="", markup=False)
+        line = sys.stdin.buffer.readline()
+        return line.rstrip(b"\r\n") if line else None
+
+    def on_turn(turn: Any) -> None:
+        if turn.quit or quiet:
+            return
+        if not turn.answer.learned:
+            talk.print("(nothing recognised — numbers or catalogue names work best)")
+        placement = turn.placement
+        if placement is None:
+            if context.segments:
+                talk.print("best segment: none yet", markup=False)
+            return
+        how = "sure" if placement.sure else f"not sure yet (sure at {context.sure_margin:.3f})"
+        talk.print(
+            f"best segment: {placement.name} — margin {placement.margin:.3f}, {how}",
+            markup=False,
+            highlight=False,
+        )
+
+    quiet = script is not None and as_json
+    with err.status("asking and writing reasons", spinner="dots") if quiet else _nothing():
+        result = chats.run_chat(session, ask, on_turn=on_turn)
+    if as_json:
+        _emit_json(result.as_json())
+    if result.quit:
+        err.print("left the chat without saving", markup=False)
+        return
+    if not as_json:
+        _print_chat(result.as_json())
+    if save_as is not None:
+        with Store.open(settings.workspace) as store:
+            session.save_as(store, save_as)
+        err.print(f"saved as user {save_as} — see `segrec explain --user {save_as}`", markup=False)
+    for note in result.notes:
+        err.print(f"note: {note}", markup=False)
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def _print_chat(data: dict[str, Any]) -> None:
+    profile = data["profile"]
+    lines = [profile["summary"]]
+    if profile.get("likes"):
+        lines.append("likes: " + ", ".join(profile["likes"]))
+    out.print(Panel("\n".join(lines), title="your profile"), markup=False)
+    segment = data["segment"]
+    if segment is None:
+        out.print("segment: none yet", markup=False)
+    else:
+        sure = "sure" if segment["sure"] else "not sure"
+        out.print(
+            f"segment {segment['id']}: {segment['name']} (margin {segment['margin']:.3f}, {sure})",
+            markup=False,
+        )
+    grid = Table(title=f"top {len(data['items'])}", show_lines=True)
+    for column in ("#", "title", "score", "why"):
+        grid.add_column(column)
+    for rank, item in enumerate(data["items"], start=1):
+        why = item["reason"] + (" [template]" if item["reason_fallback"] else "")
+        grid.add_row(str(rank), item["title"], f"{item['score']:.2f}", why)
+    out.print(grid)
+
+
 def main() -> None:
     app(prog_name="segrec")
 

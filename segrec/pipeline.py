@@ -102,13 +102,20 @@ def select_users(
     """The users a run covers: all, the named ones, or the first ``limit`` (said in notes)."""
     with Store.open(settings.workspace) as store:
         known = store.user_ids()
+        ingested = store.user_ids(source="ingest")
     if not known:
         raise WorkspaceError(
             f"{settings.workspace}: no users ingested yet — run `segrec profile RATINGS --items "
             "ITEMS`"
         )
     notes = []
-    chosen = known
+    # Users saved by `segrec chat` keep the profile their answers gave unless named.
+    chosen = ingested
+    if users is None and len(ingested) < len(known):
+        notes.append(
+            f"{len(known) - len(ingested)} chat user(s) kept their chat profile "
+            "(name them with --users to re-profile)"
+        )
     if users is not None:
         known_set = set(known)
         missing = [u for u in users if u not in known_set]

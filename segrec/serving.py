@@ -326,7 +326,7 @@ def write_table(frame: pd.DataFrame, path: Path) -> None:
 # ------------------------------------------------------------------------------ explain
 
 
-def _because(
+def because_titles(
     served: Served, item_col: int, liked_cols: Sequence[int], titles: Sequence[str]
 ) -> tuple[str, ...]:
     """Titles of the liked history items most similar (embedding cosine) to the item."""
@@ -432,7 +432,7 @@ def explain(
                 signals={
                     k: float(v[0, rank]) for k, v in recs.contributions.items() if weights.get(k)
                 },
-                because=_because(served, int(col), liked_cols, liked_titles),
+                because=because_titles(served, int(col), liked_cols, liked_titles),
             )
         )
     stage("writing reasons")

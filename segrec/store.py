@@ -352,9 +352,15 @@ class Store:
 
     # ---------------------------------------------------------------- reads
 
-    def user_ids(self) -> list[str]:
-        """Users with at least one interaction, in natural order (numeric ids numerically)."""
-        rows = self._db.execute("SELECT DISTINCT user_id FROM interactions").fetchall()
+    def user_ids(self, *, source: str | None = None) -> list[str]:
+        """Users with at least one interaction, in natural order (numeric ids numerically);
+        ``source`` keeps those from one origin ('ingest' or 'chat')."""
+        query = "SELECT DISTINCT user_id FROM interactions"
+        args: tuple[str, ...] = ()
+        if source is not None:
+            query += " WHERE user_id IN (SELECT user_id FROM users WHERE source = ?)"
+            args = (source,)
+        rows = self._db.execute(query, args).fetchall()
         return sorted((r[0] for r in rows), key=natural_key)
 
     def count(self, table: str) -> int:
@@ -402,33 +408,37 @@ class Store:
 
     def save_profile(self, record: ProfileRecord) -> None:
         """Store one profile (replacing an older one) and clear any earlier failure."""
-        with self.transaction() as db:
-            db.execute(
-                """INSERT OR REPLACE INTO profiles (user_id, cache_key, profile, raw_output,
-                     model_id, prompt_version, params, fallback, fallback_reason,
-                     removed_claims, removed, attempts, prompt_tokens, completion_tokens,
-                     latency_s, created_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                (
-                    record.user_id,
-                    record.cache_key,
-                    json.dumps(record.profile, ensure_ascii=False),
-                    record.raw_output,
-                    record.model_id,
-                    record.prompt_version,
-                    json.dumps(record.params, sort_keys=True),
-                    int(record.fallback),
-                    record.fallback_reason,
-                    len(record.removed),
-                    json.dumps(record.removed, ensure_ascii=False),
-                    record.attempts,
-                    record.prompt_tokens,
-                    record.completion_tokens,
-                    record.latency_s,
-                    record.created_at or _now(),
-                ),
-            )
-            db.execute("DELETE FROM profile_failures WHERE user_id = ?", (record.user_id,))
+        with self.transaction():
+            self._insert_profile(record)
+
+    def _insert_profile(self, record: ProfileRecord) -> None:
+        db = self._db
+        db.execute(
+            """INSERT OR REPLACE INTO profiles (user_id, cache_key, profile, raw_output,
+                 model_id, prompt_version, params, fallback, fallback_reason,
+                 removed_claims, removed, attempts, prompt_tokens, completion_tokens,
+                 latency_s, created_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            (
+                record.user_id,
+                record.cache_key,
+                json.dumps(record.profile, ensure_ascii=False),
+                record.raw_output,
+                record.model_id,
+                record.prompt_version,
+                json.dumps(record.params, sort_keys=True),
+                int(record.fallback),
+                record.fallback_reason,
+                len(record.removed),
+                json.dumps(record.removed, ensure_ascii=False),
+                record.attempts,
+                record.prompt_tokens,
+                record.completion_tokens,
+                record.latency_s,
+                record.created_at or _now(),
+            ),
+        )
+        db.execute("DELETE FROM profile_failures WHERE user_id = ?", (record.user_id,))
 
     def save_failure(self, user_id: str, cache_key: str, error: str) -> None:
         with self.transaction() as db:
@@ -436,6 +446,53 @@ class Store:
                 "INSERT OR REPLACE INTO profile_failures VALUES (?, ?, ?, ?)",
                 (user_id, cache_key, error, _now()),
             )
+
+    # ---------------------------------------------------------------- chats
+
+    def save_chat_user(
+        self,
+        user_id: str,
+        *,
+        items: Sequence[str],
+        behavior: str,
+        profile: ProfileRecord,
+        questions: Sequence[Any],
+        answers: Sequence[str],
+        run_id: int | None,
+        assignment: Assignment | None,
+    ) -> None:
+        """A user made by `segrec chat`, in one transaction: the user (source 'chat'), the
+        items they liked as interactions, their profile, the chat, their assignment."""
+        with self.transaction() as db:
+            if self.has_user(user_id):
+                raise WorkspaceError(f"user {user_id!r} already exists — choose another id")
+            db.execute("INSERT INTO users (user_id, source) VALUES (?, 'chat')", (user_id,))
+            db.executemany(
+                """INSERT INTO interactions
+                     (user_id, item_id, behavior, value, timestamp, ts_key, seq)
+                   VALUES (?, ?, ?, NULL, NULL, -1, ?)""",
+                ((user_id, item, behavior, seq) for seq, item in enumerate(items, start=1)),
+            )
+            db.execute(
+                "INSERT INTO chats VALUES (?, ?, ?, ?)",
+                (
+                    user_id,
+                    json.dumps(list(questions), ensure_ascii=False),
+                    json.dumps(list(answers), ensure_ascii=False),
+                    _now(),
+                ),
+            )
+            self._insert_profile(profile)
+            if run_id is not None and assignment is not None:
+                self._insert_assignments(run_id, [assignment])
+
+    def chat(self, user_id: str) -> dict[str, Any] | None:
+        row = self._db.execute(
+            "SELECT questions, answers, created_at FROM chats WHERE user_id = ?", (user_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return {"questions": json.loads(row[0]), "answers": json.loads(row[1]), "at": row[2]}
 
     def failures(self) -> dict[str, str]:
         return dict(self._db.execute("SELECT user_id, error FROM profile_failures").fetchall())
@@ -567,8 +624,15 @@ class Store:
     # ---------------------------------------------------------------- rankers
 
     def data_version(self) -> str:
-        """Changes whenever interactions or items change (the ranker is tuned per version)."""
-        interactions = self._count("interactions")
+        """Changes whenever ingested interactions or items change (the ranker is tuned per
+        version). Users saved by `segrec chat` do not count: a few elicited likes should not
+        cost a retune; the models are refit on every call and include them anyway."""
+        interactions = int(
+            self._db.execute(
+                """SELECT count(*) FROM interactions WHERE user_id IN
+                     (SELECT user_id FROM users WHERE source = 'ingest')"""
+            ).fetchone()[0]
+        )
         items = self._count("items")
         row = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM ingests").fetchone()
         return f"interactions={interactions};items={items};ingest={row[0]}"

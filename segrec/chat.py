@@ -1,0 +1,952 @@
+"""Cold-start preference elicitation: a few questions place a new user in a segment.
+
+Each question tells apart the segments nearest the user's draft vector (all of them at
+first): it offers, as numbered choices, each contender's most distinctive category not
+asked yet and its most distinctive items. The code fixes the choices; the LLM only words
+the question, under a grammar that lets it name nothing but the offered categories (a
+pattern, as the reasons use), and the answer is checked again against the same pattern.
+An invalid answer after the retries, or an LLM failure, gives a template question from the
+same facts, marked as a fallback. Without an active clustering run the choices are the
+catalogue's most popular categories and items.
+
+Answers are data: numbered choices ("1", "1,3", "1 and 3") pick options; other text is
+matched against the catalogue's categories and titles, case-insensitively; nothing in an
+answer is ever followed as an instruction. Each answer updates a draft profile; its vector
+(liked items' mean embedding mixed with the embedding of the liked categories, in the
+run's ``represent`` space) gives the nearest segment and the margin to the second. The
+session stops early once the margin reaches ``ChatContext.sure_margin``.
+
+The session never touches the workspace itself: :meth:`ChatContext.from_workspace` reads
+one, and :meth:`ChatSession.save_as` writes the new user into a store it is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from pydantic import BaseModel
+
+from segrec.embed import Encoder, embed_texts, mix_vectors
+from segrec.errors import InputError, LLMError, WorkspaceError
+from segrec.grounding import decode_json, degenerate, join_words, norm
+from segrec.llm.base import LLM, GenerationParams, Message, RetryPolicy, generate_structured
+from segrec.profile import SUMMARY_MAX, Event, Profile, Vocabulary, user_events
+from segrec.reasons import Candidate, Reason, template_reason, write_reasons
+from segrec.segments import MIX_WEIGHT, assign_users
+from segrec.serving import Served, because_titles
+from segrec.store import Assignment, ProfileRecord
+from segrec.templates import Prompt, load_prompt
+
+if TYPE_CHECKING:
+    from segrec.config import Settings
+    from segrec.store import Store
+
+# Used when the run's members' margins are unknown. The example run's median member margin
+# is about 0.09 (MiniLM, --represent items, k=3).
+SURE_MARGIN = 0.1
+# One pick of a category lands next to that category's segment by construction: never stop
+# on a single answer.
+MIN_QUESTIONS = 2
+CONTENDERS = 3  # segments one question tells apart
+MAX_OPTIONS = 6
+DISTINCT_POOL = 500  # popular items searched for a segment's distinctive examples
+MAX_ANSWER_CHARS = 500
+PROMPT_ANSWERS = 3  # latest answers shown (quoted) to the model
+QUESTION_MAX = 200
+CHAT_BEHAVIOR = "chat_like"
+QUIT_WORDS = frozenset({"quit", "exit", "q", ":q"})
+SKIP_WORDS = frozenset({"", "skip", "pass", "none", "nothing", "no", "dunno", "idk", "-"})
+# Words (as `norm` splits them: "don't" → "don t") that negate a name soon after them.
+NEGATIONS = frozenset({"not", "no", "don", "dont", "doesn", "hate", "dislike", "never", "except"})
+TURNS = frozenset({"but", "though", "however", "yet"})  # "not Horror but Comedy"
+NEGATION_WINDOW = 3  # words before a name that can negate it ("not really into Horror")
+MAX_USER_ID = 64
+
+_OPENERS = "(Which|What|Do you|Would you)"
+_WORDS = "( [a-z][a-z',-]{{0,14}}){{{low},{high}}}"
+# Categories safe to put in a pattern verbatim (no escapes llama.cpp's converter misreads).
+_SAFE_ANCHOR = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 &'-]{0,39}$")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_CHOICES = re.compile(r"^\s*\d+(\s*(,|;|/|&|\+|and|\s)\s*\d+)*\s*[.!]?\s*$", re.IGNORECASE)
+_YEAR = re.compile(r"\s*\(\d{4}\)\s*$")
+
+
+# ------------------------------------------------------------------------------ context
+
+
+@dataclass(frozen=True)
+class SegmentCandidate:
+    """What the chat knows about one segment: its centroid and what sets it apart."""
+
+    segment_id: int
+    name: str
+    description: str
+    centroid: np.ndarray
+    categories: tuple[str, ...]  # by lift over the population, most distinctive first
+    items: tuple[str, ...]  # item ids by lift, most distinctive first
+    size: int = 0
+
+    @classmethod
+    def from_facts(
+        cls,
+        segment_id: int,
+        name: str,
+        description: str,
+        centroid: np.ndarray,
+        facts: Mapping[str, Any],
+        size: int = 0,
+    ) -> SegmentCandidate:
+        """From a segment's facts (a stored run's, or ``SegmentFacts.as_dict()``)."""
+        return cls(
+            segment_id=segment_id,
+            name=name,
+            description=description,
+            centroid=np.asarray(centroid, dtype=np.float32),
+            categories=tuple(str(c["category"]) for c in facts.get("top_categories", [])),
+            items=tuple(str(i["item_id"]) for i in facts.get("top_items", [])),
+            size=size,
+        )
+
+
+@dataclass
+class ChatContext:
+    """Everything a chat session reads: ranker and catalogue, segments, encoder, LLM.
+
+    ``represent`` is the space the centroids live in (the run's ``represent`` param).
+    ``llm=None`` asks template questions and writes template reasons (no model at all,
+    e.g. for a rule-based simulated user). Build it from a workspace with
+    :meth:`from_workspace`, or directly (an evaluation split has no workspace).
+    """
+
+    served: Served
+    segments: list[SegmentCandidate]
+    encoder: Encoder
+    llm: LLM | None = None
+    params: GenerationParams = field(default_factory=GenerationParams)
+    domain: str = "item"
+    represent: str = "items"
+    run_id: int | None = None
+    sure_margin: float = SURE_MARGIN
+    attempts: int = 3
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    prompt: Prompt = field(default_factory=lambda: load_prompt("chat_question"))
+
+    def __post_init__(self) -> None:
+        items = self.served.items
+        self.item_ids = [str(item) for item in items["item_id"]]
+        self.item_pos = {item: c for c, item in enumerate(self.item_ids)}
+        self.titles = [str(t) for t in items["title"]]
+        counts = self.served.ranker.counts
+        self.popularity = (
+            np.asarray(counts, dtype=np.float64)
+            if counts is not None
+            else np.asarray(self.served.X.sum(axis=0), dtype=np.float64).ravel()
+        )
+        self.popular_items = [int(c) for c in np.argsort(-self.popularity, kind="stable")]
+        weight: Counter[str] = Counter()
+        for cats, count in zip(items["categories"], self.popularity, strict=True):
+            for category in cats:
+                weight[category] += float(count)
+        self.popular_categories = [c for c, _ in sorted(weight.items(), key=lambda kv: -kv[1])]
+        self.vocabulary = Vocabulary.from_items(items).categories
+        self.category_names = {norm(c): c for c in self.vocabulary if norm(c)}
+        self.title_names = _title_index(self.titles)
+        self.segment_items = {s.segment_id: self._distinct_items(s) for s in self.segments}
+
+    def _distinct_items(self, segment: SegmentCandidate) -> list[int]:
+        """The segment's top items, then popular items nearer its centroid than any other's."""
+        known = [self.item_pos[i] for i in segment.items if i in self.item_pos]
+        if len(self.segments) < 2:
+            return known
+        pool = np.array(self.popular_items[:DISTINCT_POOL], dtype=np.int64)
+        vectors = self.served.item_vectors[pool]
+        centroids = np.stack([s.centroid for s in self.segments]).astype(np.float32)
+        centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+        sims = vectors @ centroids.T
+        own = [s.segment_id for s in self.segments].index(segment.segment_id)
+        others = np.delete(sims, own, axis=1).max(axis=1)
+        order = np.argsort(-(sims[:, own] - others), kind="stable")
+        extra = [int(pool[i]) for i in order if sims[i, own] > others[i]]
+        return list(dict.fromkeys(known + extra))
+
+    @classmethod
+    def from_workspace(
+        cls,
+        settings: Settings,
+        *,
+        llm: LLM | None = None,
+        on_stage: Callable[[str], None] | None = None,
+    ) -> ChatContext:
+        """The workspace's ranker, active run and encoder; ``llm`` defaults to settings'."""
+        from segrec.embed import SentenceTransformerEncoder
+        from segrec.llm import make_llm
+        from segrec.pipeline import generation_params
+        from segrec.serving import load_ranker
+        from segrec.store import Store
+
+        with Store.open(settings.workspace) as store:
+            served = load_ranker(store, settings, on_stage=on_stage)
+            run = served.run
+            encoder = SentenceTransformerEncoder(settings.encoder)
+            segments: list[SegmentCandidate] = []
+            sure = SURE_MARGIN
+            if run is not None:
+                if encoder.encoder_id != run.params.get("encoder_id"):
+                    raise WorkspaceError(
+                        f"run {run.id} was built with encoder {run.params.get('encoder_id')}, "
+                        f"but the configured one is {encoder.encoder_id} — rerun `segrec cluster`"
+                    )
+                segments = [
+                    SegmentCandidate.from_facts(
+                        s.segment_id, s.name, s.description, s.centroid, s.facts, s.size
+                    )
+                    for s in store.segments(run.id)
+                ]
+                margins = [a.margin for a in store.assignments(run.id).values() if not a.late]
+                if margins:
+                    sure = float(np.median(margins))
+        return cls(
+            served=served,
+            segments=segments,
+            encoder=encoder,
+            llm=llm if llm is not None else make_llm(settings),
+            params=generation_params(settings),
+            domain=settings.domain,
+            represent=str(run.params.get("represent", settings.represent)) if run else "items",
+            run_id=run.id if run else None,
+            sure_margin=sure,
+            attempts=settings.validation_attempts,
+            retry=RetryPolicy(attempts=settings.retries),
+        )
+
+
+def _title_index(titles: Sequence[str]) -> dict[str, int]:
+    """Normalised title (year dropped) → first catalogue column; too-short names left out.
+
+    A one-word title under five letters ("Heat", "Up") would match ordinary words in free
+    text; such titles are picked by number instead.
+    """
+    index: dict[str, int] = {}
+    for col, title in enumerate(titles):
+        key = norm(_YEAR.sub("", title))
+        if key and (" " in key or len(key) >= 5):
+            index.setdefault(key, col)
+    return index
+
+
+# ------------------------------------------------------------------------------ questions
+
+
+@dataclass(frozen=True)
+class Option:
+    """One numbered choice: a catalogue category or item, and the segment it stands for."""
+
+    kind: Literal["category", "item"]
+    value: str  # the category, or the item id
+    label: str  # what is shown: the category, or the item's title
+    segment_id: int | None = None
+
+
+@dataclass(frozen=True)
+class Question:
+    text: str
+    options: tuple[Option, ...]
+    segments: tuple[int, ...]  # the segments it tells apart (empty without a run)
+    fallback: bool = False
+    fallback_reason: str | None = None
+
+    def render(self) -> str:
+        """The question (marked when it is the template) and its numbered choices."""
+        lines = [self.text + (" [template]" if self.fallback else "")]
+        lines += [f"  {i}. {o.label}" for i, o in enumerate(self.options, start=1)]
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "options": [o.label for o in self.options],
+            "segments": list(self.segments),
+            "fallback": self.fallback,
+        }
+
+
+class _Answer(BaseModel):
+    question: str
+
+
+def question_pattern(kinds: Sequence[str]) -> str:
+    """A question that opens with Which/Do you, says only lower-case words besides the
+    offered categories (``kinds``, at least one named when any fit a pattern), ends "?"."""
+    anchors = [k for k in kinds if _SAFE_ANCHOR.match(k)]
+    if not anchors:
+        return f"^{_OPENERS}{_WORDS.format(low=2, high=16)}[?]$"
+    anchor = "(" + "|".join(anchors) + ")"
+    return (
+        f"^{_OPENERS}{_WORDS.format(low=1, high=10)} {anchor}((, | or | and ){anchor}){{0,2}}"
+        f"{_WORDS.format(low=0, high=8)}[?]$"
+    )
+
+
+def question_schema(kinds: Sequence[str]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {"question": {"type": "string", "pattern": question_pattern(kinds)}},
+        "required": ["question"],
+    }
+
+
+def parse_question(text: str, *, kinds: Sequence[str], system: str) -> str:
+    """Decode and check one LLM answer; raise ValueError when it is unusable.
+
+    The pattern is checked again here (a backend may ignore it), and a question that
+    repeats six words of the system prompt is refused: the prompt never leaks.
+    """
+    question = " ".join(_Answer.model_validate(decode_json(text)).question.split())
+    if len(question) > QUESTION_MAX:
+        raise ValueError(f"question is {len(question)} characters, at most {QUESTION_MAX}")
+    if not re.fullmatch(question_pattern(kinds), question):
+        raise ValueError("question does not open with Which/Do you, name a choice, end '?'")
+    if degenerate(question):
+        raise ValueError("question repeats itself")
+    if _shares_run(question, system, 6):
+        raise ValueError("question repeats the instructions")
+    return question
+
+
+def _shares_run(text: str, source: str, n: int) -> bool:
+    words, known = norm(text).split(), norm(source).split()
+    grams = {tuple(known[i : i + n]) for i in range(len(known) - n + 1)}
+    return any(tuple(words[i : i + n]) in grams for i in range(len(words) - n + 1))
+
+
+def template_question(options: Sequence[Option], domain: str) -> str:
+    kinds = [o.label for o in options if o.kind == "category"]
+    if kinds:
+        return f"Which of these kinds of {domain} do you enjoy: {join_words(kinds[:3])}?"
+    return f"Which of these {domain}s do you like?"
+
+
+# ------------------------------------------------------------------------------ answers
+
+
+@dataclass(frozen=True)
+class ParsedAnswer:
+    """What one answer said, in catalogue terms (categories, item columns)."""
+
+    text: str  # the answer as kept: decoded, cleaned, truncated
+    liked_categories: tuple[str, ...] = ()
+    disliked_categories: tuple[str, ...] = ()
+    liked_items: tuple[int, ...] = ()
+    disliked_items: tuple[int, ...] = ()
+    truncated: bool = False
+    quit: bool = False
+
+    @property
+    def learned(self) -> bool:
+        return bool(
+            self.liked_categories
+            or self.disliked_categories
+            or self.liked_items
+            or self.disliked_items
+        )
+
+
+def clean_answer(raw: str | bytes) -> tuple[str, bool]:
+    """An answer as data: decoded (bad UTF-8 replaced), one line, at most 500 characters."""
+    text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
+    text = " ".join(_CONTROL.sub(" ", text).split())
+    if len(text) <= MAX_ANSWER_CHARS:
+        return text, False
+    return text[: MAX_ANSWER_CHARS - 1] + "…", True
+
+
+def parse_answer(raw: str | bytes, options: Sequence[Option], context: ChatContext) -> ParsedAnswer:
+    """Map an answer to options (numbers) or catalogue names (free text); never raises."""
+    text, truncated = clean_answer(raw)
+    lowered = text.strip().lower()
+    if lowered in QUIT_WORDS:
+        return ParsedAnswer(text=text, quit=True)
+    if lowered.strip(".!") in SKIP_WORDS:
+        return ParsedAnswer(text=text, truncated=truncated)
+    liked_c: list[str] = []
+    liked_i: list[int] = []
+    disliked_c: list[str] = []
+    disliked_i: list[int] = []
+    if _CHOICES.match(text):
+        for number in re.findall(r"\d+", text):
+            index = int(number) - 1
+            if 0 <= index < len(options):
+                option = options[index]
+                if option.kind == "category":
+                    liked_c.append(option.value)
+                elif option.value in context.item_pos:
+                    liked_i.append(context.item_pos[option.value])
+    else:
+        words = norm(text).split()
+        for name, negated in _find_names(words, context.category_names):
+            (disliked_c if negated else liked_c).append(context.category_names[name])
+        titles = _find_names(words, context.title_names)
+        names = [name for name, _ in titles]
+        for name, negated in titles:  # "Toy Story 2" is not also "Toy Story"
+            if any(name != other and f" {name} " in f" {other} " for other in names):
+                continue
+            (disliked_i if negated else liked_i).append(context.title_names[name])
+    return ParsedAnswer(
+        text=text,
+        liked_categories=tuple(dict.fromkeys(liked_c)),
+        disliked_categories=tuple(dict.fromkeys(c for c in disliked_c if c not in liked_c)),
+        liked_items=tuple(dict.fromkeys(liked_i)),
+        disliked_items=tuple(dict.fromkeys(i for i in disliked_i if i not in liked_i)),
+        truncated=truncated,
+    )
+
+
+def _find_names(words: Sequence[str], names: Mapping[str, Any]) -> list[tuple[str, bool]]:
+    """Names (normalised, whole words) in the answer, each with whether a negation precedes."""
+    found: dict[str, bool] = {}
+    longest = max((len(n.split()) for n in names), default=0)
+    for start in range(len(words)):
+        for size in range(min(longest, len(words) - start), 0, -1):
+            name = " ".join(words[start : start + size])
+            if name in names and name not in found:
+                window = words[max(0, start - NEGATION_WINDOW) : start]
+                turns = [i for i, w in enumerate(window) if w in TURNS]
+                if turns:
+                    window = window[turns[-1] + 1 :]
+                found[name] = any(w in NEGATIONS for w in window)
+    return list(found.items())
+
+
+# ------------------------------------------------------------------------------ session
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The draft's nearest segment, and how much nearer it is than the second."""
+
+    segment_id: int
+    name: str
+    distance: float
+    margin: float
+    sure: bool
+
+    def as_dict(self, description: str = "", run_id: int | None = None) -> dict[str, Any]:
+        return {
+            "id": self.segment_id,
+            "name": self.name,
+            "description": description,
+            "run": run_id,
+            "distance": round(self.distance, 4),
+            "margin": round(self.margin, 4),
+            "sure": self.sure,
+        }
+
+
+@dataclass(frozen=True)
+class Turn:
+    question: Question
+    answer: ParsedAnswer
+    placement: Placement | None
+
+    @property
+    def sure(self) -> bool:
+        return self.placement is not None and self.placement.sure
+
+    @property
+    def quit(self) -> bool:
+        return self.answer.quit
+
+
+@dataclass
+class ChatResult:
+    questions: list[Question]
+    answers: list[str]
+    profile: Profile
+    segment: dict[str, Any] | None
+    items: list[dict[str, Any]]
+    notes: list[str]
+    quit: bool = False
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "questions": [q.as_dict() for q in self.questions],
+            "answers": self.answers,
+            "profile": self.profile.model_dump(),
+            "segment": self.segment,
+            "items": self.items,
+            "notes": self.notes,
+            "quit": self.quit,
+        }
+
+
+class ChatSession:
+    """One new user's chat. Drive it with :meth:`next_question` / :meth:`answer` until
+    :meth:`next_question` returns None, then :meth:`finish` (or :func:`run_chat`)."""
+
+    def __init__(self, context: ChatContext, *, max_questions: int = 5, n: int = 10) -> None:
+        if max_questions < 1:
+            raise InputError(f"--max-questions {max_questions}: must be at least 1")
+        if not 1 <= n <= 1000:
+            raise InputError(f"--n {n}: must be between 1 and 1000")
+        self.context = context
+        self.max_questions = max_questions
+        self.n = n
+        self.turns: list[Turn] = []
+        self.liked_categories: list[str] = []
+        self.disliked_categories: list[str] = []
+        self.liked_items: list[int] = []  # catalogue columns, in the order they were named
+        self.quit = False
+        self._pending: Question | None = None
+        self._offered: set[tuple[str, str]] = set()
+        self._asked: Counter[int] = Counter()
+        self._vector: np.ndarray | None = None
+        self._placement: Placement | None = None
+
+    # ---------------------------------------------------------------- asking
+
+    def next_question(self) -> Question | None:
+        """The next question, or None when done (quit, sure, or ``max_questions`` asked)."""
+        if self._pending is not None:
+            return self._pending
+        if self.quit or len(self.turns) >= self.max_questions:
+            return None
+        if len(self.turns) >= MIN_QUESTIONS and self._placement and self._placement.sure:
+            return None
+        contenders = self._contenders()
+        options = self._options(contenders)
+        if not options:
+            return None
+        self._offered.update((o.kind, o.value) for o in options)
+        self._asked.update(s.segment_id for s in contenders)
+        self._pending = self._word(options, contenders)
+        return self._pending
+
+    def _contenders(self) -> list[SegmentCandidate]:
+        segments = self.context.segments
+        if self._vector is None:  # nothing known: the least asked, largest segments first
+            ranked = sorted(segments, key=lambda s: (self._asked[s.segment_id], -s.size))
+        else:
+            distances = [float(np.linalg.norm(self._vector - s.centroid)) for s in segments]
+            ranked = [segments[i] for i in np.argsort(distances, kind="stable")]
+        return ranked[:CONTENDERS]
+
+    def _fresh(self, kind: str, value: str) -> bool:
+        return (kind, value) not in self._offered
+
+    def _options(self, contenders: Sequence[SegmentCandidate]) -> list[Option]:
+        context = self.context
+        taken = set(self.liked_categories) | set(self.disliked_categories)
+        options: list[Option] = []
+        for segment in contenders:
+            rivals = {c for s in contenders if s is not segment for c in s.categories[:3]}
+            fresh = [c for c in segment.categories if self._fresh("category", c) and c not in taken]
+            distinct = [c for c in fresh if c not in rivals] or fresh
+            chosen = {o.value for o in options}
+            distinct = [c for c in distinct if c not in chosen]
+            if distinct:
+                options.append(Option("category", distinct[0], distinct[0], segment.segment_id))
+        queues = [
+            (s.segment_id, iter(context.segment_items.get(s.segment_id, []))) for s in contenders
+        ]
+        if not contenders:  # no run: the most popular categories, then items
+            popular = [c for c in context.popular_categories if self._fresh("category", c)]
+            options += [Option("category", c, c) for c in popular if c not in taken][:CONTENDERS]
+            queues = [(None, iter(context.popular_items))]
+        ids = context.item_ids
+        while len(options) < MAX_OPTIONS and queues:
+            for segment_id, queue in list(queues):
+                chosen = {o.value for o in options}
+                col = next(
+                    (
+                        c
+                        for c in queue
+                        if c not in self.liked_items
+                        and self._fresh("item", ids[c])
+                        and ids[c] not in chosen
+                    ),
+                    None,
+                )
+                if col is None:
+                    queues.remove((segment_id, queue))
+                    continue
+                options.append(Option("item", ids[col], context.titles[col], segment_id))
+                if len(options) >= MAX_OPTIONS:
+                    break
+        return options
+
+    def _word(self, options: list[Option], contenders: Sequence[SegmentCandidate]) -> Question:
+        context = self.context
+        segments = tuple(s.segment_id for s in contenders)
+        kinds = [o.label for o in options if o.kind == "category"]
+        if context.llm is None:
+            why = "no LLM: template question"
+        else:
+            messages = self.question_messages(options, contenders)
+            parse = partial(parse_question, kinds=kinds, system=messages[0]["content"])
+            try:
+                result = generate_structured(
+                    context.llm,
+                    messages,
+                    parse=parse,
+                    params=context.params,
+                    schema=question_schema(kinds),
+                    attempts=context.attempts,
+                    policy=context.retry,
+                )
+            except LLMError as exc:
+                why = f"LLM error: {exc}"
+            else:
+                if result.value is not None:
+                    return Question(result.value, tuple(options), segments)
+                why = f"invalid after {result.attempts} tries: {result.errors[-1]}"
+        text = template_question(options, context.domain)
+        return Question(text, tuple(options), segments, fallback=True, fallback_reason=why)
+
+    def question_messages(
+        self, options: Sequence[Option], contenders: Sequence[SegmentCandidate]
+    ) -> list[Message]:
+        """The prompt: earlier answers as quoted data, the contenders, the choices."""
+        answers = [t.answer.text.replace('"', "'") for t in self.turns if t.answer.text]
+        return self.context.prompt.render(
+            domain=self.context.domain,
+            answers=answers[-PROMPT_ANSWERS:],
+            groups=[{"name": s.name, "description": s.description} for s in contenders],
+            options=options,
+            kinds=[o.label for o in options if o.kind == "category"][:3],
+        )
+
+    # ---------------------------------------------------------------- answering
+
+    def answer(self, raw: str | bytes) -> Turn:
+        """Take the answer to the pending question and update the draft profile."""
+        question = self._pending
+        if question is None:
+            raise RuntimeError("no question is pending: call next_question() first")
+        parsed = parse_answer(raw, question.options, self.context)
+        self._pending = None
+        if parsed.quit:
+            self.quit = True
+        else:
+            for category in parsed.liked_categories:
+                if category not in self.liked_categories:
+                    self.liked_categories.append(category)
+                if category in self.disliked_categories:
+                    self.disliked_categories.remove(category)
+            for category in parsed.disliked_categories:
+                if category not in self.disliked_categories + self.liked_categories:
+                    self.disliked_categories.append(category)
+            for col in parsed.liked_items:
+                if col not in self.liked_items:
+                    self.liked_items.append(col)
+            for col in parsed.disliked_items:
+                if col in self.liked_items:
+                    self.liked_items.remove(col)
+            if parsed.learned:
+                self._update()
+        turn = Turn(question, parsed, self._placement)
+        self.turns.append(turn)
+        return turn
+
+    def profile(self) -> Profile:
+        """The draft profile: only what the user said (and the categories of what they liked)."""
+        items = self.context.served.items
+        from_items: Counter[str] = Counter(
+            c for col in self.liked_items for c in items["categories"].iat[col]
+        )
+        likes = list(
+            dict.fromkeys(
+                [*self.liked_categories]
+                + [c for c, _ in from_items.most_common() if c not in self.disliked_categories]
+            )
+        )[:5]
+        titles = [self.context.titles[col] for col in self.liked_items]
+        parts = []
+        if self.liked_categories:
+            parts.append(f"enjoys {join_words(self.liked_categories)}")
+        if titles:
+            parts.append(f"liked {join_words(titles[:3])}")
+        if self.disliked_categories:
+            parts.append(f"is less keen on {join_words(self.disliked_categories)}")
+        summary = (
+            "This user " + ", ".join(parts) + "."
+            if parts
+            else "This user has not said what they like yet."
+        )
+        if len(summary) > SUMMARY_MAX:
+            summary = summary[: SUMMARY_MAX - 1].rsplit(" ", 1)[0] + "…"
+        return Profile(
+            summary=summary,
+            likes=likes,
+            dislikes=list(self.disliked_categories),
+            favourite_items=titles[:5],
+        )
+
+    def vector(self) -> np.ndarray | None:
+        """The draft's vector in the segments' space (None while nothing is liked)."""
+        return self._vector
+
+    def _update(self) -> None:
+        context = self.context
+        items_vec = None
+        if self.liked_items:
+            mean = context.served.item_vectors[self.liked_items].mean(axis=0)
+            items_vec = mean / max(float(np.linalg.norm(mean)), 1e-12)
+        texts = []
+        if context.represent in ("profile", "mix") and (
+            self.liked_categories or items_vec is not None
+        ):
+            texts.append(self.profile().embedding_text())
+        if context.represent != "profile" and self.liked_categories:
+            texts.append("Categories: " + ", ".join(self.liked_categories) + ".")
+        embedded = embed_texts(texts, context.encoder) if texts else None
+        if context.represent == "profile":
+            vector = embedded[0] if embedded is not None else None
+        else:
+            categories = embedded[-1] if embedded is not None and self.liked_categories else None
+            parts = [v for v in (items_vec, categories) if v is not None]
+            vector = (
+                mix_vectors(parts[1][None], parts[0][None], MIX_WEIGHT)[0]
+                if len(parts) == 2
+                else parts[0]
+                if parts
+                else None
+            )
+            if context.represent == "mix" and vector is not None and embedded is not None:
+                vector = mix_vectors(embedded[0][None], vector[None], MIX_WEIGHT)[0]
+        self._vector = None if vector is None else np.asarray(vector, dtype=np.float32)
+        self._placement = self._place()
+
+    def _place(self) -> Placement | None:
+        if self._vector is None or not self.context.segments:
+            return None
+        centroids = np.stack([s.centroid for s in self.context.segments])
+        labels, distances, margins = assign_users(self._vector[None], centroids)
+        segment = self.context.segments[int(labels[0])]
+        margin = float(margins[0])
+        return Placement(
+            segment.segment_id,
+            segment.name,
+            float(distances[0]),
+            margin,
+            sure=len(self.context.segments) > 1 and margin >= self.context.sure_margin,
+        )
+
+    @property
+    def placement(self) -> Placement | None:
+        return self._placement
+
+    # ---------------------------------------------------------------- result
+
+    def history(self) -> list[Event]:
+        """The liked items as history events (what reasons may cite), in naming order."""
+        items = self.context.served.items
+        frame = pd.DataFrame(
+            {
+                "user_id": "chat",
+                "item_id": [self.context.item_ids[c] for c in self.liked_items],
+                "behavior": CHAT_BEHAVIOR,
+                "value": np.nan,
+                "timestamp": pd.array([None] * len(self.liked_items), dtype="Int64"),
+                "seq": range(len(self.liked_items)),
+            }
+        )
+        return user_events(frame, items, {}).get("chat", [])
+
+    def recommend(
+        self, n: int | None = None
+    ) -> tuple[list[int], list[float], dict[str, np.ndarray]]:
+        """Top-n catalogue columns, scores and signal parts for the draft (no reasons)."""
+        context = self.context
+        size = context.served.item_vectors.shape[0]
+        row = sp.csr_matrix(
+            (
+                np.ones(len(self.liked_items), dtype=np.float32),
+                (np.zeros(len(self.liked_items), dtype=np.int64), self.liked_items),
+            ),
+            shape=(1, size),
+        )
+        label = self._placement.segment_id if self._placement else -1
+        vectors = None if self._vector is None else self._vector[None]
+        recs = context.served.ranker.recommend(
+            row, n or self.n, labels=np.array([label], dtype=np.int64), user_vectors=vectors
+        )
+        valid = recs.indices[0] >= 0
+        cols = [int(c) for c in recs.indices[0][valid]]
+        scores = [float(s) for s in recs.scores[0][valid]]
+        parts = {k: v[0][valid] for k, v in recs.contributions.items()}
+        return cols, scores, parts
+
+    def finish(self, *, reasons: bool = True) -> ChatResult:
+        """Profile, segment and top-n items with reasons (``reasons=False``: templates only)."""
+        context = self.context
+        served = context.served
+        notes: list[str] = []
+        segment = None
+        if not context.segments:
+            notes.append("no segment exists yet: no clustering run (run `segrec cluster`)")
+        elif self._placement is None:
+            notes.append("nothing liked yet: no segment chosen")
+        else:
+            description = next(
+                s.description
+                for s in context.segments
+                if s.segment_id == self._placement.segment_id
+            )
+            segment = self._placement.as_dict(description, context.run_id)
+        if self.quit:
+            return ChatResult(
+                self._questions(), self._answers(), self.profile(), segment, [], notes, quit=True
+            )
+        cols, scores, parts = self.recommend()
+        history = self.history()
+        group = "short" if len(self.liked_items) <= served.ranker.spec.short_history else "long"
+        weights = served.ranker.spec.weights.get(group, {})
+        candidates = []
+        for rank, col in enumerate(cols):
+            candidates.append(
+                Candidate(
+                    item_id=context.item_ids[col],
+                    title=context.titles[col],
+                    categories=tuple(served.items["categories"].iat[col]),
+                    score=scores[rank],
+                    signals={k: float(v[rank]) for k, v in parts.items() if weights.get(k)},
+                    because=because_titles(
+                        served, col, self.liked_items, [context.titles[c] for c in self.liked_items]
+                    ),
+                )
+            )
+        name = self._placement.name if self._placement else None
+        if reasons and context.llm is not None:
+            written = write_reasons(
+                candidates,
+                history,
+                llm=context.llm,
+                params=context.params,
+                vocabulary=context.vocabulary,
+                segment_name=name,
+                attempts=context.attempts,
+                domain=context.domain,
+                retry=context.retry,
+            )
+        else:
+            written = [
+                Reason(
+                    item_id=c.item_id,
+                    reason=template_reason(c, history, segment_name=name),
+                    fallback=True,
+                    fallback_reason="template requested" if not reasons else "no LLM",
+                )
+                for c in candidates
+            ]
+        fallbacks = sum(r.fallback for r in written)
+        if fallbacks:
+            notes.append(f"{fallbacks} of {len(written)} reasons are templates (marked)")
+        question_fallbacks = sum(q.fallback for q in self._questions())
+        if question_fallbacks:
+            notes.append(f"{question_fallbacks} question(s) are templates (marked)")
+        items = [
+            {
+                "item_id": c.item_id,
+                "title": c.title,
+                "score": round(c.score, 4),
+                "reason": r.reason,
+                "reason_fallback": r.fallback,
+            }
+            for c, r in zip(candidates, written, strict=True)
+        ]
+        return ChatResult(self._questions(), self._answers(), self.profile(), segment, items, notes)
+
+    def _questions(self) -> list[Question]:
+        return [t.question for t in self.turns]
+
+    def _answers(self) -> list[str]:
+        return [t.answer.text for t in self.turns]
+
+    # ---------------------------------------------------------------- saving
+
+    def save_as(self, store: Store, user_id: str) -> None:
+        """Store the new user (source 'chat'): liked items, profile, chat, assignment.
+
+        One transaction; an id that already exists is refused.
+        """
+        check_new_user(store, user_id)
+        profile = self.profile()
+        body = json.dumps(profile.model_dump(), sort_keys=True, ensure_ascii=False)
+        record = ProfileRecord(
+            user_id=user_id,
+            cache_key=hashlib.sha256(f"chat:{body}".encode()).hexdigest(),
+            profile=profile.model_dump(),
+            raw_output=None,
+            model_id="segrec-chat",
+            prompt_version=self.context.prompt.version,
+            params={},
+            fallback=False,
+            fallback_reason=None,
+            removed=[],
+            attempts=0,
+            prompt_tokens=0,
+            completion_tokens=0,
+            latency_s=0.0,
+        )
+        assignment = None
+        if self._placement is not None and self.context.run_id is not None:
+            assignment = Assignment(
+                user_id,
+                self._placement.segment_id,
+                self._placement.distance,
+                self._placement.margin,
+                late=True,
+            )
+        store.save_chat_user(
+            user_id,
+            items=[self.context.item_ids[c] for c in self.liked_items],
+            behavior=CHAT_BEHAVIOR,
+            profile=record,
+            questions=[q.as_dict() for q in self._questions()],
+            answers=self._answers(),
+            run_id=self.context.run_id,
+            assignment=assignment,
+        )
+
+
+def check_new_user(store: Store, user_id: str) -> str:
+    """Refuse a --save-as id that exists already or cannot be an id."""
+    if not user_id.strip() or len(user_id) > MAX_USER_ID or not user_id.isprintable():
+        raise InputError(
+            f"--save-as {user_id!r}: not a usable user id — use 1-{MAX_USER_ID} printable "
+            "characters"
+        )
+    if store.has_user(user_id):
+        raise InputError(
+            f"--save-as {user_id}: user id already exists in {store.path.parent} — choose another"
+        )
+    return user_id
+
+
+def run_chat(
+    session: ChatSession,
+    ask: Callable[[Question], str | bytes | None],
+    *,
+    on_turn: Callable[[Turn], None] | None = None,
+    reasons: bool = True,
+) -> ChatResult:
+    """Ask until done; ``ask`` returns the user's answer, or None when they have no more
+    (end of a script): the chat then finishes with what it has."""
+    while (question := session.next_question()) is not None:
+        reply = ask(question)
+        if reply is None:
+            break
+        turn = session.answer(reply)
+        if on_turn is not None:
+            on_turn(turn)
+    return session.finish(reasons=reasons)
