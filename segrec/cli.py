@@ -965,7 +965,7 @@ def _print_eval(result: dict[str, Any]) -> None:
     who = f"{result['users']} users" + (
         f" (random sample, seed {result['seed']})" if result["sampled"] else " (all)"
     )
-    for track in ("warm", "cold"):
+    for track in ("warm", "cold", "chat"):
         rows = result["tracks"].get(track)
         if not rows:
             continue

@@ -54,12 +54,13 @@ from segrec.profile import (
     user_events,
     value_scales,
 )
-from segrec.ranker import Ranker, kmeans_labels, split_signals, tune_ranker
+from segrec.ranker import Ranker, RankerSpec, kmeans_labels, split_signals, tune_ranker
 from segrec.recommend import EASE, ItemKNN, MostPop, cosine_scores, tune_ease
 from segrec.store import Store
 from segrec.templates import load_prompt
 
-TRACKS = ("warm", "cold", "segments", "grounding")
+TRACKS = ("warm", "cold", "segments", "grounding", "chat")
+CHAT_CHECKPOINTS = (1, 3, 5)
 COLD_KNOWN = 3
 LLM_METHODS = ("cosine:llm-profile", "segrec:llm-profile")
 
@@ -188,9 +189,27 @@ def run_eval(
             result["tracks"]["segments"] = _segments_track(ctx, profiles, k, seed)
         if "grounding" in tracks and "llm" in profiles:
             result["tracks"]["grounding"] = _grounding_track(ctx, store)
+        if "chat" in tracks:
+            stage("chat track (simulated users)")
+            user_llm = None
+            if use_llm:
+                user_llm = llm if llm is not None else make_llm(settings)
+            result["tracks"]["chat"], chat_notes = _chat_track(ctx, spec, k, seed, user_llm, stage)
+            notes += chat_notes
+            if user_llm is None:
+                notes.append("--no-llm: the chat track ran the rule-based simulated user only")
     result["notes"] = notes
     result["wall_s"] = round(time.perf_counter() - started, 1)
     return result
+
+
+def _train_interactions(ctx: _Context, users: Sequence[str] | None = None) -> pd.DataFrame:
+    """Train rows in the store's shape (user_id, item_id, behavior, value, timestamp, seq)."""
+    interactions = ctx.dataset.interactions
+    rows = interactions[interactions["line"].isin(set(ctx.split.train_frames["line"]))]
+    if users is not None:
+        rows = rows[rows["user_id"].isin(set(users))]
+    return rows.rename(columns={"line": "seq"})
 
 
 def _train_dataset(ctx: _Context, cold: Split | None) -> Dataset:
@@ -377,3 +396,138 @@ def _grounding_track(ctx: _Context, store: Store) -> dict[str, Any]:
         "hallucination_rate_stored": round(bad / n, 4),
         "fallback_rate": round(sum(r.fallback for r in records) / n, 4),
     }
+
+
+def _chat_track(
+    ctx: _Context,
+    spec: RankerSpec,
+    k: int,
+    seed: int,
+    user_llm: LLM | None,
+    stage: Callable[[str], None],
+) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """PROTOCOL track 3: each evaluated user starts with no history and answers the chat's
+    questions as a simulated user who knows only their train history; the recommendations
+    after 1, 3 and 5 answers are scored on their test items.
+
+    Segments come from k-means on every train user's mean item embedding (what `segrec
+    cluster` does by default); the ranker and MostPop are fit in 5 folds of users, never on
+    the scored user's train (as on the cold track). Questions use the template wording: the
+    choices, which alone matter to the ranking, are the same with or without the LLM.
+    """
+    from segrec.chat import ChatContext, ChatSession, SegmentCandidate
+    from segrec.ranker import SIGNALS, history_vectors
+    from segrec.segments import assign_users, segment_facts
+    from segrec.serving import Served
+    from segrec.simulate import LLMUser, RuleBasedUser
+
+    chat = cold_split(ctx.evaluated, 0, seed=seed)
+    assert chat.folds is not None
+    vectors = ctx.vectors_for(chat)
+    items = ctx.dataset.items.set_index("item_id").loc[chat.items].reset_index()
+    fit_vectors = history_vectors(chat.fit, vectors)
+    clustering = cluster_vectors(fit_vectors, k=min(k, fit_vectors.shape[0]), seed=seed)
+    facts = segment_facts(
+        clustering,
+        chat.fit_users,
+        interactions=ctx.split.train_frames,
+        items=items,
+        summaries={},
+        stability=np.full(clustering.k, np.nan),
+    )
+    segments = [
+        SegmentCandidate.from_facts(
+            f.segment_id,
+            f"segment {f.segment_id}",
+            "",
+            clustering.centroids[f.segment_id],
+            f.as_dict(),
+            f.size,
+        )
+        for f in facts
+    ]
+    _, _, margins = assign_users(fit_vectors, clustering.centroids)
+    sure = float(np.median(margins))
+    train = _train_interactions(ctx, chat.users)
+    events = user_events(train, items, value_scales(_train_interactions(ctx)))
+    names = [n for n in SIGNALS if n in spec.signals]
+    depth = 20
+    who_answers = ["rule"] + (["llm"] if user_llm is not None else [])
+    rankings = {
+        (who, c): np.full((len(chat.users), len(chat.items)), -np.inf)
+        for who in who_answers
+        for c in CHAT_CHECKPOINTS
+    }
+    llm_failures = 0
+    all_rows = np.arange(chat.fit.shape[0])
+    for fold in np.unique(chat.folds):
+        members = np.flatnonzero(chat.folds == fold)
+        fit_rows = np.setdiff1d(all_rows, members)
+        stage(f"chat track: fold {int(fold) + 1} of {len(np.unique(chat.folds))}")
+        ranker = Ranker(spec, vectors, names=names).fit(
+            chat.fit[fit_rows], clustering.labels[fit_rows]
+        )
+        served = Served(
+            ranker,
+            items,
+            vectors,
+            chat.fit[fit_rows],
+            [chat.fit_users[r] for r in fit_rows],
+            clustering.labels[fit_rows],
+            None,
+            [],
+        )
+        context = ChatContext(
+            served=served,
+            segments=segments,
+            encoder=ctx.encoder,
+            llm=None,
+            domain=ctx.settings.domain,
+            represent="items",
+            sure_margin=sure,
+        )
+        for row in members:
+            history = events.get(chat.users[row], [])
+            simulated: dict[str, Any] = {"rule": RuleBasedUser(history)}
+            if user_llm is not None:
+                simulated["llm"] = LLMUser(
+                    history, user_llm, generation_params(ctx.settings), ctx.settings.domain
+                )
+            for who, sim in simulated.items():
+                session = ChatSession(context, max_questions=max(CHAT_CHECKPOINTS), n=depth)
+                asked = 0
+                while (question := session.next_question()) is not None:
+                    session.answer(sim.answer(question))
+                    asked += 1
+                    if asked in CHAT_CHECKPOINTS:
+                        _rank_into(rankings[(who, asked)], row, session.recommend(depth)[0])
+                for checkpoint in CHAT_CHECKPOINTS:  # stopped early: the final state stands
+                    if checkpoint > asked:
+                        _rank_into(rankings[(who, checkpoint)], row, session.recommend(depth)[0])
+                if who == "llm":
+                    llm_failures += sim.failures
+    table = {
+        "MostPop": _metrics(
+            fold_scores(chat, lambda f, r: MostPop().fit(chat.fit[f]).score(chat.train[r])), chat
+        )
+    }
+    for (who, checkpoint), scores in rankings.items():
+        suffix = "" if who == "rule" else ":llm-user"
+        table[f"segrec@{checkpoint}{suffix}"] = _metrics(scores, chat)
+    notes = [
+        f"chat track: {len(segments)} segments from k-means on every train user's mean item "
+        f"embedding; stops early at margin ≥ {sure:.3f} (the population's median margin)"
+    ]
+    if user_llm is not None:
+        notes.append(
+            f"chat track: the LLM user gave no usable answer {llm_failures} time(s) "
+            "(counted as an empty answer)"
+        )
+    return table, notes
+
+
+def _rank_into(scores: np.ndarray, row: int, columns: Sequence[int]) -> None:
+    """Write a ranking into a score matrix row: higher for earlier, -inf for the rest."""
+    scores[row] = -np.inf
+    for rank, col in enumerate(columns):
+        scores[row, col] = float(len(columns) - rank)
