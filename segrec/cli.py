@@ -881,7 +881,7 @@ def eval_(
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for the sample, folds and clustering.")] = 0,
     tracks: Annotated[
-        str, typer.Option(help="Comma-separated: warm, cold, segments, grounding.")
+        str, typer.Option(help="Comma-separated: warm, cold, segments, grounding, chat.")
     ] = "warm,cold,segments,grounding",
     k: Annotated[int, typer.Option("--k", help="Segments for the segment signal/track.")] = 5,
     no_llm: Annotated[
