@@ -9,7 +9,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -78,6 +78,31 @@ def _emit_json(data: Any) -> None:
 
 def _settings(config: Path | None, **overrides: Any) -> Settings:
     return load_settings(overrides, config_path=config)
+
+
+def _llm_settings(
+    config: Path | None,
+    workspace: Path | None,
+    llm: str | None,
+    model_path: Path | None,
+    threads: int | None,
+    base_url: str | None,
+    timeout: float | None,
+    domain: str | None,
+    **extra: Any,
+) -> Settings:
+    """Settings for a command that calls the LLM (the shared backend flags)."""
+    return _settings(
+        config,
+        workspace=workspace,
+        llm=llm,
+        model_path=model_path,
+        threads=threads,
+        base_url=base_url,
+        timeout_s=timeout,
+        domain=domain,
+        **extra,
+    )
 
 
 def _parse_ids(text: str | None, flag: str) -> list[str] | None:
@@ -435,19 +460,19 @@ def cluster(
         k_value = int(k)
     else:
         raise InputError(f"--k {k!r}: pass a number of segments (e.g. 5) or 'auto'")
-    settings = _settings(
+    settings = _llm_settings(
         config,
-        workspace=workspace,
+        workspace,
+        llm,
+        model_path,
+        threads,
+        base_url,
+        timeout,
+        domain,
         seed=seed,
         represent=represent,
         encoder=encoder,
         min_segment_size=min_segment_size,
-        llm=llm,
-        model_path=model_path,
-        threads=threads,
-        base_url=base_url,
-        timeout_s=timeout,
-        domain=domain,
     )
     with err.status("clustering", spinner="dots") as status:
         result = pipeline.run_clustering(
@@ -820,16 +845,7 @@ def explain(
     from segrec import serving
 
     serving.check_n(n)
-    settings = _settings(
-        config,
-        workspace=workspace,
-        llm=llm,
-        model_path=model_path,
-        threads=threads,
-        base_url=base_url,
-        timeout_s=timeout,
-        domain=domain,
-    )
+    settings = _llm_settings(config, workspace, llm, model_path, threads, base_url, timeout, domain)
     filters = _filters(category, exclude, exclude_file)
     with err.status("explaining", spinner="dots") as status:
         data, notes = serving.explain(
@@ -922,16 +938,16 @@ def eval_(
     chosen = quality.parse_tracks(tracks)
     if json_out is not None and json_out.suffix.lower() != ".json":
         raise InputError(f"--json {json_out}: give a file name ending in .json")
-    settings = _settings(
+    settings = _llm_settings(
         config,
-        workspace=workspace or Path(".segrec-eval"),
-        llm=llm,
-        model_path=model_path,
-        threads=threads,
-        base_url=base_url,
+        workspace or Path(".segrec-eval"),
+        llm,
+        model_path,
+        threads,
+        base_url,
+        timeout,
+        domain,
         concurrency=concurrency,
-        timeout_s=timeout,
-        domain=domain,
     )
     log_columns = LogColumns(user_col, item_col, behavior_col, value_col, timestamp_col)
     item_columns = ItemColumns(
@@ -1058,16 +1074,7 @@ def chat(
     from segrec.store import Store
 
     serving.check_n(n)
-    settings = _settings(
-        config,
-        workspace=workspace,
-        llm=llm,
-        model_path=model_path,
-        threads=threads,
-        base_url=base_url,
-        timeout_s=timeout,
-        domain=domain,
-    )
+    settings = _llm_settings(config, workspace, llm, model_path, threads, base_url, timeout, domain)
     if save_as is not None:
         with Store.open(settings.workspace) as store:
             chats.check_new_user(store, save_as)
@@ -1106,7 +1113,7 @@ def chat(
         )
 
     quiet = script is not None and as_json
-    with err.status("asking and writing reasons", spinner="dots") if quiet else _nothing():
+    with err.status("asking and writing reasons", spinner="dots") if quiet else nullcontext():
         result = chats.run_chat(session, ask, on_turn=on_turn)
     if as_json:
         _emit_json(result.as_json())
@@ -1121,11 +1128,6 @@ def chat(
         err.print(f"saved as user {save_as} — see `segrec explain --user {save_as}`", markup=False)
     for note in result.notes:
         err.print(f"note: {note}", markup=False)
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 def _print_chat(data: dict[str, Any]) -> None:
