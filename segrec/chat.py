@@ -745,6 +745,18 @@ class ChatSession:
     def placement(self) -> Placement | None:
         return self._placement
 
+    @property
+    def group(self) -> str:
+        """The ranker's weight set for this user: "chat" when the ranker has one."""
+        weights = self.context.served.ranker.spec.weights
+        if "chat" in weights:
+            return "chat"
+        return (
+            "short"
+            if len(self.liked_items) <= self.context.served.ranker.spec.short_history
+            else "long"
+        )
+
     # ---------------------------------------------------------------- result
 
     def history(self) -> list[Event]:
@@ -777,8 +789,13 @@ class ChatSession:
         )
         label = self._placement.segment_id if self._placement else -1
         vectors = None if self._vector is None else self._vector[None]
-        recs = context.served.ranker.recommend(
-            row, n or self.n, labels=np.array([label], dtype=np.int64), user_vectors=vectors
+        ranker = context.served.ranker
+        recs = ranker.recommend(
+            row,
+            n or self.n,
+            labels=np.array([label], dtype=np.int64),
+            user_vectors=vectors,
+            groups=np.array([self.group]),
         )
         valid = recs.indices[0] >= 0
         cols = [int(c) for c in recs.indices[0][valid]]
@@ -809,8 +826,7 @@ class ChatSession:
             )
         cols, scores, parts = self.recommend()
         history = self.history()
-        group = "short" if len(self.liked_items) <= served.ranker.spec.short_history else "long"
-        weights = served.ranker.spec.weights.get(group, {})
+        weights = served.ranker.spec.weights.get(self.group, {})
         candidates = []
         for rank, col in enumerate(cols):
             candidates.append(

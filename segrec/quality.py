@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from segrec.evaluate import (
     fold_scores,
     protocol_split,
     subsample,
+    validation_split,
 )
 from segrec.llm import make_llm
 from segrec.llm.base import LLM
@@ -61,6 +62,7 @@ from segrec.templates import load_prompt
 
 TRACKS = ("warm", "cold", "segments", "grounding", "chat")
 CHAT_CHECKPOINTS = (1, 3, 5)
+CHAT_TUNE_AT = 3
 COLD_KNOWN = 3
 LLM_METHODS = ("cosine:llm-profile", "segrec:llm-profile")
 
@@ -194,7 +196,10 @@ def run_eval(
             user_llm = None
             if use_llm:
                 user_llm = llm if llm is not None else make_llm(settings)
-            result["tracks"]["chat"], chat_notes = _chat_track(ctx, spec, k, seed, user_llm, stage)
+            result["tracks"]["chat"], chat_notes, spec = _chat_track(
+                ctx, spec, k, seed, user_llm, stage
+            )
+            result["ranker"] = spec.as_dict()
             notes += chat_notes
             if user_llm is None:
                 notes.append("--no-llm: the chat track ran the rule-based simulated user only")
@@ -203,12 +208,11 @@ def run_eval(
     return result
 
 
-def _train_interactions(ctx: _Context, users: Sequence[str] | None = None) -> pd.DataFrame:
-    """Train rows in the store's shape (user_id, item_id, behavior, value, timestamp, seq)."""
+def _rows(ctx: _Context, frames: pd.DataFrame) -> pd.DataFrame:
+    """The dataset rows behind a split's frames, in the store's shape (user_id, item_id,
+    behavior, value, timestamp, seq)."""
     interactions = ctx.dataset.interactions
-    rows = interactions[interactions["line"].isin(set(ctx.split.train_frames["line"]))]
-    if users is not None:
-        rows = rows[rows["user_id"].isin(set(users))]
+    rows = interactions[interactions["line"].isin(set(frames["line"]))]
     return rows.rename(columns={"line": "seq"})
 
 
@@ -398,30 +402,42 @@ def _grounding_track(ctx: _Context, store: Store) -> dict[str, Any]:
     }
 
 
-def _chat_track(
+@dataclass
+class _ChatRun:
+    """Simulated chats on one split: per (simulated user, checkpoint) what the chat knew."""
+
+    split: Split  # no known history (cold, 0 items), folds as on the cold track
+    rankers: dict[int, Ranker]
+    states: dict[tuple[str, int], tuple[sp.csr_matrix, np.ndarray, np.ndarray]]
+    segments: int
+    sure: float
+    llm_failures: int = 0
+
+
+def _simulate_chats(
     ctx: _Context,
+    base: Split,
     spec: RankerSpec,
     k: int,
     seed: int,
-    user_llm: LLM | None,
+    simulators: dict[str, Callable[[list[Any]], Any]],
+    checkpoints: Sequence[int],
     stage: Callable[[str], None],
-) -> tuple[dict[str, dict[str, float]], list[str]]:
-    """PROTOCOL track 3: each evaluated user starts with no history and answers the chat's
-    questions as a simulated user who knows only their train history; the recommendations
-    after 1, 3 and 5 answers are scored on their test items.
+) -> _ChatRun:
+    """Run a chat for every evaluated user of ``base`` with each simulated user, recording
+    the liked items, segment and draft vector after each checkpoint's answer.
 
-    Segments come from k-means on every train user's mean item embedding (what `segrec
-    cluster` does by default); the ranker and MostPop are fit in 5 folds of users, never on
-    the scored user's train (as on the cold track). Questions use the template wording: the
-    choices, which alone matter to the ranking, are the same with or without the LLM.
+    Segments come from k-means on every user's mean item embedding in ``base``'s fit (what
+    `segrec cluster` does by default); rankers are fit in 5 folds of users, never on the
+    chatting user's history. Questions use the template wording: the choices, which alone
+    matter to the ranking, are the same with or without the LLM.
     """
     from segrec.chat import ChatContext, ChatSession, SegmentCandidate
-    from segrec.ranker import SIGNALS, history_vectors
+    from segrec.ranker import history_vectors
     from segrec.segments import assign_users, segment_facts
     from segrec.serving import Served
-    from segrec.simulate import LLMUser, RuleBasedUser
 
-    chat = cold_split(ctx.evaluated, 0, seed=seed)
+    chat = cold_split(base, 0, seed=seed)
     assert chat.folds is not None
     vectors = ctx.vectors_for(chat)
     items = ctx.dataset.items.set_index("item_id").loc[chat.items].reset_index()
@@ -430,7 +446,7 @@ def _chat_track(
     facts = segment_facts(
         clustering,
         chat.fit_users,
-        interactions=ctx.split.train_frames,
+        interactions=base.train_frames,
         items=items,
         summaries={},
         stability=np.full(clustering.k, np.nan),
@@ -448,25 +464,27 @@ def _chat_track(
     ]
     _, _, margins = assign_users(fit_vectors, clustering.centroids)
     sure = float(np.median(margins))
-    train = _train_interactions(ctx, chat.users)
-    events = user_events(train, items, value_scales(_train_interactions(ctx)))
-    names = [n for n in SIGNALS if n in spec.signals]
-    depth = 20
-    who_answers = ["rule"] + (["llm"] if user_llm is not None else [])
-    rankings = {
-        (who, c): np.full((len(chat.users), len(chat.items)), -np.inf)
-        for who in who_answers
-        for c in CHAT_CHECKPOINTS
+    known = _rows(ctx, base.train_frames)
+    events = user_events(known[known["user_id"].isin(set(chat.users))], items, value_scales(known))
+    n_users, n_items = len(chat.users), len(chat.items)
+    liked: dict[tuple[str, int], list[list[int]]] = {}
+    labels = {(w, c): np.full(n_users, -1, dtype=np.int64) for w in simulators for c in checkpoints}
+    draft = {
+        (w, c): np.zeros((n_users, vectors.shape[1]), dtype=np.float32)
+        for w in simulators
+        for c in checkpoints
     }
-    llm_failures = 0
+    for key in labels:
+        liked[key] = [[] for _ in range(n_users)]
+    run = _ChatRun(chat, {}, {}, len(segments), sure)
     all_rows = np.arange(chat.fit.shape[0])
-    for fold in np.unique(chat.folds):
+    folds = np.unique(chat.folds)
+    for fold in folds:
         members = np.flatnonzero(chat.folds == fold)
         fit_rows = np.setdiff1d(all_rows, members)
-        stage(f"chat track: fold {int(fold) + 1} of {len(np.unique(chat.folds))}")
-        ranker = Ranker(spec, vectors, names=names).fit(
-            chat.fit[fit_rows], clustering.labels[fit_rows]
-        )
+        stage(f"simulated chats: fold {int(fold) + 1} of {len(folds)}")
+        ranker = Ranker(spec, vectors).fit(chat.fit[fit_rows], clustering.labels[fit_rows])
+        run.rankers[int(fold)] = ranker
         served = Served(
             ranker,
             items,
@@ -488,42 +506,147 @@ def _chat_track(
         )
         for row in members:
             history = events.get(chat.users[row], [])
-            simulated: dict[str, Any] = {"rule": RuleBasedUser(history)}
-            if user_llm is not None:
-                simulated["llm"] = LLMUser(
-                    history, user_llm, generation_params(ctx.settings), ctx.settings.domain
-                )
-            for who, sim in simulated.items():
-                session = ChatSession(context, max_questions=max(CHAT_CHECKPOINTS), n=depth)
+            for who, make in simulators.items():
+                sim = make(history)
+                session = ChatSession(context, max_questions=max(checkpoints))
+                snapshots: dict[int, tuple[list[int], int, np.ndarray | None]] = {}
                 asked = 0
                 while (question := session.next_question()) is not None:
                     session.answer(sim.answer(question))
                     asked += 1
-                    if asked in CHAT_CHECKPOINTS:
-                        _rank_into(rankings[(who, asked)], row, session.recommend(depth)[0])
-                for checkpoint in CHAT_CHECKPOINTS:  # stopped early: the final state stands
-                    if checkpoint > asked:
-                        _rank_into(rankings[(who, checkpoint)], row, session.recommend(depth)[0])
-                if who == "llm":
-                    llm_failures += sim.failures
+                    if asked in checkpoints:
+                        snapshots[asked] = _snapshot(session)
+                final = _snapshot(session)  # stopped early: the final state stands
+                for checkpoint in checkpoints:
+                    items_liked, label, vector = snapshots.get(checkpoint, final)
+                    key = (who, checkpoint)
+                    liked[key][row] = items_liked
+                    labels[key][row] = label
+                    if vector is not None:
+                        draft[key][row] = vector
+                run.llm_failures += getattr(sim, "failures", 0)
+    for key, rows in liked.items():
+        indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+        indices = np.array([c for r in rows for c in r], dtype=np.int64)
+        X = sp.csr_matrix(
+            (np.ones(len(indices), dtype=np.float32), indices, indptr), shape=(n_users, n_items)
+        )
+        run.states[key] = (X, labels[key], draft[key])
+    return run
+
+
+def _snapshot(session: Any) -> tuple[list[int], int, np.ndarray | None]:
+    placement = session.placement
+    return (
+        list(session.liked_items),
+        placement.segment_id if placement is not None else -1,
+        session.vector(),
+    )
+
+
+def _chat_signals(
+    run: _ChatRun, key: tuple[str, int], names: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """Every named signal for the chatting users at one checkpoint (per-fold rankers)."""
+    X, labels, vectors = run.states[key]
+    out = {n: np.zeros(X.shape, dtype=np.float32) for n in names}
+    assert run.split.folds is not None
+    for fold, ranker in run.rankers.items():
+        members = np.flatnonzero(run.split.folds == fold)
+        signals = ranker.signals(
+            X[members], labels=labels[members], user_vectors=vectors[members], names=names
+        )
+        for name in names:
+            out[name][members] = signals[name]
+    return out
+
+
+def _tune_chat_weights(
+    ctx: _Context, spec: RankerSpec, k: int, seed: int, stage: Callable[[str], None]
+) -> RankerSpec:
+    """The "chat" weights, tuned like the others on the validation split: simulated chats
+    (rule-based user, 3 answers) of the validation users, scored on their validation items."""
+    from segrec.ranker import SIGNALS
+    from segrec.recommend import tune_blend
+    from segrec.simulate import RuleBasedUser
+
+    validation = validation_split(ctx.split)
+    run = _simulate_chats(
+        ctx, validation, spec, k, seed, {"rule": RuleBasedUser}, (CHAT_TUNE_AT,), stage
+    )
+    names = [n for n in SIGNALS if n in spec.signals or n in ("segment_pop", "cosine")]
+    names = [n for n in names if n != "ease" or spec.ease_lambda is not None]
+    X, _, _ = run.states[("rule", CHAT_TUNE_AT)]
+    scored = replace(run.split, train=X)  # liked items are never recommended
+    stage("tuning chat weights")
+    blend, trace = tune_blend(_chat_signals(run, ("rule", CHAT_TUNE_AT), names), scored)
+    spec = RankerSpec.from_dict(spec.as_dict())
+    spec.weights["chat"] = blend.weights
+    spec.validation["chat"] = {
+        "users": len(scored.users),
+        "answers": CHAT_TUNE_AT,
+        "ndcg@10": round(max(float(t["ndcg@10"]) for t in trace), 4),
+    }
+    spec.notes.append(
+        f"chat weights tuned on simulated chats ({CHAT_TUNE_AT} answers) of the validation users"
+    )
+    return spec
+
+
+def _chat_track(
+    ctx: _Context,
+    spec: RankerSpec,
+    k: int,
+    seed: int,
+    user_llm: LLM | None,
+    stage: Callable[[str], None],
+) -> tuple[dict[str, dict[str, float]], list[str], RankerSpec]:
+    """PROTOCOL track 3: each evaluated user starts with no history and answers the chat's
+    questions as a simulated user who knows only their train history (`segrec.simulate`);
+    the recommendations after 1, 3 and 5 answers are scored on their test items, beside
+    MostPop fit the same way (folds)."""
+    from segrec.simulate import LLMUser, RuleBasedUser
+
+    stage("tuning chat weights on simulated validation chats")
+    spec = _tune_chat_weights(ctx, spec, k, seed, stage)
+    simulators: dict[str, Callable[[list[Any]], Any]] = {"rule": RuleBasedUser}
+    if user_llm is not None:
+        params = generation_params(ctx.settings)
+        simulators["llm"] = lambda history: LLMUser(history, user_llm, params, ctx.settings.domain)
+    run = _simulate_chats(ctx, ctx.evaluated, spec, k, seed, simulators, CHAT_CHECKPOINTS, stage)
+    chat = run.split
     table = {
         "MostPop": _metrics(
             fold_scores(chat, lambda f, r: MostPop().fit(chat.fit[f]).score(chat.train[r])), chat
         )
     }
-    for (who, checkpoint), scores in rankings.items():
+    assert chat.folds is not None
+    for (who, checkpoint), (X, labels, vectors) in run.states.items():
+        scores = np.full(X.shape, -np.inf)
+        for fold, ranker in run.rankers.items():
+            members = np.flatnonzero(chat.folds == fold)
+            recs = ranker.recommend(
+                X[members],
+                20,
+                labels=labels[members],
+                user_vectors=vectors[members],
+                groups=np.full(len(members), "chat"),
+            )
+            for i, row in enumerate(members):
+                _rank_into(scores, row, [c for c in recs.indices[i] if c >= 0])
         suffix = "" if who == "rule" else ":llm-user"
         table[f"segrec@{checkpoint}{suffix}"] = _metrics(scores, chat)
     notes = [
-        f"chat track: {len(segments)} segments from k-means on every train user's mean item "
-        f"embedding; stops early at margin ≥ {sure:.3f} (the population's median margin)"
+        f"chat track: {run.segments} segments from k-means on every train user's mean item "
+        f"embedding; chats stop early at margin ≥ {run.sure:.3f} (the median member margin); "
+        f"chat weights {spec.weights['chat']}"
     ]
     if user_llm is not None:
         notes.append(
-            f"chat track: the LLM user gave no usable answer {llm_failures} time(s) "
+            f"chat track: the LLM user gave no usable answer {run.llm_failures} time(s) "
             "(counted as an empty answer)"
         )
-    return table, notes
+    return table, notes, spec
 
 
 def _rank_into(scores: np.ndarray, row: int, columns: Sequence[int]) -> None:

@@ -64,8 +64,10 @@ MIN_TUNING_USERS = 20
 DEFAULT_WEIGHTS: dict[str, dict[str, float]] = {
     "long": {"ease": 1.0, "itemknn": 0.2, "pop": 0.05, "cosine": 0.05},
     "short": {"pop": 1.0, "itemknn": 0.35},
+    # A new user placed by `segrec chat`: a few named items, liked categories, a segment.
+    "chat": {"pop": 1.0, "segment_pop": 0.5, "cosine": 0.2},
 }
-GROUPS = ("long", "short")
+GROUPS = ("long", "short", "chat")
 
 
 @dataclass
@@ -125,7 +127,7 @@ def default_spec(n_items: int, *, available: Sequence[str] = SIGNALS) -> RankerS
         weights["long"].setdefault("itemknn", 1.0)
     for group in GROUPS:
         if not weights[group]:
-            weights[group] = {available[0]: 1.0}
+            weights[group] = dict(weights["short"]) or {available[0]: 1.0}
     return RankerSpec(
         weights=weights,
         ease_lambda=200.0 if use_ease else None,
@@ -264,10 +266,14 @@ class Ranker:
         labels: np.ndarray | None = None,
         user_vectors: np.ndarray | None = None,
         allowed: np.ndarray | None = None,
+        groups: np.ndarray | None = None,
         batch: int = 256,
         on_batch: Callable[[int], None] | None = None,
     ) -> Recommendations:
-        """The top n unseen items per user, in batches of users (bounded memory)."""
+        """The top n unseen items per user, in batches of users (bounded memory).
+
+        ``groups`` names each user's weight set (default: "short"/"long" by history length;
+        `segrec chat` passes "chat")."""
         X_users = sp.csr_matrix(X_users, dtype=np.float32)
         n_users = X_users.shape[0]
         indices = np.full((n_users, n), -1, dtype=np.int64)
@@ -281,7 +287,9 @@ class Ranker:
                 labels=None if labels is None else labels[rows],
                 user_vectors=None if user_vectors is None else user_vectors[rows],
             )
-            total, parts = self.blend(signals, self.groups(Xb))
+            total, parts = self.blend(
+                signals, self.groups(Xb) if groups is None else np.asarray(groups)[rows]
+            )
             mask = allowed
             if allowed is not None and np.ndim(allowed) == 2:
                 mask = allowed[rows]
@@ -424,6 +432,7 @@ def tune_ranker(
     blend, trace = tune_blend(cold_signals, cold)
     weights["short"] = blend.weights
     results["short"] = _tuning_summary(trace, cold_signals, len(cold.users))
+    weights["chat"] = spec.weights["chat"]  # needs simulated chats: `segrec eval` tunes it
     spec.weights = weights
     spec.tuned = True
     spec.validation = results
