@@ -2,10 +2,12 @@
 
 Two `segrec eval` runs, both recorded with their exact commands:
 
-1. all 610 users, tracks warm, cold and segments, without the LLM-profile methods (the
-   targets: the default ranker ≥ EASE on warm; > MostPop, ItemKNN and EASE on cold);
+1. all 610 users, tracks warm, cold, segments and chat, without the LLM-profile methods
+   and with the rule-based simulated user (the targets: the default ranker ≥ EASE on warm;
+   > MostPop, ItemKNN and EASE on cold; > MostPop after 3 chat answers);
 2. a seeded sample of users with every method, LLM profiles included (the ablation: what
-   the LLM profile adds over the deterministic profile), plus the grounding track.
+   the LLM profile adds over the deterministic profile), the grounding track, and the chat
+   track with the LLM-played simulated user too.
 
 Run: python benchmarks/bench_quality.py [--sample 60] [--seed 0]
      (profiles are cached in the evaluation workspace, so a rerun is fast)
@@ -51,7 +53,7 @@ def ranking_table(rows: dict[str, dict[str, float]]) -> list[str]:
 
 
 def verdicts(tracks: dict[str, Any]) -> list[str]:
-    warm, cold = tracks["warm"], tracks["cold"]
+    warm, cold, chat = tracks["warm"], tracks["cold"], tracks.get("chat")
     ours = warm["segrec"]["ndcg@10"]
     lines = [
         f"- warm: segrec {ours:.4f} vs EASE {warm['EASE']['ndcg@10']:.4f} → "
@@ -65,6 +67,13 @@ def verdicts(tracks: dict[str, Any]) -> list[str]:
         + ("**met**" if ours > cold[best]["ndcg@10"] else "**missed**")
         + " (target: beat MostPop, ItemKNN and EASE)"
     )
+    if chat:
+        ours, pop = chat["segrec@3"]["ndcg@10"], chat["MostPop"]["ndcg@10"]
+        lines.append(
+            f"- chat: segrec after 3 answers {ours:.4f} vs MostPop {pop:.4f} → "
+            + ("**met**" if ours > pop else "**missed**")
+            + " (target: beat MostPop after 3 questions; rule-based simulated user)"
+        )
     return lines
 
 
@@ -156,6 +165,9 @@ def main() -> None:
         "### Cold track (3 known interactions)",
         *ranking_table(full["tracks"]["cold"]),
         "",
+        "### Chat track (simulated new users, rule-based)",
+        *ranking_table(full["tracks"]["chat"]),
+        "",
         "### Segments (k = 5, `--represent items`)",
         "",
         "| represent | lift | stability (ARI, 5 seeds) | silhouette | sizes |",
@@ -177,6 +189,8 @@ def main() -> None:
         f"`{json.dumps(spec['validation'].get('ease_lambda'))}`",
         f"- validation (long): `{json.dumps(spec['validation'].get('long'))}`",
         f"- validation (short): `{json.dumps(spec['validation'].get('short'))}`",
+        f"- weights for chat users: `{json.dumps(spec['weights'].get('chat'))}`; validation: "
+        f"`{json.dumps(spec['validation'].get('chat'))}`",
         "",
         f"## Sample of {sample['users']} users (seed {sample['seed']}), every method",
         "",
@@ -187,6 +201,9 @@ def main() -> None:
         "",
         "### Cold track",
         *ranking_table(sample["tracks"]["cold"]),
+        "",
+        "### Chat track (rule-based and LLM-played simulated users)",
+        *ranking_table(sample["tracks"]["chat"]),
         "",
         "### Segments",
         "",
