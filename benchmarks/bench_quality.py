@@ -114,18 +114,19 @@ def main() -> None:
     args = parser.parse_args()
     ratings = os.path.relpath(DATA / "ratings.csv", ROOT)
     movies = os.path.relpath(DATA / "movies.csv", ROOT)
+    workspace = os.path.relpath(WORKSPACE, ROOT)
     full_cmd, full = run(
         [
             ratings,
             "--items",
             movies,
             "--tracks",
-            "warm,cold,segments",
+            "warm,cold,segments,chat",
             "--no-llm",
             "--domain",
             "movie",
             "-w",
-            str(WORKSPACE),
+            workspace,
         ],
         RESULTS / "quality-all-users.json",
     )
@@ -138,10 +139,12 @@ def main() -> None:
             str(args.sample),
             "--seed",
             str(args.seed),
+            "--tracks",
+            "warm,cold,segments,grounding,chat",
             "--domain",
             "movie",
             "-w",
-            str(WORKSPACE),
+            workspace,
         ],
         RESULTS / "quality-sample.json",
     )
