@@ -57,6 +57,9 @@ SURE_MARGIN = 0.1
 # One pick of a category lands next to that category's segment by construction: never stop
 # on a single answer.
 MIN_QUESTIONS = 2
+# The question (1-based) that asks the user to name favourites in their own words: a named
+# item is what the collaborative signals need, and no list of choices can guess it.
+FAVOURITES_AT = 2
 CONTENDERS = 3  # segments one question tells apart
 MAX_OPTIONS = 6
 DISTINCT_POOL = 500  # popular items searched for a segment's distinctive examples
@@ -264,6 +267,7 @@ class Question:
     segments: tuple[int, ...]  # the segments it tells apart (empty without a run)
     fallback: bool = False
     fallback_reason: str | None = None
+    open: bool = False  # no choices: the user names things in their own words
 
     def render(self) -> str:
         """The question (marked when it is the template) and its numbered choices."""
@@ -277,6 +281,7 @@ class Question:
             "options": [o.label for o in self.options],
             "segments": list(self.segments),
             "fallback": self.fallback,
+            "open": self.open,
         }
 
 
@@ -493,7 +498,14 @@ class ChatSession:
     """One new user's chat. Drive it with :meth:`next_question` / :meth:`answer` until
     :meth:`next_question` returns None, then :meth:`finish` (or :func:`run_chat`)."""
 
-    def __init__(self, context: ChatContext, *, max_questions: int = 5, n: int = 10) -> None:
+    def __init__(
+        self,
+        context: ChatContext,
+        *,
+        max_questions: int = 5,
+        n: int = 10,
+        favourites_at: int | None = FAVOURITES_AT,
+    ) -> None:
         if max_questions < 1:
             raise InputError(f"--max-questions {max_questions}: must be at least 1")
         if not 1 <= n <= 1000:
@@ -501,6 +513,7 @@ class ChatSession:
         self.context = context
         self.max_questions = max_questions
         self.n = n
+        self.favourites_at = favourites_at
         self.turns: list[Turn] = []
         self.liked_categories: list[str] = []
         self.disliked_categories: list[str] = []
@@ -523,6 +536,14 @@ class ChatSession:
         if len(self.turns) >= MIN_QUESTIONS and self._placement and self._placement.sure:
             return None
         contenders = self._contenders()
+        if self.favourites_at is not None and len(self.turns) + 1 == self.favourites_at:
+            self._pending = Question(
+                f"Name a few {self.context.domain}s you loved (titles, separated by commas).",
+                (),
+                tuple(s.segment_id for s in contenders),
+                open=True,
+            )
+            return self._pending
         options = self._options(contenders)
         if not options:
             return None

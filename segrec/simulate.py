@@ -6,10 +6,11 @@ train history (a test item is never in it: the split drops test items the user a
 in train), so no answer names a test item.
 
 * `RuleBasedUser` picks every offered category among their most liked categories and every
-  offered item they liked.
+  offered item they liked; asked to name favourites, it names its three most liked items.
 * `LLMUser` shows the model their liked history and the choices it may pick (every
   category, and the items from its history) and takes the numbers it picks, under a schema
-  whose enum holds only those numbers.
+  whose enum holds only those numbers; asked to name favourites, it picks titles from its
+  shown history the same way.
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ def _liked(history: Sequence[Event]) -> list[Event]:
     return [e for e in history if e.strength > 0] or list(history)
 
 
+def favourites(history: Sequence[Event], n: int = MAX_CHOICES) -> list[Event]:
+    """The user's most liked items, most recent first among equals."""
+    liked = sorted(_liked(history), key=lambda e: (-e.strength, -(e.timestamp or 0), -e.seq))
+    return liked[:n]
+
+
 def _favourite_categories(history: Sequence[Event], n: int = TOP_CATEGORIES) -> list[str]:
     weight: Counter[str] = Counter()
     for event in _liked(history):
@@ -55,6 +62,8 @@ class RuleBasedUser:
         self.items = {e.item_id for e in _liked(self.history)}
 
     def answer(self, question: Any) -> str:
+        if not question.options:  # an open question: name favourites from the history
+            return ", ".join(e.title for e in favourites(self.history))
         picks = [
             str(number)
             for number, option in enumerate(question.options, start=1)
@@ -90,6 +99,8 @@ class LLMUser:
         ]
 
     def answer(self, question: Any) -> str:
+        if not question.options:
+            return self._name_favourites(question)
         allowed = self.allowed(question)
         if not allowed:
             return ""
@@ -127,6 +138,48 @@ class LLMUser:
             self.failures += 1
             return ""
         return ", ".join(str(n) for n in result.value)
+
+    def _name_favourites(self, question: Any) -> str:
+        """An open question: the model picks, by number, titles from its shown history."""
+        titles = [e.title for e in self.shown]
+        if not titles:
+            return ""
+        messages = self._prompt.render(
+            domain=self.domain,
+            history=self.shown,
+            question=question.text,
+            options=[{"number": i, "label": t} for i, t in enumerate(titles, start=1)],
+        )
+        try:
+            result = generate_structured(
+                self.llm,
+                messages,
+                parse=partial(_parse_choices, allowed=set(range(1, len(titles) + 1))),
+                params=self.params,
+                schema=_name_favourites_schema(titles),
+                attempts=self.attempts,
+                policy=RetryPolicy(attempts=2),
+            )
+        except LLMError:
+            result = None
+        if result is None or result.value is None or not result.value:
+            self.failures += 1
+            return ""
+        return ", ".join(titles[n - 1] for n in result.value)
+
+
+def _name_favourites_schema(titles: Sequence[str]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {
+            "choices": {
+                "type": "array",
+                "items": {"type": "integer", "enum": list(range(1, len(titles) + 1))},
+                "maxItems": MAX_CHOICES,
+            }
+        },
+        "required": ["choices"],
+    }
 
 
 def _parse_choices(text: str, *, allowed: set[int]) -> list[int]:

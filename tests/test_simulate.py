@@ -46,6 +46,13 @@ def test_rule_based_user_picks_only_what_its_history_liked() -> None:
     assert user.answer(QUESTION) == "1, 3"  # Horror and the liked item b; not the disliked c
 
 
+def test_both_users_name_favourites_from_their_history_when_asked() -> None:
+    open_question = Question("Name a few films you loved.", (), (), open=True)
+    assert RuleBasedUser(HISTORY).answer(open_question) == "Title a, Title b"
+    user = LLMUser(HISTORY, FakeLLM(default=json.dumps({"choices": [2]})), GenerationParams())
+    assert user.answer(open_question) == "Title b"
+
+
 def test_llm_user_is_offered_only_categories_and_its_own_items() -> None:
     seen: list[Any] = []
 
