@@ -768,9 +768,10 @@ class ChatSession:
 
     @property
     def group(self) -> str:
-        """The ranker's weight set for this user: "chat" when the ranker has one."""
+        """The ranker's weight set for this user: "chat" once they named or picked an item
+        (and the ranker has chat weights); before that, what any short history gets."""
         weights = self.context.served.ranker.spec.weights
-        if "chat" in weights:
+        if "chat" in weights and self.liked_items:
             return "chat"
         return (
             "short"

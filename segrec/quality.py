@@ -55,7 +55,14 @@ from segrec.profile import (
     user_events,
     value_scales,
 )
-from segrec.ranker import Ranker, RankerSpec, kmeans_labels, split_signals, tune_ranker
+from segrec.ranker import (
+    MIN_TUNING_USERS,
+    Ranker,
+    RankerSpec,
+    kmeans_labels,
+    split_signals,
+    tune_ranker,
+)
 from segrec.recommend import EASE, ItemKNN, MostPop, cosine_scores, tune_ease
 from segrec.store import Store
 from segrec.templates import load_prompt
@@ -577,9 +584,22 @@ def _tune_chat_weights(
     names = [n for n in SIGNALS if n in spec.signals or n in ("segment_pop", "cosine")]
     names = [n for n in names if n != "ease" or spec.ease_lambda is not None]
     X, _, _ = run.states[("rule", CHAT_TUNE_AT)]
-    scored = replace(run.split, train=X)  # liked items are never recommended
+    # Chat weights serve users who named or picked an item (the others get the short-history
+    # weights), so they are tuned on those; liked items are never recommended.
+    rows = np.flatnonzero(np.diff(X.indptr) > 0)
+    if rows.size < MIN_TUNING_USERS:
+        spec = RankerSpec.from_dict(spec.as_dict())
+        spec.notes.append(f"chat weights not tuned: {rows.size} simulated chats named an item")
+        return spec
+    scored = replace(
+        run.split,
+        users=[run.split.users[r] for r in rows],
+        train=X[rows],
+        test=[run.split.test[r] for r in rows],
+    )
     stage("tuning chat weights")
-    blend, trace = tune_blend(_chat_signals(run, ("rule", CHAT_TUNE_AT), names), scored)
+    signals = _chat_signals(run, ("rule", CHAT_TUNE_AT), names)
+    blend, trace = tune_blend({n: m[rows] for n, m in signals.items()}, scored)
     spec = RankerSpec.from_dict(spec.as_dict())
     spec.weights["chat"] = blend.weights
     spec.validation["chat"] = {
@@ -625,12 +645,13 @@ def _chat_track(
         scores = np.full(X.shape, -np.inf)
         for fold, ranker in run.rankers.items():
             members = np.flatnonzero(chat.folds == fold)
+            named = np.diff(X[members].indptr) > 0  # as `ChatSession.group` decides
             recs = ranker.recommend(
                 X[members],
                 20,
                 labels=labels[members],
                 user_vectors=vectors[members],
-                groups=np.full(len(members), "chat"),
+                groups=np.where(named, "chat", "short"),
             )
             for i, row in enumerate(members):
                 _rank_into(scores, row, [c for c in recs.indices[i] if c >= 0])
