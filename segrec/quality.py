@@ -440,7 +440,7 @@ def _simulate_chats(
     matter to the ranking, are the same with or without the LLM.
     """
     from segrec.chat import ChatContext, ChatSession, SegmentCandidate
-    from segrec.ranker import history_vectors
+    from segrec.ranker import SIGNALS, history_vectors
     from segrec.segments import assign_users, segment_facts
     from segrec.serving import Served
 
@@ -484,13 +484,17 @@ def _simulate_chats(
     for key in labels:
         liked[key] = [[] for _ in range(n_users)]
     run = _ChatRun(chat, {}, {}, len(segments), sure)
+    candidates = [n for n in SIGNALS if n != "ease" or spec.ease_lambda is not None]
     all_rows = np.arange(chat.fit.shape[0])
     folds = np.unique(chat.folds)
     for fold in folds:
         members = np.flatnonzero(chat.folds == fold)
         fit_rows = np.setdiff1d(all_rows, members)
         stage(f"simulated chats: fold {int(fold) + 1} of {len(folds)}")
-        ranker = Ranker(spec, vectors).fit(chat.fit[fit_rows], clustering.labels[fit_rows])
+        # Every signal, not only those the spec weights: tuning the chat weights tries them.
+        ranker = Ranker(spec, vectors, names=candidates).fit(
+            chat.fit[fit_rows], clustering.labels[fit_rows]
+        )
         run.rankers[int(fold)] = ranker
         served = Served(
             ranker,
