@@ -111,25 +111,40 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sample", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--sample-tracks",
+        default="warm,cold,segments,grounding,chat",
+        help="tracks of the sample run (chat with the LLM user takes ~10 min on 2 cores)",
+    )
+    parser.add_argument(
+        "--reuse-all-users",
+        action="store_true",
+        help="take the all-users run from results/quality-all-users.json instead of rerunning",
+    )
     args = parser.parse_args()
     ratings = os.path.relpath(DATA / "ratings.csv", ROOT)
     movies = os.path.relpath(DATA / "movies.csv", ROOT)
     workspace = os.path.relpath(WORKSPACE, ROOT)
-    full_cmd, full = run(
-        [
-            ratings,
-            "--items",
-            movies,
-            "--tracks",
-            "warm,cold,segments,chat",
-            "--no-llm",
-            "--domain",
-            "movie",
-            "-w",
-            workspace,
-        ],
-        RESULTS / "quality-all-users.json",
-    )
+    full_args = [
+        ratings,
+        "--items",
+        movies,
+        "--tracks",
+        "warm,cold,segments,chat",
+        "--no-llm",
+        "--domain",
+        "movie",
+        "-w",
+        workspace,
+    ]
+    if args.reuse_all_users:
+        full_out = RESULTS / "quality-all-users.json"
+        full_cmd = " ".join(
+            ["segrec", "eval", *full_args, "--json", str(full_out.relative_to(ROOT))]
+        )
+        full = json.loads(full_out.read_text())
+    else:
+        full_cmd, full = run(full_args, RESULTS / "quality-all-users.json")
     sample_cmd, sample = run(
         [
             ratings,
@@ -140,7 +155,7 @@ def main() -> None:
             "--seed",
             str(args.seed),
             "--tracks",
-            "warm,cold,segments,grounding,chat",
+            args.sample_tracks,
             "--domain",
             "movie",
             "-w",
@@ -205,8 +220,14 @@ def main() -> None:
         "### Cold track",
         *ranking_table(sample["tracks"]["cold"]),
         "",
-        "### Chat track (rule-based and LLM-played simulated users)",
-        *ranking_table(sample["tracks"]["chat"]),
+        *(
+            [
+                "### Chat track (rule-based and LLM-played simulated users)",
+                *ranking_table(sample["tracks"]["chat"]),
+            ]
+            if "chat" in sample["tracks"]
+            else ["(chat track not in this run)"]
+        ),
         "",
         "### Segments",
         "",
