@@ -37,9 +37,9 @@ import scipy.sparse as sp
 from pydantic import BaseModel
 
 from segrec.embed import Encoder, embed_texts, mix_vectors
-from segrec.errors import InputError, LLMError, WorkspaceError
+from segrec.errors import InputError, WorkspaceError
 from segrec.grounding import decode_json, degenerate, join_words, norm
-from segrec.llm.base import LLM, GenerationParams, Message, RetryPolicy, generate_structured
+from segrec.llm.base import LLM, GenerationParams, Message, RetryPolicy, structured_or_why
 from segrec.profile import SUMMARY_MAX, Event, Profile, Vocabulary, user_events
 from segrec.reasons import Candidate, Reason, template_reason, write_reasons
 from segrec.segments import MIX_WEIGHT, assign_users
@@ -614,22 +614,17 @@ class ChatSession:
         else:
             messages = self.question_messages(options, contenders)
             parse = partial(parse_question, kinds=kinds, system=messages[0]["content"])
-            try:
-                result = generate_structured(
-                    context.llm,
-                    messages,
-                    parse=parse,
-                    params=context.params,
-                    schema=question_schema(kinds),
-                    attempts=context.attempts,
-                    policy=context.retry,
-                )
-            except LLMError as exc:
-                why = f"LLM error: {exc}"
-            else:
-                if result.value is not None:
-                    return Question(result.value, tuple(options), segments)
-                why = f"invalid after {result.attempts} tries: {result.errors[-1]}"
+            value, why = structured_or_why(
+                context.llm,
+                messages,
+                parse=parse,
+                params=context.params,
+                schema=question_schema(kinds),
+                attempts=context.attempts,
+                policy=context.retry,
+            )
+            if value is not None:
+                return Question(value, tuple(options), segments)
         text = template_question(options, context.domain)
         return Question(text, tuple(options), segments, fallback=True, fallback_reason=why)
 

@@ -25,9 +25,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from segrec.errors import LLMError
 from segrec.grounding import check_prose, decode_json, norm
-from segrec.llm.base import LLM, GenerationParams, Message, RetryPolicy, generate_structured
+from segrec.llm.base import LLM, GenerationParams, Message, RetryPolicy, structured_or_why
 from segrec.profile import Event, ProfileRequest, Vocabulary, compact_history, ungrounded_claims
 from segrec.templates import Prompt, load_prompt
 
@@ -371,22 +370,17 @@ def write_reasons(
                 vocabulary=grounding,
                 options=options,
             )
-            try:
-                result = generate_structured(
-                    llm,
-                    messages,
-                    parse=parse,
-                    params=params,
-                    schema=reason_schema(options),
-                    attempts=attempts,
-                    policy=retry or RetryPolicy(),
-                )
-            except LLMError as exc:
-                why = f"LLM error: {exc}"
-            else:
-                if result.value is not None:
-                    return result.value
-                why = f"invalid after {result.attempts} tries: {result.errors[-1]}"
+            value, why = structured_or_why(
+                llm,
+                messages,
+                parse=parse,
+                params=params,
+                schema=reason_schema(options),
+                attempts=attempts,
+                policy=retry or RetryPolicy(),
+            )
+            if value is not None:
+                return value
         return Reason(
             item_id=candidate.item_id,
             reason=template_reason(candidate, history, segment_name=segment_name),

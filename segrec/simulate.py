@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from segrec.errors import LLMError
 from segrec.grounding import decode_json
-from segrec.llm.base import LLM, GenerationParams, RetryPolicy, generate_structured
+from segrec.llm.base import LLM, GenerationParams, RetryPolicy, structured_or_why
 from segrec.profile import Event, compact_history
 from segrec.templates import Prompt, load_prompt
 
@@ -111,33 +110,19 @@ class LLMUser:
             question=question.text,
             options=[{"number": n, "label": o.label} for n, o in allowed],
         )
-        schema = {
-            "type": "object",
-            "properties": {
-                "choices": {
-                    "type": "array",
-                    "items": {"type": "integer", "enum": numbers},
-                    "maxItems": MAX_CHOICES,
-                }
-            },
-            "required": ["choices"],
-        }
-        try:
-            result = generate_structured(
-                self.llm,
-                messages,
-                parse=partial(_parse_choices, allowed=set(numbers)),
-                params=self.params,
-                schema=schema,
-                attempts=self.attempts,
-                policy=RetryPolicy(attempts=2),
-            )
-        except LLMError:
-            result = None
-        if result is None or result.value is None:
+        value, _ = structured_or_why(
+            self.llm,
+            messages,
+            parse=partial(_parse_choices, allowed=set(numbers)),
+            params=self.params,
+            schema=_choices_schema(numbers),
+            attempts=self.attempts,
+            policy=RetryPolicy(attempts=2),
+        )
+        if value is None:
             self.failures += 1
             return ""
-        return ", ".join(str(n) for n in result.value)
+        return ", ".join(str(n) for n in value)
 
     def _name_favourites(self, question: Any) -> str:
         """An open question: the model picks, by number, titles from its shown history."""
@@ -150,31 +135,29 @@ class LLMUser:
             question=question.text,
             options=[{"number": i, "label": t} for i, t in enumerate(titles, start=1)],
         )
-        try:
-            result = generate_structured(
-                self.llm,
-                messages,
-                parse=partial(_parse_choices, allowed=set(range(1, len(titles) + 1))),
-                params=self.params,
-                schema=_name_favourites_schema(titles),
-                attempts=self.attempts,
-                policy=RetryPolicy(attempts=2),
-            )
-        except LLMError:
-            result = None
-        if result is None or result.value is None or not result.value:
+        value, _ = structured_or_why(
+            self.llm,
+            messages,
+            parse=partial(_parse_choices, allowed=set(range(1, len(titles) + 1))),
+            params=self.params,
+            schema=_choices_schema(list(range(1, len(titles) + 1))),
+            attempts=self.attempts,
+            policy=RetryPolicy(attempts=2),
+        )
+        if value is None or not value:
             self.failures += 1
             return ""
-        return ", ".join(titles[n - 1] for n in result.value)
+        return ", ".join(titles[n - 1] for n in value)
 
 
-def _name_favourites_schema(titles: Sequence[str]) -> dict[str, Any]:
+def _choices_schema(numbers: Sequence[int]) -> dict[str, Any]:
+    """At most three of the given choice numbers."""
     return {
         "type": "object",
         "properties": {
             "choices": {
                 "type": "array",
-                "items": {"type": "integer", "enum": list(range(1, len(titles) + 1))},
+                "items": {"type": "integer", "enum": list(numbers)},
                 "maxItems": MAX_CHOICES,
             }
         },

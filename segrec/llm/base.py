@@ -147,6 +147,35 @@ def generate_structured(
     return result
 
 
+def structured_or_why(
+    llm: LLM,
+    messages: Sequence[Message],
+    *,
+    parse: Callable[[str], T],
+    params: GenerationParams,
+    schema: dict[str, Any] | None = None,
+    attempts: int = 3,
+    policy: RetryPolicy = RetryPolicy(),
+) -> tuple[T | None, str | None]:
+    """:func:`generate_structured` for callers that fall back: the value, or None and why
+    ("LLM error: …" after the transport retries, "invalid after N tries: …")."""
+    try:
+        result = generate_structured(
+            llm,
+            messages,
+            parse=parse,
+            params=params,
+            schema=schema,
+            attempts=attempts,
+            policy=policy,
+        )
+    except LLMError as exc:
+        return None, f"LLM error: {exc}"
+    if result.value is not None:
+        return result.value, None
+    return None, f"invalid after {result.attempts} tries: {result.errors[-1]}"
+
+
 def _one_line(exc: Exception) -> str:
     text = " ".join(str(exc).split())
     return text[:300]
@@ -163,4 +192,5 @@ __all__ = [
     "TransientLLMError",
     "complete_with_retry",
     "generate_structured",
+    "structured_or_why",
 ]
