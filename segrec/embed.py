@@ -248,6 +248,17 @@ def embed_texts(
     return out
 
 
+def embed_present(
+    texts: Sequence[str], encoder: Encoder, *, cache: VectorCache | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Embed texts where some are missing (""): their rows are zero, and the mask says which
+    (e.g. users without a profile), so callers can fill them from another view."""
+    missing = np.array([not t for t in texts], dtype=bool)
+    vectors = embed_texts([t or "-" for t in texts], encoder, cache=cache)
+    vectors[missing] = 0.0
+    return vectors, missing
+
+
 def _normalise_rows(vectors: np.ndarray) -> np.ndarray:
     """Scale each row to unit length in place; all-zero rows stay zero."""
     norms = np.linalg.norm(vectors, axis=-1, keepdims=True)

@@ -34,7 +34,7 @@ import scipy.sparse as sp
 from segrec.cluster import cluster_vectors, seed_ari
 from segrec.config import Settings
 from segrec.data import Dataset, ItemColumns, LogColumns, load_dataset
-from segrec.embed import SentenceTransformerEncoder, embed_texts
+from segrec.embed import SentenceTransformerEncoder, embed_present, embed_texts
 from segrec.errors import InputError
 from segrec.evaluate import (
     Split,
@@ -286,9 +286,7 @@ def _profile_vectors(
 ) -> tuple[np.ndarray, int]:
     """Profile embeddings for ``ids`` (zero vector, counted, for a user without one)."""
     texts = [profiles[u].embedding_text() if u in profiles else "" for u in ids]
-    vectors = embed_texts([t or "-" for t in texts], ctx.encoder, cache=ctx.store)
-    missing = np.array([not t for t in texts])
-    vectors[missing] = 0.0
+    vectors, missing = embed_present(texts, ctx.encoder, cache=ctx.store)
     return vectors, int(missing.sum())
 
 

@@ -20,7 +20,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from segrec.config import Settings
-from segrec.embed import SentenceTransformerEncoder, embed_texts
+from segrec.embed import SentenceTransformerEncoder, embed_present
 from segrec.errors import InputError, WorkspaceError
 from segrec.evaluate import Split, protocol_split
 from segrec.llm import make_llm
@@ -208,8 +208,7 @@ def _user_vectors(
     for user in user_ids:
         record = store.profile(user)
         texts.append(Profile.model_validate(record.profile).embedding_text() if record else "")
-    profile = embed_texts([t or "-" for t in texts], encoder, cache=store)
-    missing = np.array([not t for t in texts])
+    profile, missing = embed_present(texts, encoder, cache=store)
     profile[missing] = history[missing]
     if settings.represent == "profile":
         return profile

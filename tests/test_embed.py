@@ -274,3 +274,12 @@ def test_mix_vectors_rejects_bad_input():
         mix_vectors(a, a, 1.5)
     with pytest.raises(InputError, match="shapes"):
         mix_vectors(a, np.ones(3), 0.5)
+
+
+def test_embed_present_zeroes_and_marks_missing_texts() -> None:
+    from segrec.embed import embed_present
+    from segrec.testing import FakeEncoder
+
+    vectors, missing = embed_present(["a profile", "", "another"], FakeEncoder())
+    assert missing.tolist() == [False, True, False]
+    assert not vectors[1].any() and vectors[0].any() and vectors[2].any()
