@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sqlite3
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -55,7 +56,8 @@ ConfigOpt = Annotated[
 
 
 def user_errors(fn: F) -> F:
-    """Turn SegrecError into one line on stderr and exit 2; Ctrl-C into exit 130."""
+    """Turn SegrecError (and a damaged workspace) into one line on stderr and exit 2;
+    Ctrl-C into exit 130."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -64,6 +66,13 @@ def user_errors(fn: F) -> F:
         except SegrecError as exc:
             err.print(f"segrec: error: {exc}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
+        except sqlite3.DatabaseError as exc:  # damage met outside a `with Store` block
+            from segrec.store import damage_error
+
+            if (damage := damage_error(exc)) is None:
+                raise
+            err.print(f"segrec: error: {damage}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(damage.exit_code) from None
         except KeyboardInterrupt:
             err.print("segrec: interrupted — finished work is saved; rerun to resume")
             raise typer.Exit(130) from None

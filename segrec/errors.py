@@ -30,4 +30,11 @@ class LLMError(SegrecError):
 
 
 class TransientLLMError(LLMError):
-    """An LLM call that may succeed if retried (timeout, HTTP 429/5xx, dropped connection)."""
+    """An LLM call that may succeed if retried (timeout, HTTP 429/5xx, dropped connection).
+
+    ``retry_after`` is how long the server asked us to wait (its Retry-After), if it said.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -13,14 +13,12 @@ place that touches the workspace, and it commits each user as soon as it is done
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +34,13 @@ from segrec.grounding import (
     join_words,
     norm,
 )
-from segrec.llm.base import LLM, GenerationParams, RetryPolicy, generate_structured
+from segrec.llm.base import (
+    LLM,
+    GenerationParams,
+    RetryPolicy,
+    generate_structured,
+    map_concurrent,
+)
 from segrec.store import ProfileRecord, Store
 from segrec.templates import Prompt
 
@@ -664,29 +668,7 @@ def profile_users(
         if on_progress:
             on_progress(stats)
 
-    workers = max(1, int(getattr(llm, "concurrency", 1)))
-    if workers == 1:  # in-process backends: no thread hop per call
-        for request in todo:
-            record(request, functools.partial(run, request))
-        stats.seconds = time.perf_counter() - start
-        return stats
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: dict[Future[ProfileRecord], ProfileRequest] = {}
-        queue = iter(todo)
-        try:
-            for request in queue:
-                pending[pool.submit(run, request)] = request
-                if len(pending) >= workers:
-                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in finished:
-                        record(pending.pop(future), future.result)
-            while pending:
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    record(pending.pop(future), future.result)
-        except BaseException:
-            for future in pending:
-                future.cancel()
-            raise
+    for request, outcome in map_concurrent(llm, run, todo):
+        record(request, outcome)
     stats.seconds = time.perf_counter() - start
     return stats

@@ -18,7 +18,6 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -26,7 +25,14 @@ from typing import Any
 from pydantic import BaseModel
 
 from segrec.grounding import check_prose, decode_json, norm
-from segrec.llm.base import LLM, GenerationParams, Message, RetryPolicy, structured_or_why
+from segrec.llm.base import (
+    LLM,
+    GenerationParams,
+    Message,
+    RetryPolicy,
+    map_ordered,
+    structured_or_why,
+)
 from segrec.profile import Event, ProfileRequest, Vocabulary, compact_history, ungrounded_claims
 from segrec.templates import Prompt, load_prompt
 
@@ -390,6 +396,4 @@ def write_reasons(
 
     # One at a time for llama.cpp (the shared history prefix stays cached); a hosted
     # backend that takes concurrent calls gets them.
-    workers = max(1, int(getattr(llm, "concurrency", 1)))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(explain, candidates))
+    return map_ordered(llm, explain, candidates)

@@ -2,14 +2,17 @@
 
 A backend implements :meth:`LLM.complete` — one chat completion, optionally constrained by a
 JSON schema — and says how many calls may run at once. Retries with backoff, validation
-retries and fallbacks live here and in the stages, never in a backend.
+retries, fallbacks and running calls concurrently (:func:`map_concurrent`) live here and in
+the stages, never in a backend.
 """
 
 from __future__ import annotations
 
+import functools
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -17,6 +20,7 @@ from segrec.errors import LLMError, TransientLLMError
 
 Message = dict[str, str]
 T = TypeVar("T")
+A = TypeVar("A")
 
 
 @dataclass(frozen=True)
@@ -60,15 +64,24 @@ class LLM(Protocol):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with jitter for transient failures (timeouts, 429, 5xx)."""
+    """Exponential backoff with jitter for transient failures (timeouts, 429, 5xx).
+
+    A server's Retry-After is honoured (never waiting less than the backoff), but only up to
+    ``max_retry_after_s``: a server asking for an hour must not stall a run for an hour; the
+    call then fails for this user and a rerun retries it.
+    """
 
     attempts: int = 3
     backoff_s: float = 0.5
     max_backoff_s: float = 8.0
+    max_retry_after_s: float = 30.0
 
-    def delay(self, attempt: int) -> float:
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
         base = min(self.max_backoff_s, self.backoff_s * 2**attempt)
-        return base * (0.5 + random.random() / 2)
+        jittered = base * (0.5 + random.random() / 2)
+        if retry_after is None:
+            return jittered
+        return max(jittered, min(max(retry_after, 0.0), self.max_retry_after_s))
 
 
 def complete_with_retry(
@@ -84,10 +97,10 @@ def complete_with_retry(
     for attempt in range(policy.attempts):
         try:
             return llm.complete(messages, params=params, schema=schema)
-        except TransientLLMError:
+        except TransientLLMError as exc:
             if attempt + 1 >= policy.attempts:
                 raise
-            sleep(policy.delay(attempt))
+            sleep(policy.delay(attempt, exc.retry_after))
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -176,6 +189,47 @@ def structured_or_why(
     return None, f"invalid after {result.attempts} tries: {result.errors[-1]}"
 
 
+def map_concurrent(
+    llm: LLM, work: Callable[[A], T], inputs: Iterable[A]
+) -> Iterator[tuple[A, Callable[[], T]]]:
+    """Run ``work`` over ``inputs`` with up to ``llm.concurrency`` calls in flight.
+
+    The one place segrec runs LLM work concurrently. Yields ``(input, outcome)`` as each
+    finishes; ``outcome()`` returns the result or raises what ``work`` raised, so the caller
+    commits or reports every input on its own thread, as soon as it is done. Inputs are
+    read lazily and only ``concurrency`` are in flight, so stopping early (an interrupt)
+    loses at most those. A backend that takes one call at a time (in-process llama.cpp)
+    runs them inline, in order, without a thread hop.
+    """
+    workers = max(1, int(getattr(llm, "concurrency", 1)))
+    if workers == 1:
+        for item in inputs:
+            yield item, functools.partial(work, item)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: dict[Future[T], A] = {}
+        try:
+            for item in inputs:
+                pending[pool.submit(work, item)] = item
+                while len(pending) >= workers:
+                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        yield pending.pop(future), future.result
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    yield pending.pop(future), future.result
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def map_ordered(llm: LLM, work: Callable[[A], T], inputs: Sequence[A]) -> list[T]:
+    """:func:`map_concurrent` for callers that want every result, in input order."""
+    done = dict(map_concurrent(llm, lambda index: work(inputs[index]), range(len(inputs))))
+    return [done[index]() for index in range(len(inputs))]
+
+
 def _one_line(exc: Exception) -> str:
     text = " ".join(str(exc).split())
     return text[:300]
@@ -192,5 +246,7 @@ __all__ = [
     "TransientLLMError",
     "complete_with_retry",
     "generate_structured",
+    "map_concurrent",
+    "map_ordered",
     "structured_or_why",
 ]
