@@ -383,8 +383,14 @@ def _report_profiles(stats: Any) -> None:
     if stats.removed_claims:
         out.print(f"{stats.removed_claims} ungrounded claim(s) were removed from LLM output.")
     if stats.failed:
-        ids = ", ".join(list(stats.failures)[:10])
-        out.print(f"{stats.failed} user(s) failed (LLM unreachable): {ids} — rerun to retry.")
+        from segrec.store import natural_key
+
+        ids = ", ".join(sorted(stats.failures, key=natural_key)[:10])
+        first = next(iter(stats.failures.values()))
+        out.print(
+            f"{stats.failed} user(s) failed (LLM errors after retries): {ids} — rerun to retry."
+        )
+        out.print(f"first error: {first}", markup=False, highlight=False)
 
 
 def _show_profile(record: Any, as_json: bool) -> None:
