@@ -1,0 +1,68 @@
+"""Concurrency that pays: ``--concurrency N`` profiles N users at once against a server that
+answers N requests at once (issue 9 item 6: speed-up ≥ 0.8·N).
+
+The server is :mod:`segrec.fakeserver` in latency mode (schema-valid answers after a fixed
+delay); what is measured is segrec's own path: the OpenAI backend, ``map_concurrent``, the
+profile stage's validation and one commit per user. A ratio of throughputs, not a time.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from segrec import pipeline
+from segrec.config import Settings
+from segrec.fakeserver import fake_openai_server
+from segrec.llm.base import map_ordered
+from segrec.llm.openai import OpenAILLM
+from segrec.testing import FakeLLM
+
+LATENCY_S, N = 0.25, 8
+
+
+def throughput(settings: Settings, users: list[str], llm: OpenAILLM) -> float:
+    """Users per second from the first LLM call on (the stage's setup is not concurrent)."""
+    started: list[float] = []
+
+    def progress(stats: object) -> None:
+        if not started:
+            started.append(time.perf_counter())
+
+    stats = pipeline.run_profiles(settings, users, llm=llm, on_progress=progress)
+    assert stats.profiled == len(users) and stats.failed == 0
+    return len(users) / (time.perf_counter() - started[0])
+
+
+def test_profile_speed_up_is_at_least_0_8_n(
+    tmp_path: Path, example_ratings: Path, example_movies: Path
+) -> None:
+    base = Settings(workspace=tmp_path / "base", domain="movie")
+    pipeline.ingest(base, example_ratings, example_movies)
+    users = pipeline.select_users(base).user_ids
+    rates = {}
+    with fake_openai_server("ok", latency_s=LATENCY_S) as server:
+        for n, count in ((1, 8), (N, 4 * N)):
+            workspace = tmp_path / f"n{n}"
+            shutil.copytree(base.workspace, workspace)
+            llm = OpenAILLM("fake", base_url=server.base_url, concurrency=n, timeout_s=10)
+            server.peak_in_flight = 0
+            rates[n] = throughput(
+                base.model_copy(update={"workspace": workspace}), users[:count], llm
+            )
+            assert server.peak_in_flight == n
+    assert rates[N] / rates[1] >= 0.8 * N, rates
+
+
+def test_map_ordered_keeps_order_and_runs_inline_for_one_call_at_a_time() -> None:
+    seen: list[str] = []
+
+    def work(x: int) -> int:
+        seen.append(threading.current_thread().name)
+        return x * x
+
+    assert map_ordered(FakeLLM(concurrency=1), work, list(range(5))) == [0, 1, 4, 9, 16]
+    assert set(seen) == {threading.current_thread().name}
+    assert map_ordered(FakeLLM(concurrency=3), work, list(range(20))) == [x * x for x in range(20)]
