@@ -19,6 +19,7 @@ import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -668,7 +669,8 @@ def profile_users(
         if on_progress:
             on_progress(stats)
 
-    for request, outcome in map_concurrent(llm, run, todo):
-        record(request, outcome)
+    with closing(map_concurrent(llm, run, todo)) as finished:  # an error stops the rest
+        for request, outcome in finished:
+            record(request, outcome)
     stats.seconds = time.perf_counter() - start
     return stats

@@ -11,12 +11,13 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
 
 from segrec import pipeline
 from segrec.config import Settings
 from segrec.fakeserver import fake_openai_server
-from segrec.llm.base import map_ordered
+from segrec.llm.base import map_concurrent, map_ordered
 from segrec.llm.openai import OpenAILLM
 from segrec.testing import FakeLLM
 
@@ -66,3 +67,18 @@ def test_map_ordered_keeps_order_and_runs_inline_for_one_call_at_a_time() -> Non
     assert map_ordered(FakeLLM(concurrency=1), work, list(range(5))) == [0, 1, 4, 9, 16]
     assert set(seen) == {threading.current_thread().name}
     assert map_ordered(FakeLLM(concurrency=3), work, list(range(20))) == [x * x for x in range(20)]
+
+
+def test_map_concurrent_stops_when_closed_early() -> None:
+    started: list[int] = []
+
+    def work(x: int) -> int:
+        started.append(x)
+        return x
+
+    with closing(map_concurrent(FakeLLM(concurrency=2), work, range(100))) as results:
+        for count, (_, outcome) in enumerate(results, start=1):
+            outcome()
+            if count == 3:
+                break
+    assert 3 <= len(started) <= 5  # the three taken and at most two in flight

@@ -13,6 +13,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -197,9 +198,10 @@ def map_concurrent(
     The one place segrec runs LLM work concurrently. Yields ``(input, outcome)`` as each
     finishes; ``outcome()`` returns the result or raises what ``work`` raised, so the caller
     commits or reports every input on its own thread, as soon as it is done. Inputs are
-    read lazily and only ``concurrency`` are in flight, so stopping early (an interrupt)
-    loses at most those. A backend that takes one call at a time (in-process llama.cpp)
-    runs them inline, in order, without a thread hop.
+    read lazily and only ``concurrency`` are in flight; a caller that may stop early (an
+    error, an interrupt) wraps this in ``contextlib.closing`` so that the rest is cancelled
+    and the in-flight calls are waited for at once. A backend that takes one call at a time
+    (in-process llama.cpp) runs them inline, in order, without a thread hop.
     """
     workers = max(1, int(getattr(llm, "concurrency", 1)))
     if workers == 1:
@@ -226,7 +228,8 @@ def map_concurrent(
 
 def map_ordered(llm: LLM, work: Callable[[A], T], inputs: Sequence[A]) -> list[T]:
     """:func:`map_concurrent` for callers that want every result, in input order."""
-    done = dict(map_concurrent(llm, lambda index: work(inputs[index]), range(len(inputs))))
+    with closing(map_concurrent(llm, lambda i: work(inputs[i]), range(len(inputs)))) as results:
+        done = dict(results)
     return [done[index]() for index in range(len(inputs))]
 
 
