@@ -12,11 +12,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sqlite3
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import segrec_cmd
 from typer.testing import CliRunner
 
 from segrec import pipeline, store
@@ -131,6 +135,43 @@ def test_a_random_mix_ends_with_every_user_profiled_exactly_once(workspace: Path
     assert failed == 0
     with Store.open(workspace) as db:
         assert db.count("profiles") == 12 and db.failures() == {}
+
+
+def test_sigkill_with_calls_in_flight_then_resume(workspace: Path) -> None:
+    """``kill -9`` while several concurrent calls are in flight: the workspace passes its
+    integrity check and a rerun profiles every user exactly once, redoing none."""
+    db = workspace / store.DB_NAME
+    with fake_openai_server("ok", latency_s=0.2) as server:
+        command = [*segrec_cmd(), "profile", "--llm", "openai:fake", "--base-url"]
+        command += [server.base_url, "--concurrency", "4", "--json", "-w", str(workspace)]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while profile_count(db) < 6:
+            assert process.poll() is None, process.stderr.read().decode()  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "no profiles written in 120 s"
+            time.sleep(0.02)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        with sqlite3.connect(db) as conn:
+            before = dict(conn.execute("SELECT user_id, created_at FROM profiles").fetchall())
+        users = len(pipeline.select_users(Settings(workspace=workspace)).user_ids)
+        assert 6 <= len(before) < users, "the kill must land mid-run"
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)
+    assert stats["cached"] == len(before) and stats["profiled"] == users - len(before)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        after = dict(conn.execute("SELECT user_id, created_at FROM profiles").fetchall())
+    assert len(after) == users and all(after[u] == at for u, at in before.items())
+
+
+def profile_count(db: Path) -> int:
+    try:
+        with sqlite3.connect(db, timeout=5) as conn:
+            return int(conn.execute("SELECT count(*) FROM profiles").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
 
 
 # ------------------------------------------------------------------------------ backend
