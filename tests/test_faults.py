@@ -13,8 +13,10 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -189,6 +191,23 @@ def test_the_backend_raises_one_line_per_call_errors(mode: str) -> None:
     assert fragment in str(caught.value) and "\n" not in str(caught.value)
     if mode == "429":
         assert caught.value.retry_after == 7.0  # type: ignore[attr-defined]
+
+
+def test_the_fake_server_runs_from_the_command_line() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    command = [sys.executable, "-m", "segrec.fakeserver", "--mode", "html", "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        assert f"127.0.0.1:{port}/v1" in process.stdout.readline()
+        llm = OpenAILLM("fake", base_url=f"http://127.0.0.1:{port}/v1", timeout_s=5)
+        with pytest.raises(TransientLLMError, match="not JSON"):
+            llm.complete([{"role": "user", "content": "hi"}], params=GenerationParams())
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 def test_the_backend_accepts_a_valid_reply() -> None:
