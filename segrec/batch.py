@@ -100,7 +100,12 @@ def connect(settings: Settings, *, num_cpus: int | None = None) -> ModuleType:
         _probe(address)
         ray.init(address=address, **quiet)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **quiet)
+        ray.init(
+            address="local",  # a new cluster, never one some other process left running
+            num_cpus=num_cpus or os.cpu_count() or 1,
+            include_dashboard=False,
+            **quiet,
+        )
     return ray
 
 
