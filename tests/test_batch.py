@@ -88,10 +88,12 @@ def test_ray_runner_reports_llm_failures_per_user(
     settings = ingested(tmp_path / "ws", example_ratings, example_movies, retries=1)
     users = pipeline.select_users(settings).user_ids[:3]
     down = functools.partial(FakeLLM, default=TransientLLMError("HTTP 503: overloaded"))
-    with batch.profile_runner(settings, backend=down) as runner:
-        with Store.open(settings.workspace) as store:
-            stats = pipeline.profile_in(store, settings, users, runner=runner)
-            failures = store.failures()
+    with (
+        batch.profile_runner(settings, backend=down) as runner,
+        Store.open(settings.workspace) as store,
+    ):
+        stats = pipeline.profile_in(store, settings, users, runner=runner)
+        failures = store.failures()
     assert stats.failed == 3 and stats.profiled == 0
     assert set(stats.failures) == set(users) == set(failures)
     assert all("503" in reason for reason in stats.failures.values())
