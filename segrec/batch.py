@@ -182,7 +182,11 @@ class RayProfileRunner:
                 "same model and settings"
             )
         self.model_id, self.batch_size = described.pop()
-        self.workers = workers
+
+    @property
+    def actors(self) -> list[Any]:
+        """The actor handles (e.g. to watch or end one)."""
+        return list(self._actors)
 
     def run(
         self, requests: Sequence[ProfileRequest], job: ProfileJob
@@ -193,18 +197,27 @@ class RayProfileRunner:
         batches = deque(requests[i : i + size] for i in range(0, len(requests), size))
         slots = [a for a in self._actors for _ in range(IN_FLIGHT_PER_ACTOR)]
         pending: dict[Any, tuple[Any, Sequence[ProfileRequest]]] = {}
+        lost = ""
         try:
             while batches or pending:
                 while batches and slots:
                     actor, batch = slots.pop(), batches.popleft()
                     pending[actor.profile.remote(batch, job_ref)] = (actor, batch)
+                if not pending:  # every actor died: the rest fail too, and a rerun retries
+                    error = LLMError(f"no Ray worker left ({lost})")
+                    for request in (r for batch in batches for r in batch):
+                        yield request, functools.partial(_outcome, error)
+                    return
                 [ref], _ = ray.wait(list(pending), num_returns=1)
                 actor, batch = pending.pop(ref)
-                slots.append(actor)
                 try:
                     results = ray.get(ref)
-                except ray.exceptions.RayError as exc:  # a worker died: these users failed
-                    results = [LLMError(f"Ray worker failed: {_first_line(exc)}")] * len(batch)
+                except ray.exceptions.RayError as exc:  # the actor died: its users failed
+                    lost = f"Ray worker failed: {_first_line(exc)}"
+                    results = [LLMError(lost)] * len(batch)
+                    slots = [a for a in slots if a is not actor]
+                else:
+                    slots.append(actor)
                 for request, result in zip(batch, results, strict=True):
                     yield request, functools.partial(_outcome, result)
         finally:

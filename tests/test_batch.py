@@ -70,7 +70,7 @@ def test_ray_runner_matches_in_process_with_fake_llm(
         batch.profile_runner(distributed, backend=fake_backend) as runner,
         Store.open(distributed.workspace) as store,
     ):
-        assert runner.workers == 2 and runner.model_id == "fake-llm"
+        assert len(runner.actors) == 2 and runner.model_id == "fake-llm"
         seen: list[int] = []
         stats = pipeline.profile_in(
             store, distributed, users, runner=runner, on_progress=lambda s: seen.append(s.done)
@@ -97,6 +97,35 @@ def test_ray_runner_reports_llm_failures_per_user(
     assert stats.failed == 3 and stats.profiled == 0
     assert set(stats.failures) == set(users) == set(failures)
     assert all("503" in reason for reason in stats.failures.values())
+
+
+def test_a_dead_worker_fails_only_its_users_and_a_rerun_retries_them(
+    ray_cluster: object, tmp_path: Path, example_ratings: Path, example_movies: Path
+) -> None:
+    import ray
+
+    settings = ingested(tmp_path / "ws", example_ratings, example_movies)
+    everyone = pipeline.select_users(settings).user_ids
+    users, others = everyone[:12], everyone[12:15]
+    with (
+        batch.profile_runner(settings, backend=fake_backend) as runner,
+        Store.open(settings.workspace) as store,
+    ):
+        doomed = runner.actors[0]
+
+        def kill_once(stats: object) -> None:
+            if getattr(stats, "done", 0) == 1:
+                ray.kill(doomed)
+
+        stats = pipeline.profile_in(store, settings, users, runner=runner, on_progress=kill_once)
+        assert stats.done == 12 and stats.profiled == 12 - stats.failed
+        assert stats.failed <= 2  # its batches in flight; the other actor took the rest
+        assert all("Ray worker failed" in reason for reason in stats.failures.values())
+        again = pipeline.profile_in(store, settings, users, runner=runner)
+        assert again.cached == 12 - stats.failed and again.profiled == stats.failed
+        ray.kill(runner.actors[1])  # none left: reported per user, no hang
+        gone = pipeline.profile_in(store, settings, others, runner=runner)
+        assert gone.failed == 3 and set(gone.failures) == set(others)
 
 
 @pytest.mark.slow
@@ -141,6 +170,25 @@ def test_ray_encoder_gives_the_in_process_vectors(
     cached_only = SentenceTransformerEncoder()
     np.testing.assert_array_equal(embed_texts(texts, cached_only, cache=cache), on_ray)
     assert cached_only._model is None
+
+
+@pytest.mark.slow
+def test_cluster_with_ray_embeddings_matches_in_process(
+    ray_cluster: object, tmp_path: Path, example_ratings: Path, example_movies: Path
+) -> None:
+    found = {}
+    for executor in ("local", "ray"):
+        settings = ingested(tmp_path / executor, example_ratings, example_movies, executor=executor)
+        users = pipeline.select_users(settings).user_ids
+        pipeline.run_profiles(settings, users, llm=fake_backend())  # an llm given: in-process
+        result = pipeline.run_clustering(settings, k=3, llm=fake_backend())
+        with Store.open(settings.workspace) as store:
+            assigned = store.assignments(result.run.id)
+        found[executor] = (
+            result.run.params["encoder_id"],
+            {user: a.segment_id for user, a in assigned.items()},
+        )
+    assert found["ray"] == found["local"] and len(found["local"][1]) == 36
 
 
 @pytest.mark.slow
