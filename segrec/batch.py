@@ -43,6 +43,8 @@ INSTALL_HINT = "pip install 'segrec[ray]'"
 PROBE_TIMEOUT_S = 5.0
 # Batches queued per actor: one running, one waiting, so an actor never idles on the driver.
 IN_FLIGHT_PER_ACTOR = 2
+# Building a backend (loading a model) takes seconds; an actor not up by then is stuck.
+START_TIMEOUT_S = 300.0
 
 
 def import_ray() -> ModuleType:
@@ -61,12 +63,11 @@ def cluster_address(settings: Settings) -> str | None:
     return settings.ray_address or os.environ.get("RAY_ADDRESS") or None
 
 
-def check_cluster(settings: Settings) -> None:
-    """Fail fast, before anything is written: Ray installed and the cluster reachable."""
-    import_ray()
-    address = cluster_address(settings)
-    if address is not None:
-        _probe(address)
+def check_cluster(settings: Settings, *, embed: bool = False) -> None:
+    """Fail fast, before anything is written: Ray installed, the cluster reachable (started,
+    when local) and large enough for the workers asked for (LLM ones, or ``embed`` ones)."""
+    ray = connect(settings)
+    _workers(ray, settings, 1 if embed else _llm_backend(settings)[1])
 
 
 def _probe(address: str) -> None:
@@ -90,14 +91,15 @@ def _probe(address: str) -> None:
 def connect(settings: Settings, *, num_cpus: int | None = None) -> ModuleType:
     """Attach to the configured cluster or start a local one (once per process)."""
     ray = import_ray()
+    address = cluster_address(settings)
+    if address is not None:
+        _probe(address)
     if ray.is_initialized():
         return ray
-    address = cluster_address(settings)
     # No usage reporting from an offline tool (Ray reads this when it starts).
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     quiet: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False}
     if address is not None:
-        _probe(address)
         ray.init(address=address, **quiet)
     else:
         ray.init(
@@ -115,9 +117,29 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _workers(ray: ModuleType, settings: Settings, cpus_per_worker: int) -> int:
-    if settings.ray_workers is not None:
-        return settings.ray_workers
-    return max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus_per_worker)
+    """How many actors: as asked, or as many as the cluster's CPUs hold. More than it holds
+    would wait for CPUs forever, so that is refused."""
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    if settings.ray_workers is None:
+        return max(1, cpus // cpus_per_worker)
+    if settings.ray_workers * cpus_per_worker > cpus:
+        raise InputError(
+            f"ray_workers {settings.ray_workers} × {cpus_per_worker} CPU(s) each is more than "
+            f"the Ray cluster's {cpus} CPUs — ask for fewer workers (or threads per worker)"
+        )
+    return settings.ray_workers
+
+
+def _started(ray: ModuleType, actors: list[Any]) -> set[tuple[str, int]]:
+    """Each actor's (backend id, size), once its backend is built; bounded in time, since
+    an actor that finds no free CPU would never start."""
+    try:
+        return set(ray.get([a.describe.remote() for a in actors], timeout=START_TIMEOUT_S))
+    except ray.exceptions.GetTimeoutError:
+        raise SegrecError(
+            f"Ray workers did not start within {START_TIMEOUT_S:.0f} s — the cluster may have "
+            "no free CPUs; ask for fewer workers"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------- profiles
@@ -169,7 +191,10 @@ class RayProfileRunner:
         actor = ray.remote(num_cpus=cpus_per_worker)(_ProfileWorker)
         self._actors = [actor.remote(backend) for _ in range(workers)]
         try:
-            described = set(ray.get([a.describe.remote() for a in self._actors]))
+            described = _started(ray, self._actors)
+        except SegrecError:
+            self.close()
+            raise
         except ray.exceptions.RayError as exc:
             self.close()
             raise LLMError(
@@ -290,7 +315,10 @@ class RayEncoder:
         actor = ray.remote(num_cpus=1)(_EncodeWorker)
         self._actors = [actor.remote(path) for _ in range(workers)]
         try:
-            described = set(ray.get([a.describe.remote() for a in self._actors]))
+            described = _started(ray, self._actors)
+        except SegrecError:
+            self.close()
+            raise
         except ray.exceptions.RayError as exc:
             self.close()
             reason = _first_line(exc)

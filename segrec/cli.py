@@ -164,12 +164,12 @@ RayWorkersOpt = Annotated[
 ]
 
 
-def _check_executor(settings: Settings) -> None:
-    """With --executor ray: Ray installed and the cluster reachable, before anything is written."""
+def _check_executor(settings: Settings, *, embed: bool = False) -> None:
+    """With --executor ray: Ray installed and the cluster up, before anything is written."""
     if settings.executor == "ray":
         from segrec.batch import check_cluster
 
-        check_cluster(settings)
+        check_cluster(settings, embed=embed)
 
 
 def _ingest_files(
@@ -507,7 +507,7 @@ def cluster(
         ray_address=ray_address,
         ray_workers=ray_workers,
     )
-    _check_executor(settings)
+    _check_executor(settings, embed=True)
     with err.status("clustering", spinner="dots") as status:
         result = pipeline.run_clustering(
             settings,

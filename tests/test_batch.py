@@ -290,6 +290,27 @@ def test_bad_executor_input_is_one_line_and_changes_nothing(
     assert not fresh.exists()
 
 
+def test_more_workers_than_the_cluster_holds_is_refused_before_writing(
+    ray_cluster: object,
+    tmp_path: Path,
+    populated: Path,
+    example_ratings: Path,
+    example_movies: Path,
+) -> None:
+    before = snapshot(populated)
+    data = [str(example_ratings), "--items", str(example_movies)]
+    flags = ["--executor", "ray", "--ray-workers", "2", "--threads", "2"]
+    for workspace in (populated, tmp_path / "fresh"):
+        line = one_line_error(["profile", *data, *flags, "-w", str(workspace)], "2 × 2 CPU(s)")
+        assert "cluster's 2 CPUs" in line
+    one_line_error(
+        ["cluster", "--k", "2", "--executor", "ray", "--ray-workers", "3", "-w", str(populated)],
+        "ray_workers 3",
+    )
+    assert snapshot(populated) == before
+    assert not (tmp_path / "fresh").exists()
+
+
 def test_ray_not_installed_says_what_to_install(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
