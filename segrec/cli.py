@@ -286,7 +286,8 @@ def profile(
     """Ingest behaviour data (if given) and write one grounded LLM profile per user.
 
     Example: segrec profile ratings.csv --items movies.csv --domain movie --limit 20
-    Example: segrec profile --executor ray --llm openai:MODEL --base-url http://vllm:8000/v1
+
+    On Ray: segrec profile --executor ray --llm openai:MODEL --base-url http://vllm:8000/v1
     """
     from segrec import pipeline
 
