@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rows: list[tuple[str, float, ProfileStats]] = []
+    load_start = os.getloadavg()[0]
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -78,13 +79,6 @@ def main() -> None:
         with Store.open(probe.workspace) as store:
             everyone = store.user_ids()
         users = sorted(random.Random(args.seed).sample(everyone, args.users), key=int)
-
-        for threads in (1, 2):
-            settings = fresh(root, f"local{threads}")
-            llm = LlamaCppLLM(n_threads=threads)
-            seconds, stats = timed(lambda s=settings, b=llm: pipeline.run_profiles(s, users, llm=b))
-            rows.append((f"in-process, {threads} llama.cpp thread(s)", seconds, stats))
-        figures = per_call(settings, users)
 
         start = time.perf_counter()
         batch.connect(Settings(), num_cpus=2)
@@ -101,6 +95,13 @@ def main() -> None:
                     )
                 )
             rows.append((f"Ray, {workers} worker(s) × 1 thread", seconds, stats))
+
+        for threads in (1, 2):
+            settings = fresh(root, f"local{threads}")
+            llm = LlamaCppLLM(n_threads=threads)
+            seconds, stats = timed(lambda s=settings, b=llm: pipeline.run_profiles(s, users, llm=b))
+            rows.append((f"in-process, {threads} llama.cpp thread(s)", seconds, stats))
+        figures = per_call(settings, users)
 
         # The driver's ceiling: an instant backend, so only Ray round trips, grounding and
         # one SQLite commit per user are left; every user of the dataset.
@@ -121,9 +122,9 @@ def main() -> None:
         "",
         f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: {platform.platform()}, {os.cpu_count()} cores, Python "
-        f"{platform.python_version()}; **shared with five other engineers' jobs** (load "
-        f"average at the end: {os.getloadavg()[0]:.1f}), so absolute times are noisy; "
-        "compare the ratios",
+        f"{platform.python_version()}; **shared with five other engineers' jobs** (1-minute "
+        f"load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end), "
+        "so absolute times are noisy; compare the ratios",
         f"- data: ml-latest-small, {args.users} users sampled with seed {args.seed}; bundled "
         "SmolLM2-135M-Instruct Q4_1 (llama.cpp); each row on a fresh workspace (no cache)",
         f"- command: `python benchmarks/bench_ray.py --users {args.users} --seed {args.seed}`",

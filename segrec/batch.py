@@ -111,7 +111,8 @@ def connect(settings: Settings, *, num_cpus: int | None = None) -> ModuleType:
     return ray
 
 
-def _first_line(exc: BaseException) -> str:
+def _gist(exc: BaseException) -> str:
+    """One line of a Ray error: its last line names the cause (a traceback comes first)."""
     text = str(exc).strip()
     return text.splitlines()[-1] if text else type(exc).__name__
 
@@ -197,9 +198,7 @@ class RayProfileRunner:
             raise
         except ray.exceptions.RayError as exc:
             self.close()
-            raise LLMError(
-                f"Ray workers could not build their LLM backend: {_first_line(exc)}"
-            ) from None
+            raise LLMError(f"Ray workers could not build their LLM backend: {_gist(exc)}") from None
         if len(described) != 1:
             self.close()
             raise LLMError(
@@ -238,7 +237,7 @@ class RayProfileRunner:
                 try:
                     results = ray.get(ref)
                 except ray.exceptions.RayError as exc:  # the actor died: its users failed
-                    lost = f"Ray worker failed: {_first_line(exc)}"
+                    lost = f"Ray worker failed: {_gist(exc)}"
                     results = [LLMError(lost)] * len(batch)
                     slots = [a for a in slots if a is not actor]
                 else:
@@ -321,7 +320,7 @@ class RayEncoder:
             raise
         except ray.exceptions.RayError as exc:
             self.close()
-            reason = _first_line(exc)
+            reason = _gist(exc)
             raise InputError(f"Ray workers could not load the encoder: {reason}") from None
         if len(described) != 1:
             self.close()
