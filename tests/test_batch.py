@@ -128,6 +128,20 @@ def test_a_dead_worker_fails_only_its_users_and_a_rerun_retries_them(
         assert gone.failed == 3 and set(gone.failures) == set(others)
 
 
+def test_a_backend_that_cannot_be_built_is_one_clear_error(
+    ray_cluster: object, tmp_path: Path
+) -> None:
+    from segrec.errors import LLMError
+    from segrec.llm.llamacpp import LlamaCppLLM
+
+    missing = functools.partial(LlamaCppLLM, tmp_path / "missing.gguf")
+    with (
+        pytest.raises(LLMError, match=r"could not build their LLM backend: .*missing\.gguf"),
+        batch.profile_runner(Settings(workspace=tmp_path), backend=missing),
+    ):
+        pass
+
+
 @pytest.mark.slow
 def test_ray_executor_matches_in_process_on_the_bundled_model(
     ray_cluster: object, tmp_path: Path, example_ratings: Path, example_movies: Path
