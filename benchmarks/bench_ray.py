@@ -151,7 +151,7 @@ def main() -> None:
         "so absolute times are noisy; compare the ratios",
         f"- data: ml-latest-small, {args.users} users sampled with seed {args.seed}; bundled "
         "SmolLM2-135M-Instruct Q4_1 (llama.cpp); each row on a fresh workspace (no cache)",
-        f"- command: `python benchmarks/bench_ray.py --users {args.users} --seed {args.seed}`",
+        f"- command: `python benchmarks/bench_ray.py {' '.join(sys.argv[1:])}`",
         f"- Ray start-up (local `ray.init(num_cpus=2)`): {ray_start:.1f} s; actors with their "
         f"model loaded: {actor_start[1]:.1f} s (1), {actor_start[2]:.1f} s (2); "
         "not counted below",
