@@ -160,6 +160,25 @@ TimeoutOpt = Annotated[float | None, typer.Option(help="Per-request timeout, sec
 DomainOpt = Annotated[
     str | None, typer.Option(help="What the items are, for prompts (movie, product…).")
 ]
+ExecutorOpt = Annotated[
+    str | None,
+    typer.Option(help="Where per-user LLM/encoder work runs: local or ray [default local]."),
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(help="Ray cluster HOST:PORT to attach to [env RAY_ADDRESS; default: start one]."),
+]
+RayWorkersOpt = Annotated[
+    int | None, typer.Option(min=1, help="Ray actors, each with its own backend [one per CPU].")
+]
+
+
+def _check_executor(settings: Settings, *, embed: bool = False) -> None:
+    """With --executor ray: Ray installed and the cluster up, before anything is written."""
+    if settings.executor == "ray":
+        from segrec.batch import check_cluster
+
+        check_cluster(settings, embed=embed)
 
 
 def _ingest_files(
@@ -263,6 +282,9 @@ def profile(
     concurrency: ConcurrencyOpt = None,
     timeout: TimeoutOpt = None,
     domain: DomainOpt = None,
+    executor: ExecutorOpt = None,
+    ray_address: RayAddressOpt = None,
+    ray_workers: RayWorkersOpt = None,
     limit: Annotated[
         int | None, typer.Option(min=1, help="Profile only the first N users.")
     ] = None,
@@ -273,6 +295,8 @@ def profile(
     """Ingest behaviour data (if given) and write one grounded LLM profile per user.
 
     Example: segrec profile ratings.csv --items movies.csv --domain movie --limit 20
+
+    On Ray: segrec profile --executor ray --llm openai:MODEL --base-url http://vllm:8000/v1
     """
     from segrec import pipeline
 
@@ -286,7 +310,11 @@ def profile(
         concurrency=concurrency,
         timeout_s=timeout,
         domain=domain,
+        executor=executor,
+        ray_address=ray_address,
+        ray_workers=ray_workers,
     )
+    _check_executor(settings)
     if show is not None:
         _show_profile(pipeline.show_profile(settings, show), as_json)
         return
@@ -459,6 +487,9 @@ def cluster(
     base_url: BaseUrlOpt = None,
     timeout: TimeoutOpt = None,
     domain: DomainOpt = None,
+    executor: ExecutorOpt = None,
+    ray_address: RayAddressOpt = None,
+    ray_workers: RayWorkersOpt = None,
     workspace: WorkspaceOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
@@ -488,7 +519,11 @@ def cluster(
         represent=represent,
         encoder=encoder,
         min_segment_size=min_segment_size,
+        executor=executor,
+        ray_address=ray_address,
+        ray_workers=ray_workers,
     )
+    _check_executor(settings, embed=True)
     with err.status("clustering", spinner="dots") as status:
         result = pipeline.run_clustering(
             settings,

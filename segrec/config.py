@@ -59,6 +59,15 @@ class Settings(BaseModel):
     )
     min_segment_size: int = Field(10, ge=1, description="Privacy threshold for describing.")
     validation_attempts: int = Field(3, ge=1, le=10, description="Tries before the fallback.")
+    executor: Literal["local", "ray"] = Field(
+        "local", description="Where per-user LLM and encoder work runs: this process, or Ray."
+    )
+    ray_address: str | None = Field(
+        None, description="Ray cluster to attach to (default: $RAY_ADDRESS, else start one)."
+    )
+    ray_workers: int | None = Field(
+        None, ge=1, description="Ray actors, each with its own backend (default: one per CPU)."
+    )
 
     @field_validator("llm")
     @classmethod

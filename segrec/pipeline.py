@@ -17,12 +17,12 @@ import pandas as pd
 from segrec.cluster import ALGORITHMS, Clustering, bootstrap_stability, choose_k, cluster_vectors
 from segrec.config import Settings
 from segrec.data import IngestReport, ItemColumns, LogColumns, load_dataset
-from segrec.embed import SentenceTransformerEncoder
+from segrec.embed import Encoder, SentenceTransformerEncoder
 from segrec.errors import InputError, WorkspaceError
 from segrec.label import SegmentDoc, label_segments
 from segrec.llm import make_llm
 from segrec.llm.base import LLM, GenerationParams, RetryPolicy
-from segrec.profile import Profile, ProfileStats, Vocabulary, profile_users
+from segrec.profile import Profile, ProfileRunner, ProfileStats, Vocabulary, profile_users
 from segrec.segments import (
     SegmentFacts,
     assign_users,
@@ -148,7 +148,16 @@ def run_profiles(
     llm: LLM | None = None,
     on_progress: Callable[[ProfileStats], None] | None = None,
 ) -> ProfileStats:
-    """Profile users with the configured backend (or ``llm``), resuming from the cache."""
+    """Profile users with the configured backend (or ``llm``), resuming from the cache.
+
+    With ``executor = "ray"`` the LLM calls run on Ray actors that each build the backend;
+    this process still stores every result.
+    """
+    if settings.executor == "ray" and llm is None:
+        from segrec.batch import profile_runner
+
+        with profile_runner(settings) as runner, Store.open(settings.workspace) as store:
+            return profile_in(store, settings, user_ids, runner=runner, on_progress=on_progress)
     backend = llm if llm is not None else make_llm(settings)
     with Store.open(settings.workspace) as store:
         return profile_in(store, settings, user_ids, llm=backend, on_progress=on_progress)
@@ -159,7 +168,8 @@ def profile_in(
     settings: Settings,
     user_ids: Sequence[str],
     *,
-    llm: LLM,
+    llm: LLM | None = None,
+    runner: ProfileRunner | None = None,
     on_progress: Callable[[ProfileStats], None] | None = None,
 ) -> ProfileStats:
     """`profile_users` on an open store with the settings' prompt, parameters and limits."""
@@ -167,6 +177,7 @@ def profile_in(
         store,
         user_ids,
         llm=llm,
+        runner=runner,
         prompt=load_prompt("profile"),
         params=generation_params(settings),
         domain=settings.domain,
@@ -221,7 +232,11 @@ class ClusterResult:
     segments: list[SegmentRecord]
 
 
-def _encoder(settings: Settings) -> SentenceTransformerEncoder:
+def _encoder(settings: Settings) -> Encoder:
+    if settings.executor == "ray":  # batches encoded on Ray actors; same encoder id and cache
+        from segrec.batch import ray_encoder
+
+        return ray_encoder(settings)
     return SentenceTransformerEncoder(settings.encoder)
 
 
@@ -231,7 +246,7 @@ def _profiles(store: Store) -> dict[str, Profile]:
 
 def _vectors_for(
     store: Store,
-    encoder: SentenceTransformerEncoder,
+    encoder: Encoder,
     user_ids: Sequence[str],
     profiles: Mapping[str, Profile],
     represent: str,

@@ -18,10 +18,10 @@ import json
 import re
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import pandas as pd
 from pydantic import BaseModel, Field
@@ -559,6 +559,51 @@ def profile_one(
 # ------------------------------------------------------------------------------ many users
 
 
+@dataclass(frozen=True)
+class ProfileJob:
+    """Everything :func:`profile_one` needs besides the request and the backend.
+
+    Plain data, so a distributed runner (:mod:`segrec.batch`) ships it once to workers that
+    each hold their own backend, and they run exactly what this process would.
+    """
+
+    prompt: Prompt
+    params: GenerationParams
+    vocabulary: Vocabulary
+    domain: str = "item"
+    attempts: int = 3
+    retry: RetryPolicy = RetryPolicy()
+
+    def run(self, request: ProfileRequest, llm: LLM) -> ProfileRecord:
+        return profile_one(
+            request,
+            llm=llm,
+            prompt=self.prompt,
+            params=self.params,
+            vocabulary=self.vocabulary,
+            domain=self.domain,
+            attempts=self.attempts,
+            retry=self.retry,
+        )
+
+
+# What a runner yields per user: a call that returns the record or raises the LLMError.
+Outcome = Callable[[], ProfileRecord]
+
+
+class ProfileRunner(Protocol):
+    """Runs :meth:`ProfileJob.run` over requests elsewhere (e.g. Ray actors), yielding each
+    user's outcome as it finishes; :func:`profile_users` stores it. ``model_id`` is the
+    workers' backend's, so cache keys match the in-process path's."""
+
+    @property
+    def model_id(self) -> str: ...
+
+    def run(
+        self, requests: Sequence[ProfileRequest], job: ProfileJob
+    ) -> Iterator[tuple[ProfileRequest, Outcome]]: ...
+
+
 @dataclass
 class ProfileStats:
     """The closing summary of a run; ``as_json`` is what ``segrec profile --json`` prints."""
@@ -596,7 +641,8 @@ def profile_users(
     store: Store,
     user_ids: Sequence[str],
     *,
-    llm: LLM,
+    llm: LLM | None = None,
+    runner: ProfileRunner | None = None,
     prompt: Prompt,
     params: GenerationParams,
     domain: str = "item",
@@ -609,7 +655,12 @@ def profile_users(
     """Profile ``user_ids``, skipping those whose cached profile has the same key.
 
     Each finished user is committed at once; up to ``llm.concurrency`` calls run together.
+    With a ``runner`` instead of an ``llm``, the calls run where the runner puts them and only
+    this process writes to the store.
     """
+    if (llm is None) == (runner is None):
+        raise ValueError("profile_users needs exactly one of llm and runner")
+    model_id = runner.model_id if runner is not None else llm.model_id  # type: ignore[union-attr]
     start = time.perf_counter()
     stats = ProfileStats(users=len(user_ids))
     items = store.items_frame()
@@ -625,7 +676,7 @@ def profile_users(
             user_id,
             events.get(user_id, []),
             prompt=prompt,
-            model_id=llm.model_id,
+            model_id=model_id,
             params=params,
             max_items=max_items,
             max_tokens=max_tokens,
@@ -637,17 +688,10 @@ def profile_users(
     if on_progress:
         on_progress(stats)
 
+    job = ProfileJob(prompt, params, vocabulary, domain, attempts, retry)
+
     def run(request: ProfileRequest) -> ProfileRecord:
-        return profile_one(
-            request,
-            llm=llm,
-            prompt=prompt,
-            params=params,
-            vocabulary=vocabulary,
-            domain=domain,
-            attempts=attempts,
-            retry=retry,
-        )
+        return job.run(request, llm)  # type: ignore[arg-type]
 
     def record(request: ProfileRequest, outcome: Callable[[], ProfileRecord]) -> None:
         try:
@@ -669,8 +713,12 @@ def profile_users(
         if on_progress:
             on_progress(stats)
 
-    with closing(map_concurrent(llm, run, todo)) as finished:  # an error stops the rest
-        for request, outcome in finished:
+    if runner is not None:
+        for request, outcome in runner.run(todo, job):
             record(request, outcome)
+    else:
+        with closing(map_concurrent(llm, run, todo)) as finished:  # an error stops the rest
+            for request, outcome in finished:
+                record(request, outcome)
     stats.seconds = time.perf_counter() - start
     return stats
