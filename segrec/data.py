@@ -812,7 +812,9 @@ def _split_categories(raw: pd.DataFrame, columns: Sequence[str]) -> tuple[list[l
     parts = []
     for order, column in enumerate(columns):
         pattern = r"[|;,]" if _norm(column) in ("tags", "tag") else r"[|;]"
-        lists = pc.split_pattern_regex(pa.array(raw[column], type=pa.string()), pattern)
+        # from objects: a column parsed from a large file is a chunked Arrow array
+        cells = pa.array(raw[column].to_numpy(dtype=object), type=pa.string())
+        lists = pc.split_pattern_regex(cells, pattern)
         parts.append(
             pd.DataFrame(
                 {

@@ -30,7 +30,7 @@ from segrec.cluster import (
     resolve_algorithm,
 )
 from segrec.config import Settings
-from segrec.data import IngestReport, ItemColumns, LogColumns, load_dataset
+from segrec.data import CHUNK_BYTES, IngestReport, ItemColumns, LogColumns, load_dataset
 from segrec.embed import SentenceTransformerEncoder, embed_texts
 from segrec.errors import InputError, WorkspaceError
 from segrec.label import SegmentDoc, label_segments
@@ -75,11 +75,12 @@ def ingest(
     delimiter: str = ",",
     skip_bad_rows: bool = False,
     attribute_user_column: str | None = None,
+    chunk_bytes: int | None = CHUNK_BYTES,
 ) -> IngestResult:
     """Validate the files completely, then load them in one transaction.
 
     Validation happens before the workspace is opened, so a bad file leaves it untouched
-    (not even created).
+    (not even created). The log is validated ``chunk_bytes`` at a time (None: at once).
     """
     dataset = load_dataset(
         log,
@@ -90,6 +91,7 @@ def ingest(
         delimiter=delimiter,
         skip_bad_rows=skip_bad_rows,
         attribute_user_column=attribute_user_column,
+        chunk_bytes=chunk_bytes,
     )
     _check_disk_space(settings.workspace, Path(log))
     source = {
