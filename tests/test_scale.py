@@ -154,7 +154,11 @@ def clustered(tmp_path_factory: pytest.TempPathFactory, synthetic) -> Settings: 
         app,
         ["cluster", "--k", "4", "--sample", "500", "--seed", "3", "-w", str(settings.workspace)],
         catch_exceptions=False,
-        env={"SEGREC_LLM": "openai:unreachable", "SEGREC_BASE_URL": "http://127.0.0.1:9/v1"},
+        env={
+            "SEGREC_LLM": "openai:unreachable",
+            "SEGREC_BASE_URL": "http://127.0.0.1:9/v1",
+            "SEGREC_RETRIES": "1",
+        },
     )
     assert result.exit_code == 0, result.output
     return settings
