@@ -69,7 +69,13 @@ def segrec(*args: str) -> list[str]:
 
 
 def bench_size(
-    users: int, events: int, items: int, k: int, workdir: Path, llm_args: list[str]
+    users: int,
+    events: int,
+    items: int,
+    k: int,
+    workdir: Path,
+    llm_args: list[str],
+    baseline: bool = True,
 ) -> dict[str, Any]:
     import numpy as np
     import pandas as pd
@@ -96,14 +102,15 @@ def bench_size(
     )
     row |= {"ingest_s": round(seconds, 1), "ingest_peak_gb": round(peak, 2), "ingest_rc": rc}
     row["db_mb"] = round(sum(p.stat().st_size for p in ws.iterdir()) / 1e6, 1) if rc == 0 else None
-    whole = (
-        "from pathlib import Path; from segrec import pipeline; from segrec.config import "
-        f"Settings; pipeline.ingest(Settings(workspace=Path({str(workdir / 'ws-whole')!r})), "
-        f"Path({str(data.log)!r}), Path({str(data.items)!r}), chunk_bytes=None)"
-    )
-    seconds, peak, rc = run([sys.executable, "-c", whole])
-    row |= {"whole_ingest_s": round(seconds, 1), "whole_ingest_peak_gb": round(peak, 2)}
-    shutil.rmtree(workdir / "ws-whole", ignore_errors=True)
+    if baseline:
+        whole = (
+            "from pathlib import Path; from segrec import pipeline; from segrec.config import "
+            f"Settings; pipeline.ingest(Settings(workspace=Path({str(workdir / 'ws-whole')!r})),"
+            f" Path({str(data.log)!r}), Path({str(data.items)!r}), chunk_bytes=None)"
+        )
+        seconds, peak, rc = run([sys.executable, "-c", whole])
+        row |= {"whole_ingest_s": round(seconds, 1), "whole_ingest_peak_gb": round(peak, 2)}
+        shutil.rmtree(workdir / "ws-whole", ignore_errors=True)
     if row["ingest_rc"] != 0:
         return row
     out = workdir / "cluster.json"
@@ -180,6 +187,9 @@ def main() -> None:
     parser.add_argument("--base-url", default=None, help="passed to segrec cluster")
     parser.add_argument("--note", default="", help="a line recorded with the results")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="skip the whole-file ingest (memory-hungry)"
+    )
     args = parser.parse_args()
     llm_args = (["--llm", args.llm] if args.llm else []) + (
         ["--base-url", args.base_url] if args.base_url else []
@@ -189,7 +199,15 @@ def main() -> None:
         users, events, items = (int(x) for x in size.split(":"))
         workdir = args.workdir or Path(tempfile.mkdtemp(prefix="segrec-scale-"))
         try:
-            row = bench_size(users, events, items, args.k, workdir / str(users), llm_args)
+            row = bench_size(
+                users,
+                events,
+                items,
+                args.k,
+                workdir / str(users),
+                llm_args,
+                baseline=not args.no_baseline,
+            )
         finally:
             if args.workdir is None:
                 shutil.rmtree(workdir, ignore_errors=True)
