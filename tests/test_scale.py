@@ -23,6 +23,11 @@ from segrec.synthetic import write_synthetic_log
 from segrec.testing import FakeLLM, schema_answer
 
 runner = CliRunner()
+UNREACHABLE = {  # an OpenAI-compatible endpoint nobody listens on, tried once per call
+    "SEGREC_LLM": "openai:unreachable",
+    "SEGREC_BASE_URL": "http://127.0.0.1:9/v1",
+    "SEGREC_RETRIES": "1",
+}
 
 
 @pytest.fixture(scope="module")
@@ -154,11 +159,7 @@ def clustered(tmp_path_factory: pytest.TempPathFactory, synthetic) -> Settings: 
         app,
         ["cluster", "--k", "4", "--sample", "500", "--seed", "3", "-w", str(settings.workspace)],
         catch_exceptions=False,
-        env={
-            "SEGREC_LLM": "openai:unreachable",
-            "SEGREC_BASE_URL": "http://127.0.0.1:9/v1",
-            "SEGREC_RETRIES": "1",
-        },
+        env=UNREACHABLE,
     )
     assert result.exit_code == 0, result.output
     return settings
@@ -196,6 +197,15 @@ def test_sampled_run_recovers_planted_segments_and_exports(
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial file left
     planted = synthetic.planted[parquet["user_id"].astype(int).to_numpy()]
     assert adjusted_rand_score(planted, parquet["segment"]) >= 0.9
+    # the LLM-call count of `segrec profile`: one user, one call (unreachable, 1 try)
+    result = runner.invoke(
+        app,
+        ["profile", "--users", "0", "-w", str(clustered.workspace), "--json"],
+        env=UNREACHABLE,
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert (data["failed"], data["llm_calls"]) == (1, 1)
     # a user outside the sample gets a segment on demand, without a profile
     outside = sorted(set(map(str, range(600))) - set(parquet["user_id"]))[0]
     result = runner.invoke(
