@@ -47,7 +47,7 @@ from segrec.profile import (  # noqa: E402
     user_events,
     value_scales,
 )
-from segrec.segments import user_vectors  # noqa: E402
+from segrec.segments import Histories, user_vectors  # noqa: E402
 from segrec.store import Store  # noqa: E402
 from segrec.templates import load_prompt  # noqa: E402
 
@@ -111,8 +111,7 @@ def main() -> None:
         seen_items = items[items["item_id"].isin(set(stored["item_id"]))]
         item_vecs = embed_texts(list(seen_items["text"]), encoder, cache=store)
         common = {
-            "interactions": stored,
-            "item_ids": list(seen_items["item_id"]),
+            "histories": Histories.from_frame(stored, users, list(seen_items["item_id"])),
             "item_vectors": item_vecs,
             "encoder": encoder,
             "cache": store,

@@ -85,6 +85,23 @@ def _emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
 
 
+@contextmanager
+def _counting_llm_calls() -> Iterator[Any]:
+    """Count the command's LLM calls (see segrec.llm.counting); report with _llm_calls."""
+    from segrec.llm.counting import count_calls
+
+    with count_calls() as count:
+        yield count
+
+
+def _llm_calls(count: Any, data: dict[str, Any] | None = None) -> None:
+    """Add ``llm_calls`` to a JSON object about to be printed, else say it on stderr."""
+    if data is not None:
+        data["llm_calls"] = count.calls
+    else:
+        err.print(f"LLM calls: {count.calls}", markup=False)
+
+
 def _settings(config: Path | None, **overrides: Any) -> Settings:
     return load_settings(overrides, config_path=config)
 
@@ -335,13 +352,17 @@ def profile(
     elif items is not None:
         raise InputError(f"{items}: --items given without a behaviour log — pass RATINGS too")
     selection = pipeline.select_users(settings, users=_parse_ids(users, "--users"), limit=limit)
-    with _progress("profiling", len(selection.user_ids)) as update:
-        stats = pipeline.run_profiles(settings, selection.user_ids, on_progress=update)
-    _, assigned = pipeline.assign_users_to_run(settings)
+    with _counting_llm_calls() as calls:
+        with _progress("profiling", len(selection.user_ids)) as update:
+            stats = pipeline.run_profiles(settings, selection.user_ids, on_progress=update)
+        _, assigned = pipeline.assign_users_to_run(settings)
     if as_json:
-        _emit_json(stats.as_json())
+        data = stats.as_json()
+        _llm_calls(calls, data)
+        _emit_json(data)
     else:
         _report_profiles(stats)
+        _llm_calls(calls)
     for note in selection.notes:
         err.print(f"note: {note}", markup=False)
     if assigned:
@@ -465,8 +486,18 @@ def _show_profile(record: Any, as_json: bool) -> None:
 def cluster(
     k: Annotated[str, typer.Option("--k", help="Number of segments, or 'auto'.")] = "auto",
     algorithm: Annotated[
-        str, typer.Option(help="kmeans, minibatch, hdbscan or agglomerative.")
-    ] = "kmeans",
+        str,
+        typer.Option(
+            help="auto (minibatch above 50,000 users, else kmeans), kmeans, minibatch, "
+            "hdbscan or agglomerative."
+        ),
+    ] = "auto",
+    users: Annotated[
+        str | None, typer.Option(help="Cluster only these ids, e.g. 1,2,3 [default: all].")
+    ] = None,
+    sample: Annotated[
+        int | None, typer.Option(min=1, help="Cluster a seeded sample of N users (--seed).")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for every clusterer [default 0].")] = None,
     pca: Annotated[int | None, typer.Option(min=2, help="PCA components first.")] = None,
     represent: Annotated[
@@ -494,9 +525,10 @@ def cluster(
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Embed profiled users, cluster them into segments, and name the segments.
+    """Cluster every ingested user into segments and name them (profiles only the few
+    members each segment shows the LLM).
 
-    Example: segrec cluster --k 5    (or --k auto to choose by silhouette and stability)
+    Example: segrec cluster --k 5    (or --k auto; --sample 100000 --seed 1 for a sample)
     """
     from segrec import pipeline
 
@@ -524,20 +556,24 @@ def cluster(
         ray_workers=ray_workers,
     )
     _check_executor(settings, embed=True)
-    with err.status("clustering", spinner="dots") as status:
+    with _counting_llm_calls() as calls, err.status("clustering", spinner="dots") as status:
         result = pipeline.run_clustering(
             settings,
             k=k_value,
             algorithm=algorithm,
             pca=pca,
             small=small,
+            users=_parse_ids(users, "--users"),
+            sample=sample,
             on_stage=lambda stage: status.update(stage),
         )
     report = pipeline.segments_report(settings, result.run.id)
     if as_json:
+        _llm_calls(calls, report)
         _emit_json(report)
     else:
         _print_segments(report)
+        _llm_calls(calls)
 
 
 def _print_segments(report: dict[str, Any]) -> None:
@@ -608,17 +644,25 @@ def segments(
 @user_errors
 def segments_show(
     segment_id: Annotated[int, typer.Argument(help="Segment id.")],
+    llm: LlmOpt = None,
+    model_path: ModelPathOpt = None,
+    threads: ThreadsOpt = None,
+    base_url: BaseUrlOpt = None,
+    timeout: TimeoutOpt = None,
+    domain: DomainOpt = None,
     workspace: WorkspaceOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Everything about one segment.
+    """Everything about one segment (members shown without a profile are profiled now).
 
     Example: segrec segments show 0
     """
     from segrec import pipeline
 
-    run, seg = pipeline.segment_detail(_settings(config, workspace=workspace), segment_id)
+    settings = _llm_settings(config, workspace, llm, model_path, threads, base_url, timeout, domain)
+    with _counting_llm_calls() as calls, err.status("loading the segment", spinner="dots"):
+        run, seg, notes = pipeline.show_segment(settings, segment_id)
     data = {
         "run": run.id,
         "id": seg.segment_id,
@@ -628,9 +672,13 @@ def segments_show(
         "described": seg.described,
         **seg.facts,
     }
+    for note in notes:
+        err.print(f"note: {note}", markup=False)
     if as_json:
+        _llm_calls(calls, data)
         _emit_json(data)
         return
+    _llm_calls(calls)
     lines = [seg.description, ""]
     lines.append(
         f"size {seg.size} ({seg.facts['share']:.0%}) · silhouette "
@@ -651,6 +699,30 @@ def segments_show(
     if seg.fallback:
         lines.append(f"label is a fallback: {seg.facts.get('fallback_reason')}")
     out.print(Panel("\n".join(lines), title=f"segment {seg.segment_id}: {seg.name}"), markup=False)
+
+
+@segments_app.command("export")
+@user_errors
+def segments_export(
+    out_file: Annotated[
+        Path, typer.Option("--out", help="Output file: .parquet (or .pq) or .csv.")
+    ],
+    run: Annotated[
+        int | None, typer.Option("--run", help="Clustering run [default: the active one].")
+    ] = None,
+    workspace: WorkspaceOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Write every user's segment (user_id, segment, segment_name, distance, margin).
+
+    Example: segrec segments export --out segments.parquet --run 2
+    """
+    from segrec import pipeline
+
+    settings = _settings(config, workspace=workspace)
+    with err.status("exporting", spinner="dots"):
+        exported, rows = pipeline.export_assignments(settings, out_file, run_id=run)
+    err.print(f"wrote {rows} users of run {exported.id} to {out_file}", markup=False)
 
 
 @app.command()
@@ -693,18 +765,26 @@ def runs(
 @user_errors
 def assign(
     user: Annotated[str, typer.Option("--user", help="User id.")],
+    llm: LlmOpt = None,
+    model_path: ModelPathOpt = None,
+    threads: ThreadsOpt = None,
+    base_url: BaseUrlOpt = None,
+    timeout: TimeoutOpt = None,
+    domain: DomainOpt = None,
     workspace: WorkspaceOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Place a user in the active run's nearest segment (for users profiled after it).
+    """Place a user in the active run's nearest segment (users the run does not hold yet;
+    on profile or mix vectors a user without a profile is profiled first).
 
     Example: segrec assign --user 42
     """
     from segrec import pipeline
 
-    settings = _settings(config, workspace=workspace)
-    found, _ = pipeline.assign_users_to_run(settings, [user])
+    settings = _llm_settings(config, workspace, llm, model_path, threads, base_url, timeout, domain)
+    with _counting_llm_calls() as calls:
+        found, _ = pipeline.assign_users_to_run(settings, [user])
     if not found:
         raise InputError("no clustering run yet — run `segrec cluster --k 5` first")
     a = found[0]
@@ -718,8 +798,10 @@ def assign(
         "late": a.late,
     }
     if as_json:
+        _llm_calls(calls, data)
         _emit_json(data)
     else:
+        _llm_calls(calls)
         out.print(
             f'user {a.user_id} → segment {a.segment_id} "{seg.name}" (distance '
             f"{a.distance:.3f}, margin over the next {a.margin:.3f})",
@@ -897,14 +979,16 @@ def explain(
     serving.check_n(n)
     settings = _llm_settings(config, workspace, llm, model_path, threads, base_url, timeout, domain)
     filters = _filters(category, exclude, exclude_file)
-    with err.status("explaining", spinner="dots") as status:
+    with _counting_llm_calls() as calls, err.status("explaining", spinner="dots") as status:
         data, notes = serving.explain(
             settings, user, n=n, filters=filters, on_stage=lambda stage: status.update(stage)
         )
     if as_json:
+        _llm_calls(calls, data)
         _emit_json(data)
     else:
         _print_explain(data)
+        _llm_calls(calls)
     for note in notes:
         err.print(f"note: {note}", markup=False)
 
@@ -1163,10 +1247,17 @@ def chat(
         )
 
     quiet = script is not None and as_json
-    with err.status("asking and writing reasons", spinner="dots") if quiet else nullcontext():
+    with (
+        _counting_llm_calls() as calls,
+        err.status("asking and writing reasons", spinner="dots") if quiet else nullcontext(),
+    ):
         result = chats.run_chat(session, ask, on_turn=on_turn)
     if as_json:
-        _emit_json(result.as_json())
+        data = result.as_json()
+        _llm_calls(calls, data)
+        _emit_json(data)
+    else:
+        _llm_calls(calls)
     if result.quit:
         err.print("left the chat without saving", markup=False)
         return

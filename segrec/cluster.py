@@ -21,9 +21,14 @@ import numpy as np
 from segrec.errors import InputError
 
 ALGORITHMS = ("kmeans", "minibatch", "hdbscan", "agglomerative")
+AUTO = "auto"
 KMEANS_N_INIT = 3
 MINIBATCH_SIZE = 4096
+MINIBATCH_ABOVE = 50_000
+"""``--algorithm auto`` uses MiniBatchKMeans above this many users, plain k-means up to it."""
 SILHOUETTE_MAX_POINTS = 10_000
+STABILITY_MAX_POINTS = 20_000
+"""Bootstrap stability and the k scan recluster a seeded sample of at most this many rows."""
 AGGLOMERATIVE_MAX_POINTS = 20_000
 STABILITY_THRESHOLD = 0.6
 _CHUNK_ROWS = 16_384
@@ -48,10 +53,12 @@ class Clustering:
 
 @dataclass
 class KChoice:
-    """The chosen k and the curve it was chosen from (for the CLI to show)."""
+    """The chosen k and the curve it was chosen from (for the CLI to show); ``sample`` is the
+    number of rows scanned when that was a sample (None: every row)."""
 
     k: int
     curve: list[dict[str, float]] = field(default_factory=list)
+    sample: int | None = None
 
 
 def _check_matrix(X: np.ndarray, name: str = "X") -> np.ndarray:
@@ -71,6 +78,21 @@ def _check_matrix(X: np.ndarray, name: str = "X") -> np.ndarray:
                 f"{name}: row {row} contains NaN or infinity; re-embed or drop that row"
             )
     return X
+
+
+def resolve_algorithm(algorithm: str, n: int) -> str:
+    """``auto`` → minibatch above MINIBATCH_ABOVE vectors, kmeans up to it; others as given."""
+    if algorithm != AUTO:
+        _check_algorithm(algorithm)
+        return algorithm
+    return "minibatch" if n > MINIBATCH_ABOVE else "kmeans"
+
+
+def sample_rows(n: int, limit: int, seed: int) -> np.ndarray | None:
+    """Sorted row indices of a seeded sample of ``limit`` of ``n`` rows; None if n ≤ limit."""
+    if n <= limit:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
 
 
 def _check_algorithm(algorithm: str) -> None:
@@ -283,8 +305,12 @@ def bootstrap_stability(
     n_boot: int = 10,
     sample_frac: float = 0.8,
     seed: int = 0,
+    max_points: int = STABILITY_MAX_POINTS,
 ) -> np.ndarray:
     """Per-cluster stability in [0, 1], after Hennig's clusterboot.
+
+    Above ``max_points`` rows the rounds run on one seeded sample of that many rows (each
+    recluster costs a full fit; at a million users ten of them would dominate the run).
 
     Each round subsamples ``sample_frac`` of the rows without replacement and reclusters
     them with the same algorithm, k and parameters but another seed. A cluster scores its
@@ -302,6 +328,10 @@ def bootstrap_stability(
         raise InputError(f"n_boot={n_boot}: need at least 1 bootstrap round")
     if not 0.0 < sample_frac <= 1.0:
         raise InputError(f"sample_frac={sample_frac}: must be in (0, 1]")
+    sampled = sample_rows(X.shape[0], max_points, seed)
+    original = clustering.labels if sampled is None else clustering.labels[sampled]
+    if sampled is not None:
+        X = X[sampled]
     n = X.shape[0]
     m = round(n * sample_frac)
     k = clustering.k
@@ -325,7 +355,7 @@ def bootstrap_stability(
             pca=clustering.params.get("pca"),
             min_cluster_size=clustering.params.get("min_cluster_size", 5),
         )
-        scores[round_] = _best_jaccard(clustering.labels[rows], boot_labels, k)
+        scores[round_] = _best_jaccard(original[rows], boot_labels, k)
     with np.errstate(all="ignore"):
         counts = np.isfinite(scores).sum(axis=0)
         totals = np.nansum(scores, axis=0)
@@ -399,8 +429,11 @@ def choose_k(
     seed: int = 0,
     n_boot: int = 5,
     pca: int | None = None,
+    max_points: int = STABILITY_MAX_POINTS,
 ) -> KChoice:
     """Pick the number of segments from silhouette and bootstrap stability.
+
+    Above ``max_points`` rows the scan runs on one seeded sample of that many rows.
 
     Rule: scan k from ``k_min`` to ``k_max`` (clipped to n - 1); for each, cluster with
     the given seed and score the cosine silhouette and the mean per-cluster bootstrap
@@ -412,6 +445,9 @@ def choose_k(
     if algorithm == "hdbscan":
         raise InputError("choose_k: hdbscan finds its own number of clusters; give no k")
     X = _check_matrix(X)
+    sampled = sample_rows(X.shape[0], max_points, seed)
+    if sampled is not None:
+        X = X[sampled]
     n = X.shape[0]
     top = min(k_max, n - 1)
     if k_min < 2:
@@ -423,7 +459,9 @@ def choose_k(
     curve: list[dict[str, float]] = []
     for k in range(k_min, top + 1):
         clustering = cluster_vectors(X, k=k, algorithm=algorithm, seed=seed, pca=pca)
-        stability = bootstrap_stability(X, clustering, n_boot=n_boot, seed=seed)
+        stability = bootstrap_stability(
+            X, clustering, n_boot=n_boot, seed=seed, max_points=max_points
+        )
         finite = stability[np.isfinite(stability)]
         curve.append(
             {
@@ -439,7 +477,9 @@ def choose_k(
 
     stable = [row for row in curve if row["stability"] >= STABILITY_THRESHOLD]
     best = max(stable or curve, key=silhouette_of)
-    return KChoice(k=int(best["k"]), curve=curve)
+    return KChoice(
+        k=int(best["k"]), curve=curve, sample=None if sampled is None else int(sampled.size)
+    )
 
 
 def _centroid_distances(X: np.ndarray, centroids: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
@@ -450,6 +490,15 @@ def _centroid_distances(X: np.ndarray, centroids: np.ndarray) -> Iterator[tuple[
         B = block.astype(np.float64)
         squared = (B**2).sum(axis=1)[:, None] - 2.0 * B @ C.T + c_norms[None, :]
         yield start, np.sqrt(np.maximum(squared, 0.0))
+
+
+def centroid_distances(X_new: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """(rows × centroids) Euclidean distances, computed in row chunks (float32 result)."""
+    X_new = _check_assign(X_new, centroids, 1)
+    out = np.empty((X_new.shape[0], centroids.shape[0]), dtype=np.float32)
+    for start, D in _centroid_distances(X_new, centroids):
+        out[start : start + D.shape[0]] = D
+    return out
 
 
 def _check_assign(X_new: np.ndarray, centroids: np.ndarray, need: int) -> np.ndarray:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,13 @@ _PHONE = (
     r"(?:\+\d+|0\d+|\+?\(?\d{1,4}\)?(?:[\s.-]\d{2,4}){2,})"
 )
 _PII_SAMPLE = 10_000
+CHUNK_BYTES = 64 << 20
+"""The log is read, checked and parsed this many bytes (CSV) at a time."""
+CHUNK_ROWS = 1_000_000
+"""… or this many rows (Parquet)."""
+FIELD_LIMIT = 131_072
+"""Longest field accepted, in characters (Python's csv default; nothing segrec shows an LLM
+comes near it, and a longer one is almost always a broken export)."""
 _PII_FIX = "drop the column; segrec never sends personal data to an LLM"
 
 
@@ -161,12 +168,16 @@ def load_dataset(
     attribute_user_column: str | None = None,
     delimiter: str = ",",
     skip_bad_rows: bool = False,
+    chunk_bytes: int | None = CHUNK_BYTES,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> Dataset:
     """Read and validate the behaviour log, the item catalogue and optional attributes.
 
     ``skip_bad_rows`` applies to the log only: bad rows are skipped and counted, duplicates
     keep their first occurrence. The catalogue and the attributes must be clean, since a
-    silently dropped item or user would change every later stage.
+    silently dropped item or user would change every later stage. The log is read in
+    chunks of ``chunk_bytes`` (CSV; None: at once) or ``chunk_rows`` (Parquet); the result
+    does not depend on them.
     """
     delimiter = _parse_delimiter(delimiter)
     hint = "" if skip_bad_rows else " (or pass --skip-bad-rows)"
@@ -177,7 +188,15 @@ def load_dataset(
     notes: list[str] = []
     catalogue, item_rows = _load_items(item_source, item_columns, delimiter, notes)
     interactions, log_rows, skipped, duplicates, problems = _load_log(
-        log_source, log_columns, delimiter, skip_bad_rows, catalogue["item_id"], item_source, notes
+        log_source,
+        log_columns,
+        delimiter,
+        skip_bad_rows,
+        catalogue["item_id"],
+        item_source,
+        notes,
+        chunk_bytes,
+        chunk_rows,
     )
     unused = int((~_isin(catalogue["item_id"], interactions["item_id"])).sum())
     if unused:
@@ -313,16 +332,39 @@ def _shell_delimiter(delimiter: str) -> str:
 
 
 def _read(source: _Source, delimiter: str, problems: _Problems) -> tuple[pd.DataFrame, int]:
-    """All columns as str plus ``line``; unreadable rows go to ``problems``. Returns rows read."""
-    frame, lines, rows_read = (
-        _read_parquet(source) if source.parquet else _read_csv(source, delimiter, problems)
+    """All columns as str plus ``line``; unreadable rows go to ``problems``. Returns rows read.
+
+    The whole file as one frame (catalogues and attributes); the log is read in chunks."""
+    frames, rows_read = [], 0
+    for frame, rows in _read_chunks(source, delimiter, problems, chunk_bytes=None):
+        frames.append(frame)
+        rows_read += rows
+    return (frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)), rows_read
+
+
+def _read_chunks(
+    source: _Source,
+    delimiter: str,
+    problems: _Problems,
+    *,
+    chunk_bytes: int | None = CHUNK_BYTES,
+    chunk_rows: int = CHUNK_ROWS,
+) -> Iterator[tuple[pd.DataFrame, int]]:
+    """Frames of all columns as str plus ``line``, one per chunk of the file (CSV: about
+    ``chunk_bytes`` cut at a line end, None = whole file; Parquet: ``chunk_rows`` rows), and
+    the rows each chunk read. Unreadable rows go to ``problems``, with file line numbers."""
+    chunks = (
+        _parquet_chunks(source, chunk_rows if chunk_bytes is not None else None)
+        if source.parquet
+        else _csv_chunks(source, delimiter, problems, chunk_bytes)
     )
-    if "line" in frame.columns:
-        raise InputError(
-            f"{source.header}: column 'line' is reserved for segrec's line numbers; rename it"
-        )
-    frame["line"] = lines
-    return frame, rows_read
+    for frame, lines, rows_read in chunks:
+        if "line" in frame.columns:
+            raise InputError(
+                f"{source.header}: column 'line' is reserved for segrec's line numbers; rename it"
+            )
+        frame["line"] = lines
+        yield frame, rows_read
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -332,44 +374,94 @@ def _read_bytes(path: Path) -> bytes:
         raise InputError(f"{path}: cannot be read ({err.strerror}); check its permissions") from err
 
 
-def _read_csv(
-    source: _Source, delimiter: str, problems: _Problems
-) -> tuple[pd.DataFrame, np.ndarray, int]:
-    path = source.path
-    raw = _read_bytes(path)
+def _pieces(path: Path, chunk_bytes: int | None) -> Iterator[bytes]:
+    """The file's bytes in pieces of about ``chunk_bytes`` that end at a line end (the last
+    may not); one piece when ``chunk_bytes`` is None. Pieces never split a UTF-8 character."""
+    if chunk_bytes is None:
+        yield _read_bytes(path)
+        return
+    rest = b""
     try:
-        text, clean = raw.decode("utf-8"), True
-    except UnicodeDecodeError:  # keep bad bytes as lone surrogates, to name their lines
-        text, clean = raw.decode("utf-8", errors="surrogateescape"), False
-    text = text.removeprefix("\ufeff").replace("\r\n", "\n")
-    # Lone surrogates cannot go into Arrow strings; only a file with bad bytes pays for objects.
-    lines = pd.Series(text.split("\n"), dtype=str if clean else object)
-    blank = (lines.str.strip() == "").to_numpy()
-    if blank.all():
+        with path.open("rb") as handle:
+            while block := handle.read(chunk_bytes):
+                data = rest + block
+                cut = data.rfind(b"\n") + 1
+                if cut:
+                    yield data[:cut]
+                rest = data[cut:]
+    except OSError as err:
+        raise InputError(f"{path}: cannot be read ({err.strerror}); check its permissions") from err
+    if rest:
+        yield rest
+
+
+def _csv_chunks(
+    source: _Source, delimiter: str, problems: _Problems, chunk_bytes: int | None
+) -> Iterator[tuple[pd.DataFrame, np.ndarray, int]]:
+    path = source.path
+    names: list[str] | None = None
+    offset = 0  # lines before this piece
+    data_rows = 0
+    for index, raw in enumerate(_pieces(path, chunk_bytes)):
+        try:
+            text, clean = raw.decode("utf-8"), True
+        except UnicodeDecodeError:  # keep bad bytes as lone surrogates, to name their lines
+            text, clean = raw.decode("utf-8", errors="surrogateescape"), False
+        if index == 0:
+            text = text.removeprefix("\ufeff")
+        text = text.replace("\r\n", "\n").removesuffix("\n")
+        # Lone surrogates cannot go into Arrow strings; only bad bytes pay for objects.
+        lines = pd.Series(text.split("\n"), dtype=str if clean else object)
+        first = offset
+        offset += len(lines)
+        blank = (lines.str.strip() == "").to_numpy()
+        keep = ~blank
+        if names is None:
+            if blank.all():
+                continue
+            header_at = int(np.argmax(keep))
+            names = _csv_header(path, first + header_at + 1, lines.iloc[header_at], delimiter)
+            keep[: header_at + 1] = False
+        data = lines[keep]
+        if data.empty:
+            continue
+        data_rows += len(data)
+        line_no = data.index.to_numpy() + first + 1
+        yield _csv_rows(source, data, line_no, names, delimiter, clean, problems)
+    if names is None:
         raise InputError(f"{path}: the file is empty; expected a header line and data rows")
-    header_at = int(np.argmax(~blank))
-    header = lines.iloc[header_at]
+    if not data_rows:
+        raise InputError(f"{path}: the file has a header but no data rows")
+
+
+def _csv_header(path: Path, line: int, header: str, delimiter: str) -> list[str]:
+    """The column names of a header line, checked (bad bytes, one column, repeated names)."""
     if _SURROGATE.search(header):
-        raise InputError(f"{path}:{header_at + 1}: {_undecodable(header, path)}")
+        raise InputError(f"{path}:{line}: {_undecodable(header, path)}")
     names = [n.strip() for n in next(csv.reader([header], delimiter=delimiter))]
     if len(names) == 1:
-        _check_single_column(path, header_at + 1, header, delimiter)
+        _check_single_column(path, line, header, delimiter)
     seen: set[str] = set()
     for name in names:
         if name in seen:
             fix = "name them, or drop a trailing delimiter" if not name else "rename one"
-            raise InputError(
-                f"{path}:{header_at + 1}: column {name!r} appears twice in the header; {fix}"
-            )
+            raise InputError(f"{path}:{line}: column {name!r} appears twice in the header; {fix}")
         seen.add(name)
+    return names
 
-    keep = ~blank
-    keep[: header_at + 1] = False
-    data = lines[keep]
-    line_no = data.index.to_numpy() + 1
-    if data.empty:
-        raise InputError(f"{path}: the file has a header but no data rows")
 
+def _csv_rows(
+    source: _Source,
+    data: pd.Series,
+    line_no: np.ndarray,
+    names: list[str],
+    delimiter: str,
+    clean: bool,
+    problems: _Problems,
+) -> tuple[pd.DataFrame, np.ndarray, int]:
+    """Check lines (one record each) and parse the good ones; returns the frame, its line
+    numbers, and how many lines were read."""
+    path = source.path
     undecodable = (
         np.zeros(len(data), dtype=bool) if clean else data.str.contains(_SURROGATE).to_numpy()
     )
@@ -403,10 +495,29 @@ def _read_csv(
             f"contain {_shell_delimiter(delimiter)} or fix the row{source.skip_hint}"
         ),
     )
-
     good = ~(undecodable | unbalanced | ragged)
-    frame = _parse_lines(path, data[good], names, delimiter, line_no[good])
+    lengths = data.str.len().to_numpy()
+    long = np.flatnonzero(good & (lengths > FIELD_LIMIT))
+    if long.size:
+        oversized = [_oversized(path, data.iloc[i], names, delimiter) for i in long]
+        found = [i for i, why in zip(long, oversized, strict=True) if why]
+        reasons = [why for why in oversized if why]
+        problems.add(line_no[found], lambda i: reasons[i] + source.skip_hint)
+        good[found] = False
+    frame = _parse_lines(path, data[good], names, delimiter, int(lengths[good].max(initial=0)))
     return frame, line_no[good], len(data)
+
+
+def _oversized(path: Path, line: str, names: list[str], delimiter: str) -> str | None:
+    """Why a long line is refused (its first field over FIELD_LIMIT), or None if none is."""
+    row = _parse_lines(path, pd.Series([line]), names, delimiter, len(line)).iloc[0]
+    for name in names:
+        if len(row[name]) > FIELD_LIMIT:
+            return (
+                f"column {name!r} holds {len(row[name]):,} characters, over the limit of "
+                f"{FIELD_LIMIT:,} per field; shorten the value"
+            )
+    return None
 
 
 def _count(lines: pd.Series, literal: str) -> np.ndarray:
@@ -420,16 +531,18 @@ def _count(lines: pd.Series, literal: str) -> np.ndarray:
 
 
 def _parse_lines(
-    path: Path, rows: pd.Series, names: list[str], delimiter: str, line_no: np.ndarray
+    path: Path, rows: pd.Series, names: list[str], delimiter: str, longest: int
 ) -> pd.DataFrame:
-    """Parse lines already checked to hold one record each, so row i is line_no[i]."""
+    """Parse lines already checked to hold one record each, so row i is line i of ``rows``
+    (``longest``: the longest line's length, so that Arrow's blocks can hold it)."""
     if rows.empty:
         return pd.DataFrame({name: pd.Series(dtype=str) for name in names})
     columns = [f"c{i}" for i in range(len(names))]
+    block = max(1 << 20, 4 * (longest + 1))  # characters may take up to 4 bytes
     try:
         table = pa_csv.read_csv(
             io.BytesIO("\n".join(rows.tolist()).encode("utf-8")),
-            read_options=pa_csv.ReadOptions(column_names=columns),
+            read_options=pa_csv.ReadOptions(column_names=columns, block_size=block),
             parse_options=pa_csv.ParseOptions(delimiter=delimiter, newlines_in_values=False),
             convert_options=pa_csv.ConvertOptions(
                 column_types=dict.fromkeys(columns, pa.string()),
@@ -472,20 +585,40 @@ def _check_single_column(path: Path, line: int, header: str, delimiter: str) -> 
         )
 
 
-def _read_parquet(source: _Source) -> tuple[pd.DataFrame, np.ndarray, int]:
+def _parquet_chunks(
+    source: _Source, chunk_rows: int | None
+) -> Iterator[tuple[pd.DataFrame, np.ndarray, int]]:
+    """The Parquet file's rows as str columns, ``chunk_rows`` at a time (None: all at once)."""
     path = source.path
     if path.stat().st_size == 0:
         raise InputError(f"{path}: the file is empty; expected a Parquet table with rows")
     try:
-        table = pq.read_table(path)
+        parquet = pq.ParquetFile(path)
+        if parquet.metadata.num_rows == 0:
+            raise InputError(f"{path}: the Parquet file has no rows")
+        names = parquet.schema_arrow.names
+        if len(set(names)) != len(names):
+            raise InputError(f"{path}: two columns have the same name; rename one")
+        batches = (
+            [parquet.read()]
+            if chunk_rows is None
+            else (pa.Table.from_batches([b]) for b in parquet.iter_batches(chunk_rows))
+        )
+        done = 0
+        for table in batches:
+            frame = _parquet_text(path, table)
+            yield frame, np.arange(done + 1, done + table.num_rows + 1), table.num_rows
+            done += table.num_rows
     except (pa.ArrowException, OSError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InputError(
             f"{path}: not a readable Parquet file ({reason}); write it with pandas.to_parquet "
             "or pass a CSV file"
         ) from err
-    if table.num_rows == 0:
-        raise InputError(f"{path}: the Parquet file has no rows")
+
+
+def _parquet_text(path: Path, table: pa.Table) -> pd.DataFrame:
+    """Every column of a Parquet table as stripped str (lists joined by |, times as seconds)."""
     columns: dict[str, pd.Series] = {}
     for name, column in zip(table.column_names, table.columns, strict=True):
         kind = column.type
@@ -504,9 +637,7 @@ def _read_parquet(source: _Source) -> tuple[pd.DataFrame, np.ndarray, int]:
                 "as text or numbers"
             ) from err
         columns[str(name)] = text.astype(str).str.strip()
-    if len(columns) != len(table.column_names):
-        raise InputError(f"{path}: two columns have the same name; rename one")
-    return pd.DataFrame(columns), np.arange(1, table.num_rows + 1), table.num_rows
+    return pd.DataFrame(columns)
 
 
 # --- column mapping ------------------------------------------------------------------------------
@@ -681,7 +812,9 @@ def _split_categories(raw: pd.DataFrame, columns: Sequence[str]) -> tuple[list[l
     parts = []
     for order, column in enumerate(columns):
         pattern = r"[|;,]" if _norm(column) in ("tags", "tag") else r"[|;]"
-        lists = pc.split_pattern_regex(pa.array(raw[column], type=pa.string()), pattern)
+        # from objects: a column parsed from a large file is a chunked Arrow array
+        cells = pa.array(raw[column].to_numpy(dtype=object), type=pa.string())
+        lists = pc.split_pattern_regex(cells, pattern)
         parts.append(
             pd.DataFrame(
                 {
@@ -713,77 +846,34 @@ def _load_log(
     known_items: pd.Series,
     catalogue: _Source,
     notes: list[str],
+    chunk_bytes: int | None,
+    chunk_rows: int,
 ) -> tuple[pd.DataFrame, int, int, int, list[str]]:
-    """The validated interactions, rows read, rows skipped, duplicates dropped, problems."""
+    """The validated interactions, rows read, rows skipped, duplicates dropped, problems.
+
+    The log is read and checked chunk by chunk (only the compact, validated rows are kept);
+    duplicates are found over the whole log at the end, so the result and every message are
+    the same whatever the chunk size.
+    """
     problems = _Problems(source)
-    raw, rows_read = _read(source, delimiter, problems)
-    names = [c for c in raw.columns if c != "line"]
-    user = _resolve(source, names, columns.user, _USER, "--user-col")
-    if user is None:
-        raise _missing(source, "user id", _USER, names, "pass --user-col NAME")
-    item = _resolve(source, names, columns.item, _ITEM, "--item-col", [user])
-    if item is None:
-        raise _missing(source, "item id", _ITEM, names, "pass --item-col NAME")
-    taken = [user, item]
-    behavior = _resolve(source, names, columns.behavior, _BEHAVIOR, "--behavior-col", taken)
-    value = _resolve(source, names, columns.value, _VALUE, "--value-col", taken)
-    timestamp = _resolve(source, names, columns.timestamp, _TIMESTAMP, "--timestamp-col", taken)
-    _distinct(
-        source,
-        {"user": user, "item": item, "behavior": behavior, "value": value, "timestamp": timestamp},
+    roles: _LogRoles | None = None
+    parts: list[pd.DataFrame] = []
+    rows_read = 0
+    iso = False
+    known = pd.Index(known_items.unique())
+    chunks = _read_chunks(
+        source, delimiter, problems, chunk_bytes=chunk_bytes, chunk_rows=chunk_rows
     )
-    hint = source.skip_hint
-
-    if behavior is not None:
-        behaviors = raw[behavior]
-    else:
-        assumed = "rating" if value is not None and _norm(value) == "rating" else "interaction"
-        behaviors = pd.Series(assumed, index=raw.index, dtype=str)
-    values, bad_values = _parse_values(raw[value]) if value else (None, None)
-    times, bad_times, iso = _parse_timestamps(raw[timestamp]) if timestamp else (None, None, False)
-
-    problems.flag(
-        raw, raw[user] == "", lambda _: f"column {user!r} is empty; fill in the user{hint}"
-    )
-    problems.flag(
-        raw, raw[item] == "", lambda _: f"column {item!r} is empty; fill in the item{hint}"
-    )
-    if behavior is not None:
-        problems.flag(
-            raw, behaviors == "", lambda _: f"column {behavior!r} is empty; fill it in{hint}"
-        )
-    if value is not None:
-        problems.flag(
-            raw,
-            bad_values,
-            lambda r: (
-                f"column {value!r}: {_show(r[value])} is not a number; write it like 4.5, "
-                f"or leave it empty{hint}"
-            ),
-        )
-    if timestamp is not None:
-        problems.flag(raw, bad_times, lambda r: _bad_timestamp(timestamp, r[timestamp], hint))
-    problems.flag(
-        raw,
-        (raw[item] != "") & ~_isin(raw[item], known_items),
-        lambda r: (
-            f"item {_show(r[item])} (column {item!r}) is not in the catalogue "
-            f"{catalogue.path}; add it there{hint}"
-        ),
-    )
-
-    frame = pd.DataFrame(
-        {
-            "user_id": raw[user],
-            "item_id": raw[item],
-            "behavior": behaviors,
-            "value": values if values is not None else np.nan,
-            "timestamp": times if times is not None else pd.NA,
-            "line": raw["line"],
-        }
-    ).astype({"value": "float64", "timestamp": "Int64", "line": "int64"})
+    for raw, read in chunks:
+        rows_read += read
+        if roles is None:
+            roles = _LogRoles.resolve(source, [c for c in raw.columns if c != "line"], columns)
+        part, part_iso = _check_log_rows(raw, roles, source, problems, known, catalogue)
+        parts.append(part)
+        iso = iso or part_iso
+    assert roles is not None  # _read_chunks raises for a file without data rows
+    frame = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
     bad = problems.bad_lines()
-    frame = frame.loc[~frame["line"].isin(bad)]
     repeat, earlier = _repeats(frame, ["user_id", "item_id", "behavior", "timestamp"])
     duplicates = int(repeat.sum())
     if skip_bad_rows and duplicates:
@@ -812,11 +902,130 @@ def _load_log(
         )
 
     notes.extend(
-        _log_notes(source, names, user, item, behavior, value, timestamp, iso, frame["timestamp"])
+        _log_notes(
+            source,
+            roles.names,
+            roles.user,
+            roles.item,
+            roles.behavior,
+            roles.value,
+            roles.timestamp,
+            iso,
+            frame["timestamp"],
+        )
     )
     if len(bad):
         notes.append(f"{source.path}: skipped {len(bad)} bad rows")
     return frame, rows_read, len(bad), duplicates, problems.messages()
+
+
+@dataclass(frozen=True)
+class _LogRoles:
+    """Which log column plays which role (from the header, once for every chunk)."""
+
+    names: list[str]
+    user: str
+    item: str
+    behavior: str | None
+    value: str | None
+    timestamp: str | None
+
+    @classmethod
+    def resolve(cls, source: _Source, names: list[str], columns: LogColumns) -> _LogRoles:
+        user = _resolve(source, names, columns.user, _USER, "--user-col")
+        if user is None:
+            raise _missing(source, "user id", _USER, names, "pass --user-col NAME")
+        item = _resolve(source, names, columns.item, _ITEM, "--item-col", [user])
+        if item is None:
+            raise _missing(source, "item id", _ITEM, names, "pass --item-col NAME")
+        taken = [user, item]
+        behavior = _resolve(source, names, columns.behavior, _BEHAVIOR, "--behavior-col", taken)
+        value = _resolve(source, names, columns.value, _VALUE, "--value-col", taken)
+        timestamp = _resolve(source, names, columns.timestamp, _TIMESTAMP, "--timestamp-col", taken)
+        _distinct(
+            source,
+            {
+                "user": user,
+                "item": item,
+                "behavior": behavior,
+                "value": value,
+                "timestamp": timestamp,
+            },
+        )
+        return cls(names, user, item, behavior, value, timestamp)
+
+
+def _check_log_rows(
+    raw: pd.DataFrame,
+    roles: _LogRoles,
+    source: _Source,
+    problems: _Problems,
+    known_items: pd.Index,
+    catalogue: _Source,
+) -> tuple[pd.DataFrame, bool]:
+    """One chunk's rows checked (problems recorded) and converted; bad rows left out.
+    Also returns whether ISO timestamps were seen."""
+    user, item, behavior, value, timestamp = (
+        roles.user,
+        roles.item,
+        roles.behavior,
+        roles.value,
+        roles.timestamp,
+    )
+    hint = source.skip_hint
+    if behavior is not None:
+        behaviors = raw[behavior]
+    else:
+        assumed = "rating" if value is not None and _norm(value) == "rating" else "interaction"
+        behaviors = pd.Series(assumed, index=raw.index, dtype=str)
+    values, bad_values = _parse_values(raw[value]) if value else (None, None)
+    times, bad_times, iso = _parse_timestamps(raw[timestamp]) if timestamp else (None, None, False)
+
+    checks: list[tuple[Any, Callable[[dict[str, Any]], str]]] = [
+        (raw[user] == "", lambda _: f"column {user!r} is empty; fill in the user{hint}"),
+        (raw[item] == "", lambda _: f"column {item!r} is empty; fill in the item{hint}"),
+    ]
+    if behavior is not None:
+        checks.append(
+            (behaviors == "", lambda _: f"column {behavior!r} is empty; fill it in{hint}")
+        )
+    if value is not None:
+        checks.append(
+            (
+                bad_values,
+                lambda r: (
+                    f"column {value!r}: {_show(r[value])} is not a number; write it like 4.5, "
+                    f"or leave it empty{hint}"
+                ),
+            )
+        )
+    if timestamp is not None:
+        checks.append((bad_times, lambda r: _bad_timestamp(timestamp, r[timestamp], hint)))
+    checks.append(
+        (
+            (raw[item] != "").to_numpy() & (known_items.get_indexer(raw[item]) < 0),
+            lambda r: (
+                f"item {_show(r[item])} (column {item!r}) is not in the catalogue "
+                f"{catalogue.path}; add it there{hint}"
+            ),
+        )
+    )
+    bad = np.zeros(len(raw), dtype=bool)
+    for mask, reason in checks:
+        problems.flag(raw, mask, reason)
+        bad |= np.asarray(mask, dtype=bool)
+
+    frame = pd.DataFrame(
+        {
+            "user_id": raw[user],
+            "item_id": raw[item],
+            "behavior": behaviors,
+            "value": values if values is not None else np.nan,
+            "timestamp": times if times is not None else pd.NA,
+            "line": raw["line"],
+        }
+    ).astype({"value": "float64", "timestamp": "Int64", "line": "int64"})
+    return frame.loc[~bad], iso
 
 
 def _log_notes(

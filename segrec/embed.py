@@ -316,8 +316,30 @@ def mean_item_vectors(
             count=indices.size,
         )
     matrix = sparse.csr_matrix((data, indices, indptr), shape=(len(histories), n_items))
-    users = np.asarray(matrix @ np.asarray(item_vectors, dtype=np.float32), dtype=np.float32)
-    return _normalise_rows(users)
+    return sparse_mean_vectors(matrix, item_vectors)
+
+
+USER_BATCH = 65_536
+"""Users per sparse product in :func:`sparse_mean_vectors` (bounds the float temporaries)."""
+
+
+def sparse_mean_vectors(
+    matrix: Any, item_vectors: np.ndarray, *, batch_rows: int = USER_BATCH
+) -> np.ndarray:
+    """Row-normalised ``matrix @ item_vectors`` for a sparse user × item matrix, in batches
+    of users, so a million users never hold more than one batch of temporaries."""
+    items = np.asarray(item_vectors, dtype=np.float32)
+    if matrix.shape[1] != items.shape[0]:
+        raise InputError(
+            f"matrix has {matrix.shape[1]} item columns but there are {items.shape[0]} item "
+            "vectors; pass one vector per column"
+        )
+    matrix = matrix.tocsr()
+    out = np.empty((matrix.shape[0], items.shape[1]), dtype=np.float32)
+    for start in range(0, matrix.shape[0], batch_rows):
+        block = matrix[start : start + batch_rows]
+        out[start : start + block.shape[0]] = block @ items
+    return _normalise_rows(out)
 
 
 def mix_vectors(a: np.ndarray, b: np.ndarray, weight_a: float) -> np.ndarray:

@@ -6,28 +6,42 @@ a notebook can call the same functions the CLI does.
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
 
-from segrec.cluster import ALGORITHMS, Clustering, bootstrap_stability, choose_k, cluster_vectors
+from segrec.cluster import (
+    ALGORITHMS,
+    AUTO,
+    MINIBATCH_ABOVE,
+    STABILITY_MAX_POINTS,
+    bootstrap_stability,
+    centroid_distances,
+    choose_k,
+    cluster_vectors,
+    resolve_algorithm,
+)
 from segrec.config import Settings
-from segrec.data import IngestReport, ItemColumns, LogColumns, load_dataset
-from segrec.embed import Encoder, SentenceTransformerEncoder
+from segrec.data import CHUNK_BYTES, IngestReport, ItemColumns, LogColumns, load_dataset
+from segrec.embed import Encoder, SentenceTransformerEncoder, embed_texts
 from segrec.errors import InputError, WorkspaceError
 from segrec.label import SegmentDoc, label_segments
 from segrec.llm import make_llm
 from segrec.llm.base import LLM, GenerationParams, RetryPolicy
 from segrec.profile import Profile, ProfileRunner, ProfileStats, Vocabulary, profile_users
 from segrec.segments import (
-    SegmentFacts,
+    Histories,
     assign_users,
+    category_shares,
     effective_min_size,
-    item_matrix,
     merge_small,
     segment_facts,
     user_vectors,
@@ -61,11 +75,12 @@ def ingest(
     delimiter: str = ",",
     skip_bad_rows: bool = False,
     attribute_user_column: str | None = None,
+    chunk_bytes: int | None = CHUNK_BYTES,
 ) -> IngestResult:
     """Validate the files completely, then load them in one transaction.
 
     Validation happens before the workspace is opened, so a bad file leaves it untouched
-    (not even created).
+    (not even created). The log is validated ``chunk_bytes`` at a time (None: at once).
     """
     dataset = load_dataset(
         log,
@@ -76,7 +91,9 @@ def ingest(
         delimiter=delimiter,
         skip_bad_rows=skip_bad_rows,
         attribute_user_column=attribute_user_column,
+        chunk_bytes=chunk_bytes,
     )
+    _check_disk_space(settings.workspace, Path(log))
     source = {
         "log": str(log),
         "items": str(items),
@@ -87,6 +104,26 @@ def ingest(
     with Store.open(settings.workspace, create=True) as store:
         stats = store.ingest(dataset, source=source)
     return IngestResult(report=dataset.report, stats=stats)
+
+
+DISK_PER_LOG_BYTE = 3
+"""Free space an ingest needs, per byte of the log (SQLite's table and key index of the
+interactions, and the write-ahead log of the one transaction; measured in bench_scale)."""
+
+
+def _check_disk_space(workspace: Path, log: Path) -> None:
+    """Refuse, before writing anything, a log too large for the workspace's free disk space."""
+    folder = Path(workspace).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    need = log.stat().st_size * DISK_PER_LOG_BYTE
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise InputError(
+            f"{log}: loading it needs about {need / 1e9:.1f} GB free on the disk of "
+            f"{workspace}, but only {free / 1e9:.1f} GB are free — free some space or pass "
+            "--workspace on a larger disk"
+        )
 
 
 @dataclass(frozen=True)
@@ -232,6 +269,19 @@ class ClusterResult:
     segments: list[SegmentRecord]
 
 
+MEMBERS_SHOWN = 5
+"""Members nearest its centroid that naming a segment shows the LLM (profiled on demand)."""
+CONTRAST_SHOWN = 3
+"""Non-members nearest the centroid shown as the contrast set (profiled on demand)."""
+
+
+def llm_call_bound(k: int, attempts: int) -> int:
+    """The most LLM calls naming ``k`` segments makes when no call fails in transport: per
+    segment, a profile for each member and contrast user shown and the label, each up to
+    ``attempts`` tries (k·m with m = (MEMBERS_SHOWN + CONTRAST_SHOWN + 1)·attempts)."""
+    return k * (MEMBERS_SHOWN + CONTRAST_SHOWN + 1) * attempts
+
+
 def _encoder(settings: Settings) -> Encoder:
     if settings.executor == "ray":  # batches encoded on Ray actors; same encoder id and cache
         from segrec.batch import ray_encoder
@@ -244,85 +294,159 @@ def _profiles(store: Store) -> dict[str, Profile]:
     return {r.user_id: Profile.model_validate(r.profile) for r in store.profiles()}
 
 
+def _profiles_of(store: Store, user_ids: Sequence[str]) -> dict[str, Profile]:
+    """The stored profiles of ``user_ids`` (users without one are absent)."""
+    found = {}
+    for user in user_ids:
+        record = store.profile(user)
+        if record is not None:
+            found[user] = Profile.model_validate(record.profile)
+    return found
+
+
+def _histories(store: Store, user_ids: Sequence[str], *, everyone: bool = False) -> Histories:
+    """The users' histories over the items they touched, read from SQL in batches."""
+    catalogue = store.item_ids()
+    rows, cols = store.interaction_pairs(user_ids, catalogue, everyone=everyone)
+    used, cols = np.unique(cols, return_inverse=True)
+    return Histories.from_pairs(user_ids, [catalogue[c] for c in used], rows, cols)
+
+
 def _vectors_for(
     store: Store,
     encoder: Encoder,
-    user_ids: Sequence[str],
+    histories: Histories,
     profiles: Mapping[str, Profile],
     represent: str,
-    interactions: pd.DataFrame,
 ) -> np.ndarray:
-    """The clustered vectors of ``user_ids``, with item and text embeddings cached."""
-    item_ids: list[str] = []
+    """The clustered vectors of the histories' users, with item and text embeddings cached."""
     item_vectors = None
     if represent in ("items", "mix"):
-        items = store.items_frame()
-        items = items[items["item_id"].isin(set(interactions["item_id"]))]
-        item_ids = list(items["item_id"])
-        item_vectors = item_matrix(items, encoder, cache=store)
+        texts = store.items_frame().set_index("item_id")["text"]
+        item_vectors = embed_texts(list(texts.loc[histories.item_ids]), encoder, cache=store)
     return user_vectors(
         represent,
-        user_ids,
-        profile_texts={u: profiles[u].embedding_text() for u in user_ids},
-        interactions=interactions,
-        item_ids=item_ids,
+        histories.user_ids,
+        profile_texts={u: p.embedding_text() for u, p in profiles.items()},
+        histories=histories,
         item_vectors=item_vectors,
         encoder=encoder,
         cache=store,
     )
 
 
+def _population(
+    store: Store, settings: Settings, users: Sequence[str] | None, sample: int | None
+) -> tuple[list[str], bool, list[str]]:
+    """The users a clustering run covers, whether that is every user with interactions, and
+    notes: every ingested user, the named ones, or a seeded sample of either."""
+    everyone = store.user_ids()
+    ingested = store.user_ids(source="ingest")
+    if not ingested:
+        raise WorkspaceError(
+            f"{settings.workspace}: no users ingested yet — run `segrec ingest RATINGS --items "
+            "ITEMS`"
+        )
+    notes: list[str] = []
+    chosen = ingested
+    if users is not None:
+        known = set(everyone)
+        missing = [u for u in users if u not in known]
+        if missing:
+            raise InputError(
+                f"--users: unknown user id {missing[0]!r} — list users with `segrec users`"
+            )
+        chosen = list(users)
+        notes.append(f"{len(chosen)} of {len(everyone)} users selected (--users)")
+    if sample is not None:
+        if sample < 3 or sample > len(chosen):
+            raise InputError(
+                f"--sample {sample}: must be between 3 and the {len(chosen)} users there are "
+                "to sample from — lower it, or leave it out to cluster everyone"
+            )
+        rows = np.sort(np.random.default_rng(settings.seed).choice(len(chosen), sample, False))
+        chosen = [chosen[i] for i in rows]
+        notes.append(
+            f"clustered a seeded sample of {sample} of {len(everyone)} users (--sample, seed "
+            f"{settings.seed}); others get their nearest segment with `segrec assign`"
+        )
+    return chosen, len(chosen) == len(everyone), notes
+
+
 def run_clustering(
     settings: Settings,
     *,
     k: int | None,
-    algorithm: str = "kmeans",
+    algorithm: str = AUTO,
     pca: int | None = None,
     small: str = "merge",
     k_max: int = 10,
+    users: Sequence[str] | None = None,
+    sample: int | None = None,
     llm: LLM | None = None,
     on_stage: Callable[[str], None] | None = None,
 ) -> ClusterResult:
-    """Embed profiled users, cluster them, name the segments, and store the run (active).
+    """Cluster every ingested user (or ``users``, or a seeded ``sample``), name the segments,
+    and store the run (active).
 
-    ``k=None`` chooses k by silhouette and bootstrap stability. Everything is validated
-    before the first write, so a bad flag leaves the workspace untouched.
+    With ``represent=items`` no profile is needed: only the members and contrast users that
+    naming shows the LLM are profiled, through the normal cache (at most
+    :func:`llm_call_bound` calls). ``k=None`` chooses k by silhouette and bootstrap
+    stability. Everything is validated before the first write, so a bad flag leaves the
+    workspace untouched.
     """
     stage = on_stage or (lambda _: None)
-    if algorithm not in ALGORITHMS:
+    if algorithm != AUTO and algorithm not in ALGORITHMS:
         raise InputError(
-            f"--algorithm {algorithm!r}: unknown — choose one of {', '.join(ALGORITHMS)}"
+            f"--algorithm {algorithm!r}: unknown — choose {AUTO}, {', '.join(ALGORITHMS)}"
         )
     if small not in ("merge", "unnamed"):
         raise InputError(f"--small {small!r}: choose merge or unnamed")
+    if k is not None and k < 2:
+        raise InputError(f"--k {k}: need at least 2 segments")
+    represent = settings.represent
     with Store.open(settings.workspace) as store:
-        profiles = _profiles(store)
-        user_ids = sorted(profiles, key=natural_key)
+        user_ids, everyone, notes = _population(store, settings, users, sample)
         n = len(user_ids)
-        if n == 0:
-            raise WorkspaceError(
-                f"{settings.workspace}: no profiles yet — run `segrec profile` first"
-            )
-        if k is not None and k < 2:
-            raise InputError(f"--k {k}: need at least 2 segments")
         if k is not None and k > n:
-            raise InputError(f"--k {k}: only {n} profiled users — lower --k or profile more users")
+            raise InputError(f"--k {k}: only {n} users to cluster — lower --k")
         if n < 3:
-            raise InputError(f"only {n} profiled users: clustering needs at least 3")
+            raise InputError(f"only {n} users: clustering needs at least 3")
+        profiles: dict[str, Profile] = {}
+        if represent in ("profile", "mix"):
+            profiles = _profiles_of(store, user_ids)
+            if len(profiles) < n:
+                raise WorkspaceError(
+                    f"--represent {represent}: {n - len(profiles)} of {n} users have no profile "
+                    "— run `segrec profile` to make them (or use --represent items, which needs "
+                    "none)"
+                )
+        chosen = resolve_algorithm(algorithm, n)
+        if algorithm == AUTO:
+            notes.append(
+                f"--algorithm auto chose {chosen} ({n} users; minibatch above {MINIBATCH_ABOVE})"
+            )
         encoder = _encoder(settings)
+        stage("reading histories")
+        histories = _histories(store, user_ids, everyone=everyone)
         stage("embedding")
-        interactions = store.interactions_frame(user_ids)
-        X = _vectors_for(store, encoder, user_ids, profiles, settings.represent, interactions)
-        notes: list[str] = []
+        X = _vectors_for(store, encoder, histories, profiles, represent)
         curve: list[dict[str, float]] = []
         k_requested: int | str = "auto" if k is None else k
         if k is None:
             stage("choosing k")
-            choice = choose_k(X, k_max=min(k_max, n - 1), algorithm=algorithm, seed=settings.seed)
+            choice = choose_k(X, k_max=min(k_max, n - 1), algorithm=chosen, seed=settings.seed)
             k, curve = choice.k, choice.curve
             notes.append(f"--k auto chose {k} (silhouette among stable k; see the curve)")
+            if choice.sample:
+                notes.append(f"--k auto scanned a seeded sample of {choice.sample} of {n} users")
         stage("clustering")
-        clustering = cluster_vectors(X, k=k, algorithm=algorithm, seed=settings.seed, pca=pca)
+        clustering = cluster_vectors(X, k=k, algorithm=chosen, seed=settings.seed, pca=pca)
+        if clustering.params.get("silhouette_sample"):
+            notes.append(
+                f"silhouette computed on a seeded sample of "
+                f"{clustering.params['silhouette_sample']} of {n} users"
+            )
         min_size, lowered = effective_min_size(settings.min_segment_size, n, clustering.k)
         if lowered:
             notes.append(lowered)
@@ -331,38 +455,62 @@ def run_clustering(
             notes += merged
         stage("stability")
         stability = bootstrap_stability(X, clustering, n_boot=10, seed=settings.seed)
+        if n > STABILITY_MAX_POINTS:
+            notes.append(
+                f"bootstrap stability computed on a seeded sample of {STABILITY_MAX_POINTS} "
+                f"of {n} users"
+            )
         items = store.items_frame()
-        summaries = {u: p.summary for u, p in profiles.items()}
+        sizes = np.bincount(clustering.labels[clustering.labels >= 0], minlength=clustering.k)
+        described = [j for j in range(clustering.k) if sizes[j] >= min_size]
+        if len(described) < clustering.k:
+            notes.append(
+                f"{clustering.k - len(described)} segment(s) under {min_size} members are not "
+                "described (privacy threshold; --small unnamed)"
+            )
+        distances = centroid_distances(X, clustering.centroids)
+        shown = {j: _shown(distances[:, j], clustering.labels == j, user_ids) for j in described}
+        backend = None
+        if described:
+            backend = llm if llm is not None else make_llm(settings)
+            wanted = list(
+                dict.fromkeys(u for members, contrast in shown.values() for u in members + contrast)
+            )
+            if represent == "items":
+                stage(f"profiling the {len(wanted)} users shown to the LLM")
+                profile_in(store, settings, wanted, llm=backend)
+            profiles = {**profiles, **_profiles_of(store, [u for u in wanted if u not in profiles])}
         facts = segment_facts(
             clustering,
-            user_ids,
-            interactions=interactions,
+            histories,
             items=items,
-            summaries=summaries,
+            summaries={u: p.summary for u, p in profiles.items()},
             stability=stability,
         )
         stage("naming segments")
-        described = [f for f in facts if f.size >= min_size]
-        undescribed = [f for f in facts if f.size < min_size]
-        if undescribed:
-            notes.append(
-                f"{len(undescribed)} segment(s) under {min_size} members are not described "
-                "(privacy threshold; --small unnamed)"
-            )
         docs = [
-            _segment_doc(f, clustering, X, user_ids, profiles, interactions, items)
-            for f in described
+            SegmentDoc(
+                segment_id=j,
+                size=int(sizes[j]),
+                members=[profiles[u].model_dump() for u in shown[j][0] if u in profiles],
+                contrast=[profiles[u].model_dump() for u in shown[j][1] if u in profiles],
+                categories=category_shares(
+                    histories, items, np.flatnonzero(clustering.labels == j)
+                ),
+                top_items=[t["title"] for t in facts[j].top_items],
+            )
+            for j in described
         ]
         labels = (
             label_segments(
                 docs,
-                llm=llm if llm is not None else make_llm(settings),
+                llm=backend,
                 params=generation_params(settings),
                 vocabulary=Vocabulary.from_items(items).categories,
                 attempts=settings.validation_attempts,
                 domain=settings.domain,
             )
-            if docs
+            if backend is not None
             else []
         )
         by_id = {d.segment_id: label for d, label in zip(docs, labels, strict=True)}
@@ -404,13 +552,15 @@ def run_clustering(
         params = {
             "k": clustering.k,
             "k_requested": k_requested,
-            "algorithm": algorithm,
+            "algorithm": chosen,
+            "algorithm_requested": algorithm,
             "seed": settings.seed,
             "pca": pca,
-            "represent": settings.represent,
+            "represent": represent,
             "encoder_id": encoder.encoder_id,
             "min_segment_size": min_size,
             "small": small,
+            "sample": sample,
         }
         run_id = store.save_run(
             params=params, metrics=metrics, notes=notes, segments=segments, assignments=assignments
@@ -424,37 +574,14 @@ def _round(value: float) -> float | None:
     return None if not np.isfinite(value) else round(float(value), 4)
 
 
-def _segment_doc(
-    facts: SegmentFacts,
-    clustering: Clustering,
-    X: np.ndarray,
-    user_ids: Sequence[str],
-    profiles: Mapping[str, Profile],
-    interactions: pd.DataFrame,
-    items: pd.DataFrame,
-    members_n: int = 8,
-    contrast_n: int = 5,
-) -> SegmentDoc:
+def _shown(
+    distances: np.ndarray, inside: np.ndarray, user_ids: Sequence[str]
+) -> tuple[list[str], list[str]]:
     """Members nearest the centroid, and the non-members nearest it (contrast, as Clio)."""
-    j = facts.segment_id
-    centroid = clustering.centroids[j]
-    distances = np.linalg.norm(X - centroid, axis=1)
-    inside = clustering.labels == j
     order = np.argsort(distances, kind="stable")
-    members = [user_ids[i] for i in order if inside[i]][:members_n]
-    contrast = [user_ids[i] for i in order if not inside[i]][:contrast_n]
-    member_set = {user_ids[i] for i in np.flatnonzero(inside)}
-    mine = interactions[interactions["user_id"].isin(member_set)]
-    categories = mine["item_id"].map(items.set_index("item_id")["categories"]).explode()
-    shares = categories.value_counts(normalize=True)
-    return SegmentDoc(
-        segment_id=j,
-        size=facts.size,
-        members=[profiles[u].model_dump() for u in members],
-        contrast=[profiles[u].model_dump() for u in contrast],
-        categories={str(c): round(float(v), 4) for c, v in shares.items()},
-        top_items=[t["title"] for t in facts.top_items],
-    )
+    members = order[inside[order]][:MEMBERS_SHOWN]
+    contrast = order[~inside[order]][:CONTRAST_SHOWN]
+    return [user_ids[i] for i in members], [user_ids[i] for i in contrast]
 
 
 def _active_run(store: Store, settings: Settings, run_id: int | None = None) -> RunRecord:
@@ -529,28 +656,109 @@ def segment_detail(settings: Settings, segment_id: int) -> tuple[RunRecord, Segm
     )
 
 
-def assign_users_to_run(
-    settings: Settings, user_ids: Sequence[str] | None = None
-) -> tuple[list[Assignment], int]:
-    """Nearest-centroid assignment, in the active run, of users profiled after it.
+def show_segment(
+    settings: Settings, segment_id: int, *, llm: LLM | None = None
+) -> tuple[RunRecord, SegmentRecord, list[str]]:
+    """One segment of the active run, with a profile summary for each member it shows.
 
-    Returns the assignments of ``user_ids`` (default: every profiled user) and how many of
-    them were made now; users the run already holds keep theirs. No active run: ``([], 0)``.
+    Members shown without a summary (not profiled when the run was named, e.g. under the
+    privacy threshold) are profiled now, each alone, through the normal cache.
+    """
+    run, segment = segment_detail(settings, segment_id)
+    nearest = segment.facts.get("nearest", [])
+    missing = [m["user_id"] for m in nearest if not m.get("summary")]
+    notes: list[str] = []
+    if missing:
+        with Store.open(settings.workspace) as store:
+            profiles = _profiles_of(store, missing)
+            todo = [u for u in missing if u not in profiles]
+            if todo:
+                profile_in(
+                    store, settings, todo, llm=llm if llm is not None else make_llm(settings)
+                )
+                notes.append(f"profiled {len(todo)} member(s) shown here (cached for next time)")
+                profiles |= _profiles_of(store, todo)
+        shown = [
+            {
+                **m,
+                "summary": m.get("summary")
+                or (p.summary if (p := profiles.get(m["user_id"])) else ""),
+            }
+            for m in nearest
+        ]
+        segment = replace(segment, facts={**segment.facts, "nearest": shown})
+    return run, segment, notes
+
+
+EXPORT_SUFFIXES = (".parquet", ".pq", ".csv")
+_EXPORT_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.string()),
+        ("segment", pa.int64()),
+        ("segment_name", pa.string()),
+        ("distance", pa.float64()),
+        ("margin", pa.float64()),
+    ]
+)
+
+
+def export_assignments(
+    settings: Settings, out: Path, *, run_id: int | None = None
+) -> tuple[RunRecord, int]:
+    """Write every user's segment in the active (or given) run to ``out`` (.parquet or .csv):
+    user_id, segment, segment_name, distance, margin. Written to a temporary file beside
+    ``out`` and renamed into place, so a reader never sees half a file. Returns the run and
+    the number of rows."""
+    suffix = out.suffix.lower()
+    if suffix not in EXPORT_SUFFIXES:
+        raise InputError(
+            f"--out {out}: unknown extension {suffix or '(none)'!r} — use .parquet or .csv"
+        )
+    if not out.parent.is_dir():
+        raise InputError(f"--out {out}: folder {out.parent} does not exist — create it first")
+    if out.is_dir():
+        raise InputError(f"--out {out}: is a directory — pass a file name")
+    with Store.open(settings.workspace) as store:
+        run = _active_run(store, settings, run_id)
+        partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
+        rows = 0
+        writer_class = pa_csv.CSVWriter if suffix == ".csv" else pq.ParquetWriter
+        try:
+            with writer_class(str(partial), _EXPORT_SCHEMA) as writer:
+                for batch in store.assignment_batches(run.id):
+                    rows += len(batch)
+                    writer.write_table(
+                        pa.Table.from_pandas(batch, schema=_EXPORT_SCHEMA, preserve_index=False)
+                    )
+            os.replace(partial, out)
+        finally:
+            partial.unlink(missing_ok=True)
+    return run, rows
+
+
+def assign_users_to_run(
+    settings: Settings, user_ids: Sequence[str] | None = None, *, llm: LLM | None = None
+) -> tuple[list[Assignment], int]:
+    """Nearest-centroid assignment, in the active run, of users it does not hold yet.
+
+    Returns the assignments of ``user_ids`` (default: every profiled user, as `segrec
+    profile` assigns after profiling) and how many of them were made now; users the run
+    already holds keep theirs. A run on ``items`` vectors needs no profile; on ``profile`` or
+    ``mix`` vectors a user without one is profiled first, alone, through the normal cache.
+    No active run: ``([], 0)``.
     """
     with Store.open(settings.workspace) as store:
         run = store.active_run()
         if run is None:
             return [], 0
-        profiles = _profiles(store)
-        known = store.assignments(run.id)
-        wanted = list(user_ids) if user_ids is not None else sorted(profiles, key=natural_key)
-        for user in wanted:
-            if user not in profiles:
-                if store.has_user(user):
-                    raise WorkspaceError(
-                        f"user {user!r} has no profile yet — run `segrec profile --users {user}`"
-                    )
-                raise InputError(f"unknown user id {user!r} — list users with `segrec users`")
+        if user_ids is None:
+            wanted = sorted(store.profile_keys(), key=natural_key)
+        else:
+            wanted = list(user_ids)
+            for user in wanted:
+                if not store.has_user(user):
+                    raise InputError(f"unknown user id {user!r} — list users with `segrec users`")
+        known = store.assignments(run.id, wanted)
         pending = [u for u in wanted if u not in known]
         if pending:
             encoder = SentenceTransformerEncoder(settings.encoder)
@@ -559,14 +767,22 @@ def assign_users_to_run(
                     f"run {run.id} was built with encoder {run.params['encoder_id']}, but the "
                     f"configured one is {encoder.encoder_id} — rerun `segrec cluster`"
                 )
-            X = _vectors_for(
-                store,
-                encoder,
-                pending,
-                profiles,
-                run.params["represent"],
-                store.interactions_frame(pending),
-            )
+            represent = run.params["represent"]
+            profiles: dict[str, Profile] = {}
+            if represent != "items":
+                profiles = _profiles_of(store, pending)
+                todo = [u for u in pending if u not in profiles]
+                if todo:
+                    backend = llm if llm is not None else make_llm(settings)
+                    profile_in(store, settings, todo, llm=backend)
+                    profiles |= _profiles_of(store, todo)
+                failed = [u for u in pending if u not in profiles]
+                if failed:
+                    why = store.failures().get(failed[0], "unknown error")
+                    raise WorkspaceError(
+                        f"user {failed[0]!r}: profiling failed ({why}) — rerun later"
+                    )
+            X = _vectors_for(store, encoder, _histories(store, pending), profiles, represent)
             centroids = np.stack([s.centroid for s in store.segments(run.id)])
             labels, distances, margins = assign_users(X, centroids)
             fresh = [
@@ -574,5 +790,5 @@ def assign_users_to_run(
                 for u, lab, d, m in zip(pending, labels, distances, margins, strict=True)
             ]
             store.add_assignments(run.id, fresh)
-            known = store.assignments(run.id)
+            known = store.assignments(run.id, wanted)
         return [known[u] for u in wanted], len(pending)

@@ -128,13 +128,17 @@ class ValueScale:
 
 def value_scales(interactions: pd.DataFrame) -> dict[str, ValueScale]:
     """Scales of every behaviour whose values read as ratings (name contains rat/score/star)."""
+    ranges = interactions.dropna(subset=["value"]).groupby("behavior")["value"].agg(["min", "max"])
+    return scales_from_ranges((str(b), float(lo), float(hi)) for b, lo, hi in ranges.itertuples())
+
+
+def scales_from_ranges(ranges: Iterable[tuple[str, float, float]]) -> dict[str, ValueScale]:
+    """:func:`value_scales` from (behaviour, min value, max value), e.g. as SQL computes them
+    (``Store.value_ranges``) without loading the interactions."""
     scales: dict[str, ValueScale] = {}
-    valued = interactions.dropna(subset=["value"])
-    for behavior, values in valued.groupby("behavior")["value"]:
-        name = str(behavior).lower()
-        if any(word in name for word in RATING_WORDS):
-            low, high = float(values.min()), float(values.max())
-            scales[str(behavior)] = ValueScale(min(low, 0.0) if low >= 0 else low, high)
+    for behavior, low, high in ranges:
+        if any(word in behavior.lower() for word in RATING_WORDS):
+            scales[behavior] = ValueScale(min(low, 0.0) if low >= 0 else low, high)
     return scales
 
 
@@ -664,11 +668,9 @@ def profile_users(
     start = time.perf_counter()
     stats = ProfileStats(users=len(user_ids))
     items = store.items_frame()
-    interactions = store.interactions_frame()
-    scales = value_scales(interactions)
+    scales = scales_from_ranges(store.value_ranges())
     vocabulary = Vocabulary.from_items(items)
-    wanted = set(user_ids)
-    events = user_events(interactions[interactions["user_id"].isin(wanted)], items, scales)
+    events = user_events(store.interactions_frame(user_ids), items, scales)
     cached_keys = store.profile_keys()
     todo: list[ProfileRequest] = []
     for user_id in user_ids:

@@ -439,7 +439,7 @@ def _simulate_chats(
     """
     from segrec.chat import ChatContext, ChatSession, SegmentCandidate
     from segrec.ranker import SIGNALS, history_vectors
-    from segrec.segments import assign_users, segment_facts
+    from segrec.segments import Histories, assign_users, segment_facts
     from segrec.serving import Served
 
     chat = cold_split(base, 0, seed=seed)
@@ -450,8 +450,7 @@ def _simulate_chats(
     clustering = cluster_vectors(fit_vectors, k=min(k, fit_vectors.shape[0]), seed=seed)
     facts = segment_facts(
         clustering,
-        chat.fit_users,
-        interactions=base.train_frames,
+        Histories.from_frame(base.train_frames, chat.fit_users, list(items["item_id"])),
         items=items,
         summaries={},
         stability=np.full(clustering.k, np.nan),

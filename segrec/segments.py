@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from segrec.cluster import Clustering, assign, margin
-from segrec.embed import Encoder, VectorCache, embed_texts, mean_item_vectors, mix_vectors
+from segrec.embed import Encoder, VectorCache, embed_texts, mix_vectors, sparse_mean_vectors
 from segrec.errors import InputError
 
 Representation = Literal["profile", "items", "mix"]
@@ -31,18 +31,56 @@ def item_matrix(
     return embed_texts(list(items["text"]), encoder, cache=cache)
 
 
-def recent_item_indices(
-    interactions: pd.DataFrame, item_index: Mapping[str, int], user_ids: Sequence[str]
-) -> list[list[int]]:
-    """Per user, row indices of their most recent distinct items (interactions are
-    expected oldest first within each user, as the store returns them)."""
-    grouped = interactions.groupby("user_id", sort=False)["item_id"]
-    histories: dict[str, list[str]] = {u: list(items) for u, items in grouped}
-    out = []
-    for user in user_ids:
-        recent = list(dict.fromkeys(reversed(histories.get(user, []))))[:RECENT_ITEMS]
-        out.append([item_index[i] for i in recent if i in item_index])
-    return out
+@dataclass(frozen=True)
+class Histories:
+    """Who interacted with what, as sparse user × item matrices (rows follow ``user_ids``,
+    columns ``item_ids``), so a million users cost a few int arrays, not a DataFrame.
+
+    ``seen`` is 1 for every distinct (user, item) pair; ``recent`` keeps only each user's
+    RECENT_ITEMS most recent distinct items (the ``items`` representation).
+    """
+
+    user_ids: list[str]
+    item_ids: list[str]
+    seen: Any
+    recent: Any
+
+    @classmethod
+    def from_pairs(
+        cls, user_ids: Sequence[str], item_ids: Sequence[str], rows: np.ndarray, cols: np.ndarray
+    ) -> Histories:
+        """From (user row, item column) events in time order within each user."""
+        from scipy import sparse
+
+        n_users, n_items = len(user_ids), len(item_ids)
+        rows = np.asarray(rows, dtype=np.int64)
+        cols = np.asarray(cols, dtype=np.int64)
+        order = np.argsort(rows, kind="stable")  # by user, time order kept within a user
+        keys = rows[order] * n_items + cols[order]
+        # The last occurrence of every pair, in (user, time of last occurrence) order.
+        _, first_from_end = np.unique(keys[::-1], return_index=True)
+        last = np.sort(len(keys) - 1 - first_from_end)
+        pair_rows, pair_cols = rows[order][last], cols[order][last]
+        counts = np.bincount(pair_rows, minlength=n_users)
+        ends = np.cumsum(counts)
+        from_end = ends[pair_rows] - 1 - np.arange(pair_rows.size)
+        keep = from_end < RECENT_ITEMS
+        shape = (n_users, n_items)
+        ones = np.ones(pair_rows.size, dtype=np.float32)
+        seen = sparse.csr_matrix((ones, (pair_rows, pair_cols)), shape=shape)
+        recent = sparse.csr_matrix((ones[keep], (pair_rows[keep], pair_cols[keep])), shape=shape)
+        return cls(list(user_ids), list(item_ids), seen, recent)
+
+    @classmethod
+    def from_frame(
+        cls, interactions: pd.DataFrame, user_ids: Sequence[str], item_ids: Sequence[str]
+    ) -> Histories:
+        """From interactions (oldest first within each user, as the store returns them);
+        rows of other users or items are left out."""
+        rows = pd.Index(user_ids).get_indexer(interactions["user_id"])
+        cols = pd.Index(item_ids).get_indexer(interactions["item_id"])
+        known = (rows >= 0) & (cols >= 0)
+        return cls.from_pairs(user_ids, item_ids, rows[known], cols[known])
 
 
 def user_vectors(
@@ -50,13 +88,16 @@ def user_vectors(
     user_ids: Sequence[str],
     *,
     profile_texts: Mapping[str, str],
-    interactions: pd.DataFrame,
-    item_ids: Sequence[str],
+    histories: Histories | None,
     item_vectors: np.ndarray | None,
     encoder: Encoder,
     cache: VectorCache | None = None,
 ) -> np.ndarray:
-    """The vector each user is clustered and assigned by (see ``--represent``)."""
+    """The vector each user is clustered and assigned by (see ``--represent``).
+
+    ``histories`` (rows in ``user_ids`` order) and ``item_vectors`` (one per column) are
+    needed for ``items`` and ``mix``; ``profile_texts`` for ``profile`` and ``mix``.
+    """
     if represent not in REPRESENTATIONS:
         raise InputError(
             f"--represent {represent!r}: unknown — choose one of {', '.join(REPRESENTATIONS)}"
@@ -65,10 +106,8 @@ def user_vectors(
     if represent in ("profile", "mix"):
         profile_vecs = embed_texts([profile_texts[u] for u in user_ids], encoder, cache=cache)
     if represent in ("items", "mix"):
-        assert item_vectors is not None
-        index = {item: row for row, item in enumerate(item_ids)}
-        histories = recent_item_indices(interactions, index, user_ids)
-        items_vecs = mean_item_vectors(item_vectors, histories)
+        assert histories is not None and item_vectors is not None
+        items_vecs = sparse_mean_vectors(histories.recent, item_vectors)
     if profile_vecs is not None and items_vecs is not None:
         return mix_vectors(profile_vecs, items_vecs, MIX_WEIGHT)
     result = profile_vecs if profile_vecs is not None else items_vecs
@@ -174,37 +213,36 @@ def _finite(value: float) -> float | None:
 
 def segment_facts(
     clustering: Clustering,
-    user_ids: Sequence[str],
+    histories: Histories,
     *,
-    interactions: pd.DataFrame,
     items: pd.DataFrame,
     summaries: Mapping[str, str],
     stability: np.ndarray,
     top_n: int = 5,
     nearest_n: int = 3,
 ) -> list[SegmentFacts]:
-    """Size, share, lift of items and categories over the population, nearest members."""
+    """Size, share, lift of items and categories over the population, nearest members.
+
+    Counts are distinct members per item and per category, from sparse products (segment
+    membership × user × item × category), so they cost no per-user Python.
+    """
+    user_ids = histories.user_ids
     n_users = len(user_ids)
-    label_of = dict(zip(user_ids, clustering.labels.tolist(), strict=True))
-    pairs = interactions[["user_id", "item_id"]].drop_duplicates()
-    pairs = pairs[pairs["user_id"].isin(label_of)]
-    pairs = pairs.assign(segment=pairs["user_id"].map(label_of))
+    membership = _membership(clustering.labels, clustering.k)
+    seen = histories.seen
+    item_members = np.asarray((membership @ seen).todense())  # k × items
+    item_users = np.asarray(seen.sum(axis=0)).ravel()
+    categories, cat_names = category_matrix(items, histories.item_ids)
+    user_cats = (seen @ categories) > 0
+    cat_members = np.asarray((membership @ user_cats).todense())
+    cat_users = np.asarray(user_cats.sum(axis=0)).ravel()
     titles = items.set_index("item_id")["title"]
-    categories = items.set_index("item_id")["categories"]
-    item_users = pairs.groupby("item_id")["user_id"].nunique()
-    cat_pairs = pairs.assign(category=pairs["item_id"].map(categories)).explode("category")
-    cat_pairs = cat_pairs.dropna(subset=["category"])
-    cat_users = cat_pairs.groupby("category")["user_id"].nunique()
+    sizes = np.bincount(clustering.labels[clustering.labels >= 0], minlength=clustering.k)
     facts = []
     for j in range(clustering.k):
-        members = [u for u, label in label_of.items() if label == j]
-        size = len(members)
-        mine = pairs[pairs["segment"] == j]
-        top_items = _lift(mine.groupby("item_id")["user_id"].nunique(), item_users, size, n_users)
-        mine_cats = cat_pairs[cat_pairs["segment"] == j]
-        top_cats = _lift(
-            mine_cats.groupby("category")["user_id"].nunique(), cat_users, size, n_users
-        )
+        size = int(sizes[j])
+        top_items = _lift(item_members[j], item_users, histories.item_ids, size, n_users)
+        top_cats = _lift(cat_members[j], cat_users, cat_names, size, n_users)
         member_rows = np.flatnonzero(clustering.labels == j)
         closest = member_rows[np.argsort(clustering.distances[member_rows], kind="stable")]
         facts.append(
@@ -235,8 +273,48 @@ def segment_facts(
     return facts
 
 
+def _membership(labels: np.ndarray, k: int) -> Any:
+    """Sparse k × users matrix: 1 where the user is in the segment (noise belongs nowhere)."""
+    from scipy import sparse
+
+    rows = np.flatnonzero(labels >= 0)
+    return sparse.csr_matrix(
+        (np.ones(rows.size, dtype=np.float32), (labels[rows], rows)), shape=(k, len(labels))
+    )
+
+
+def category_matrix(items: pd.DataFrame, item_ids: Sequence[str]) -> tuple[Any, list[str]]:
+    """Sparse item × category matrix (rows follow ``item_ids``) and the category names."""
+    from scipy import sparse
+
+    lists = items.set_index("item_id")["categories"].reindex(list(item_ids))
+    long = lists.explode().dropna()
+    names = sorted(set(long))
+    cols = pd.Index(names).get_indexer(long.to_numpy())
+    rows = pd.Index(list(item_ids)).get_indexer(long.index)
+    matrix = sparse.csr_matrix(
+        (np.ones(rows.size, dtype=np.float32), (rows, cols)), shape=(len(item_ids), len(names))
+    )
+    matrix.data[:] = 1.0  # an item listing a category twice still counts once
+    return matrix, names
+
+
+def category_shares(
+    histories: Histories, items: pd.DataFrame, rows: np.ndarray
+) -> dict[str, float]:
+    """Share of each category among the items that the users in ``rows`` interacted with."""
+    categories, names = category_matrix(items, histories.item_ids)
+    per_item = np.asarray(histories.seen[rows].sum(axis=0)).ravel()
+    counts = np.asarray(categories.T @ per_item).ravel()
+    total = counts.sum()
+    if total == 0:
+        return {}
+    order = np.argsort(-counts, kind="stable")
+    return {names[c]: round(float(counts[c] / total), 4) for c in order if counts[c] > 0}
+
+
 def _lift(
-    in_segment: pd.Series, overall: pd.Series, size: int, n_users: int
+    in_segment: np.ndarray, overall: np.ndarray, keys: Sequence[str], size: int, n_users: int
 ) -> list[tuple[str, float, int]]:
     """(key, lift, members) sorted by lift; keys need ≥ 2 members and ≥ 10% of the segment,
     so a single member's quirk is not reported as the segment's taste."""
@@ -244,11 +322,10 @@ def _lift(
         return []
     floor = max(2, int(np.ceil(0.1 * size)))
     rows = []
-    for key, count in in_segment.items():
-        if count < floor:
-            continue
-        lift = (count / size) / (overall[key] / n_users)
-        rows.append((str(key), round(float(lift), 3), int(count)))
+    for c in np.flatnonzero(in_segment >= floor):
+        count = int(in_segment[c])
+        lift = (count / size) / (overall[c] / n_users)
+        rows.append((str(keys[c]), round(float(lift), 3), count))
     rows.sort(key=lambda r: (-r[1], -r[2], r[0]))
     return rows
 

@@ -437,17 +437,60 @@ class Store:
     def interactions_frame(self, user_ids: Sequence[str] | None = None) -> pd.DataFrame:
         """Interactions (optionally of some users), oldest first within each user."""
         query = "SELECT user_id, item_id, behavior, value, timestamp, seq FROM interactions"
-        if user_ids is not None:
-            self._db.execute("CREATE TEMP TABLE IF NOT EXISTS wanted (user_id TEXT PRIMARY KEY)")
-            self._db.execute("DELETE FROM wanted")
-            self._db.executemany(
-                "INSERT OR IGNORE INTO wanted VALUES (?)", ((u,) for u in user_ids)
-            )
-            query += " WHERE user_id IN (SELECT user_id FROM wanted)"
-        query += " ORDER BY user_id, ts_key, seq"
+        only = self._only(user_ids)
+        query += (f" WHERE {only}" if only else "") + " ORDER BY user_id, ts_key, seq"
         frame = pd.read_sql_query(query, self._db)
         frame["timestamp"] = frame["timestamp"].astype("Int64")
         return frame
+
+    def _only(self, user_ids: Sequence[str] | None) -> str:
+        """A condition keeping ``user_ids`` (through a temp table; "" keeps everyone)."""
+        if user_ids is None:
+            return ""
+        self._db.execute("CREATE TEMP TABLE IF NOT EXISTS wanted (user_id TEXT PRIMARY KEY)")
+        self._db.execute("DELETE FROM wanted")
+        self._db.executemany("INSERT OR IGNORE INTO wanted VALUES (?)", ((u,) for u in user_ids))
+        return "user_id IN (SELECT user_id FROM wanted)"
+
+    def item_ids(self) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT item_id FROM items ORDER BY item_id")]
+
+    def interaction_pairs(
+        self,
+        user_ids: Sequence[str],
+        item_ids: Sequence[str],
+        *,
+        everyone: bool = False,
+        batch: int = 1_000_000,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(row in ``user_ids``, column in ``item_ids``) of every interaction of those users,
+        oldest first within each user: read in batches of ``batch`` rows and kept as two int
+        arrays, never as a frame of the whole table. ``everyone`` says ``user_ids`` holds every
+        user with interactions (no filter needed)."""
+        users, items = pd.Index(user_ids), pd.Index(item_ids)
+        query = "SELECT user_id, item_id FROM interactions"
+        only = "" if everyone else self._only(user_ids)
+        query += (f" WHERE {only}" if only else "") + " ORDER BY user_id, ts_key, seq"
+        cursor = self._db.execute(query)
+        rows: list[np.ndarray] = []
+        cols: list[np.ndarray] = []
+        while chunk := cursor.fetchmany(batch):
+            pairs = np.array(chunk, dtype=object).reshape(-1, 2)
+            r, c = users.get_indexer(pairs[:, 0]), items.get_indexer(pairs[:, 1])
+            known = (r >= 0) & (c >= 0)
+            rows.append(r[known].astype(np.int32))
+            cols.append(c[known].astype(np.int32))
+        if not rows:
+            return np.empty(0, dtype=np.int32), np.empty(0, dtype=np.int32)
+        return np.concatenate(rows), np.concatenate(cols)
+
+    def value_ranges(self) -> list[tuple[str, float, float]]:
+        """(behaviour, min value, max value) over the interactions that have a value."""
+        rows = self._db.execute(
+            """SELECT behavior, min(value), max(value) FROM interactions
+               WHERE value IS NOT NULL GROUP BY behavior"""
+        ).fetchall()
+        return [(str(b), float(lo), float(hi)) for b, lo, hi in rows]
 
     def interaction_counts(self) -> dict[str, int]:
         """Interactions per user, users in natural order."""
@@ -673,9 +716,24 @@ class Store:
             for r in rows
         ]
 
-    def assignments(self, run_id: int) -> dict[str, Assignment]:
+    def assignment_batches(self, run_id: int, *, batch: int = 500_000) -> Iterator[pd.DataFrame]:
+        """Every assignment of a run with its segment's name, in batches (for exports):
+        user_id, segment, segment_name, distance, margin; users in id order."""
+        query = """SELECT a.user_id, a.segment_id AS segment, s.name AS segment_name,
+                          a.distance, a.margin
+                   FROM assignments a JOIN segments s
+                     ON s.run_id = a.run_id AND s.segment_id = a.segment_id
+                   WHERE a.run_id = ? ORDER BY a.user_id"""
+        yield from pd.read_sql_query(query, self._db, params=(run_id,), chunksize=batch)
+
+    def assignments(
+        self, run_id: int, user_ids: Sequence[str] | None = None
+    ) -> dict[str, Assignment]:
+        """A run's assignments (of ``user_ids`` only, when given)."""
+        only = self._only(user_ids)
         rows = self._db.execute(
-            "SELECT user_id, segment_id, distance, margin, late FROM assignments WHERE run_id = ?",
+            "SELECT user_id, segment_id, distance, margin, late FROM assignments WHERE run_id = ?"
+            + (f" AND {only}" if only else ""),
             (run_id,),
         ).fetchall()
         return {r[0]: Assignment(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows}

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from segrec import pipeline
 from segrec.cli import app
 from segrec.config import Settings
+from segrec.llm.counting import count_calls, counted
 from segrec.store import Store
 from segrec.testing import FakeLLM, schema_answer
 
@@ -29,7 +30,7 @@ def profiled(
     settings = Settings(workspace=tmp_path_factory.mktemp("seg") / "ws", domain="movie")
     pipeline.ingest(settings, example_ratings, example_movies)
     users = pipeline.select_users(settings).user_ids
-    # leave the last user unprofiled, to assign after clustering
+    # leave the last user unprofiled: clustering needs no profile
     stats = pipeline.run_profiles(settings, users[:-1], llm=FakeLLM(default=schema_answer))
     assert stats.profiled == len(users) - 1
     return settings
@@ -55,10 +56,10 @@ def test_cluster_stores_a_deterministic_run(profiled: Settings) -> None:
     assert pipeline.segments_report(profiled)["run"]["id"] == first.run.id
     bad = runner.invoke(app, ["runs", "--activate", "999", "-w", str(profiled.workspace)])
     assert bad.exit_code == 2 and "no clustering run 999" in bad.stderr
-    assert len(a) == 35 and sum(s.size for s in first.segments) == 35
+    assert len(a) == 36 and sum(s.size for s in first.segments) == 36
     report = pipeline.segments_report(profiled)
     assert report["run"]["params"]["represent"] == "items"
-    assert report["metrics"]["users"] == 35 and -1 <= report["metrics"]["silhouette"] <= 1
+    assert report["metrics"]["users"] == 36 and -1 <= report["metrics"]["silhouette"] <= 1
     assert any("lowered" in note for note in report["run"]["notes"])  # tiny data, said so
     names = [s["name"] for s in report["segments"]]
     assert len({n.lower() for n in names}) == len(names)
@@ -95,14 +96,13 @@ def test_privacy_threshold_unnamed_and_merge(profiled: Settings) -> None:
     merged = pipeline.run_clustering(strict, k=6, small="merge", llm=llm)
     minimum = merged.run.params["min_segment_size"]
     assert all(s.size >= minimum for s in merged.segments)
-    assert sum(s.size for s in merged.segments) == 35
+    assert sum(s.size for s in merged.segments) == 36
 
 
 @pytest.mark.slow
 def test_new_user_is_assigned_to_the_nearest_centroid(profiled: Settings) -> None:
-    pipeline.run_clustering(profiled, k=3, llm=FakeLLM(default=schema_answer))
-    last = pipeline.select_users(profiled).user_ids[-1]
-    pipeline.run_profiles(profiled, [last], llm=FakeLLM(default=schema_answer))
+    *others, last = pipeline.select_users(profiled).user_ids
+    pipeline.run_clustering(profiled, k=3, users=others, llm=FakeLLM(default=schema_answer))
     result = runner.invoke(app, ["assign", "--user", last, "-w", str(profiled.workspace), "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
@@ -116,9 +116,11 @@ def test_new_user_is_assigned_to_the_nearest_centroid(profiled: Settings) -> Non
     ("args", "expected"),
     [
         (["--k", "1"], "at least 2"),
-        (["--k", "99"], "profiled users — lower --k"),
+        (["--k", "99"], "users to cluster — lower --k"),
         (["--k", "three"], "'three'"),
-        (["--algorithm", "spectral"], "kmeans, minibatch, hdbscan, agglomerative"),
+        (["--algorithm", "spectral"], "auto, kmeans, minibatch, hdbscan, agglomerative"),
+        (["--sample", "500"], "--sample 500: must be between 3 and the 36 users"),
+        (["--users", "29,nobody"], "unknown user id 'nobody'"),
         (["--encoder", "/nonexistent"], "not a sentence-transformers model"),
         (["--represent", "vibes"], "--represent"),
     ],
@@ -133,15 +135,37 @@ def test_bad_cluster_flags_change_nothing(
     assert snapshot(profiled.workspace) == before
 
 
-def test_cluster_without_profiles_is_a_clear_error(
+@pytest.mark.slow
+def test_cluster_needs_no_profiles_and_profiles_only_the_users_it_shows(
     tmp_path: Path, example_ratings: Path, example_movies: Path
 ) -> None:
-    settings = Settings(workspace=tmp_path / "ws")
+    """A workspace without a single profile clusters every user; naming profiles only the
+    members and contrast users shown to the LLM, and the call count stays within k·m."""
+    settings = Settings(workspace=tmp_path / "ws", domain="movie")
     pipeline.ingest(settings, example_ratings, example_movies)
-    result = runner.invoke(app, ["cluster", "--k", "3", "-w", str(settings.workspace)])
-    assert result.exit_code == 2 and "no profiles yet" in result.stderr
-    result = runner.invoke(app, ["segments", "-w", str(settings.workspace)])
-    assert result.exit_code == 2 and "no clustering run yet" in result.stderr
+    before = snapshot(settings.workspace)
+    mixed = runner.invoke(
+        app, ["cluster", "--k", "3", "--represent", "mix", "-w", str(settings.workspace)]
+    )
+    assert mixed.exit_code == 2 and mixed.stderr.count("\n") == 1
+    assert "36 of 36 users have no profile" in mixed.stderr and "segrec profile" in mixed.stderr
+    assert snapshot(settings.workspace) == before
+    llm = counted(FakeLLM(default=schema_answer))
+    with count_calls() as calls:
+        result = pipeline.run_clustering(settings, k=3, llm=llm)
+    assert sum(s.size for s in result.segments) == 36
+    assert "--algorithm auto chose kmeans" in " ".join(result.run.notes)
+    with Store.open(settings.workspace) as store:
+        assert len(store.assignments(result.run.id)) == 36
+        profiled = store.count("profiles")
+    described = sum(s.described for s in result.segments)
+    assert 0 < profiled <= described * (pipeline.MEMBERS_SHOWN + pipeline.CONTRAST_SHOWN)
+    assert described < calls.calls <= pipeline.llm_call_bound(described, 3)
+    for seg in result.segments:
+        if seg.described:
+            assert all(m["summary"].startswith("This user") for m in seg.facts["nearest"])
+    result = runner.invoke(app, ["segments", "-w", str(tmp_path / "empty")])
+    assert result.exit_code == 2
 
 
 @pytest.mark.slow
@@ -153,7 +177,9 @@ def test_profile_assigns_new_users_when_a_run_is_active(
     pipeline.ingest(settings, example_ratings, example_movies)
     users = pipeline.select_users(settings).user_ids
     pipeline.run_profiles(settings, users[:-1], llm=FakeLLM(default=schema_answer))
-    run = pipeline.run_clustering(settings, k=3, llm=FakeLLM(default=schema_answer)).run
+    run = pipeline.run_clustering(
+        settings, k=3, users=users[:-1], llm=FakeLLM(default=schema_answer)
+    ).run
     result = runner.invoke(
         app, ["profile", "--users", users[-1], "-w", str(settings.workspace), "--threads", "2"]
     )

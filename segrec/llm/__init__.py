@@ -10,18 +10,25 @@ if TYPE_CHECKING:
 
 
 def make_llm(settings: Settings) -> LLM:
-    """Build the backend that ``settings.llm`` names ('local' or 'openai:<model>')."""
+    """Build the backend that ``settings.llm`` names ('local' or 'openai:<model>'), counted
+    (see :mod:`segrec.llm.counting`)."""
+    from segrec.llm.counting import counted
+
     if settings.llm == "local":
         from segrec.llm.llamacpp import LlamaCppLLM
 
-        return LlamaCppLLM(settings.model_path, n_threads=settings.threads, n_ctx=settings.n_ctx)
+        return counted(
+            LlamaCppLLM(settings.model_path, n_threads=settings.threads, n_ctx=settings.n_ctx)
+        )
     from segrec.llm.openai import OpenAILLM
 
-    return OpenAILLM(
-        settings.llm.removeprefix("openai:"),
-        base_url=settings.base_url,
-        api_key_env=settings.api_key_env,
-        concurrency=settings.concurrency,
-        timeout_s=settings.timeout_s,
-        structured_output=settings.structured_output,
+    return counted(
+        OpenAILLM(
+            settings.llm.removeprefix("openai:"),
+            base_url=settings.base_url,
+            api_key_env=settings.api_key_env,
+            concurrency=settings.concurrency,
+            timeout_s=settings.timeout_s,
+            structured_output=settings.structured_output,
+        )
     )
