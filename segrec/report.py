@@ -15,10 +15,12 @@ sizes and per-segment category counts carry Laplace noise from OpenDP, the relea
 from __future__ import annotations
 
 import html
+import importlib.util
 import json
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -93,41 +95,46 @@ def sample_rows(n: int, max_points: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=max_points, replace=False))
 
 
-def project(X: np.ndarray, rows: np.ndarray, total: int, *, seed: int) -> Projection:
-    """UMAP (cosine) when `umap-learn` is installed and there are enough points, else PCA."""
+def project(
+    X: np.ndarray, rows: np.ndarray, total: int, *, seed: int, method: str = "auto"
+) -> Projection:
+    """2-D coordinates of ``X`` (the rows ``rows`` of ``total`` users).
+
+    ``auto``: UMAP (cosine) when `umap-learn` is installed and there are at least 20 points
+    (its neighbourhood graph needs some), else PCA; ``umap`` or ``pca`` to choose.
+    """
     start = time.perf_counter()
-    method = "PCA"
-    if len(X) >= 20:
-        try:
-            import umap
-        except ImportError:
-            umap = None
-        if umap is not None:
-            reducer = umap.UMAP(
+    use_umap = method == "umap" or (method == "auto" and len(X) >= 20 and _has_umap())
+    if use_umap:
+        import umap
+
+        with warnings.catch_warnings():  # "n_jobs overridden by random_state": wanted
+            warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+            coords = umap.UMAP(
                 n_components=2,
                 n_neighbors=min(15, len(X) - 1),
                 min_dist=0.1,
                 metric="cosine",
                 random_state=seed,
-            )
-            coords = reducer.fit_transform(X)
-            method = "UMAP"
-    if method == "PCA":
+            ).fit_transform(X)
+    elif len(X) > 2:
         from sklearn.decomposition import PCA
 
-        coords = (
-            PCA(n_components=2, random_state=seed).fit_transform(X)
-            if len(X) > 2
-            else np.zeros((len(X), 2))
-        )
+        coords = PCA(n_components=2, random_state=seed).fit_transform(X)
+    else:
+        coords = np.zeros((len(X), 2))
     return Projection(
         rows=rows,
         coords=np.asarray(coords, dtype=np.float64),
-        method=method,
+        method="UMAP" if use_umap else "PCA",
         sampled=len(rows) < total,
         total=total,
         seconds=time.perf_counter() - start,
     )
+
+
+def _has_umap() -> bool:
+    return importlib.util.find_spec("umap") is not None
 
 
 # ------------------------------------------------------------------------------ comparison

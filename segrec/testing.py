@@ -189,19 +189,21 @@ class PageVisit:
     screenshot: bytes
     requests: list[str]
     errors: list[str]
+    value: Any = None  # what the ``evaluate`` expression returned
 
 
 def visit_page(
     url: str,
     *,
     ready: str = "document.readyState === 'complete'",
+    evaluate: str = "null",
     width: int = 1400,
     height: int = 1800,
     timeout: float = 120.0,
 ) -> PageVisit:
     """Open ``url`` in headless Chromium driven over the DevTools protocol (on a pipe, so no
     port is opened), wait until the JavaScript expression ``ready`` is true, then read the
-    DOM and take a screenshot of the viewport."""
+    DOM, evaluate ``evaluate`` (returned by value) and take a screenshot of the viewport."""
     import base64
     import json
     import queue
@@ -294,6 +296,9 @@ def visit_page(
                 expression="document.documentElement.outerHTML",
                 returnByValue=True,
             )["result"]["value"]
+            value = call("Runtime.evaluate", session, expression=evaluate, returnByValue=True)[
+                "result"
+            ].get("value")
             shot = base64.b64decode(call("Page.captureScreenshot", session, format="png")["data"])
             call("Browser.close")
         finally:
@@ -317,4 +322,4 @@ def visit_page(
             errors.append(params["entry"]["text"])
         elif event.get("method") == "Runtime.consoleAPICalled" and params["type"] == "error":
             errors.append(" ".join(str(a.get("value", "")) for a in params["args"]))
-    return PageVisit(dom=dom, screenshot=shot, requests=requests, errors=errors)
+    return PageVisit(dom=dom, screenshot=shot, requests=requests, errors=errors, value=value)
