@@ -22,7 +22,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,14 @@ from segrec.config import Settings
 from segrec.errors import InputError, WorkspaceError
 from segrec.hierarchy import category_users
 from segrec.pipeline import active_run, run_vectors
-from segrec.store import Assignment, HierarchyRecord, RunRecord, SegmentRecord, Store
+from segrec.store import (
+    Assignment,
+    HierarchyRecord,
+    ParentRecord,
+    RunRecord,
+    SegmentRecord,
+    Store,
+)
 
 MAP_MAX_POINTS = 10_000  # users drawn on the map; above this, a seeded uniform sample
 SPLIT_SHARE = 0.25  # a segment "split" when ≥ 2 new segments each took this share of it
@@ -300,6 +307,17 @@ class PageInputs:
     generated_at: str = ""
 
 
+def publishable(segment: SegmentRecord, min_size: int) -> bool:
+    """Whether a segment may be described: named by the run and at the threshold or above."""
+    return segment.described and segment.size >= min_size
+
+
+def public_name(segment: SegmentRecord, min_size: int) -> str:
+    if publishable(segment, min_size):
+        return segment.name
+    return f"Segment {segment.segment_id} (under the threshold)"
+
+
 def published(inputs: PageInputs) -> dict[str, Any]:
     """The facts the page publishes, as data: also embedded in the page as JSON."""
     dp = inputs.noisy
@@ -307,18 +325,18 @@ def published(inputs: PageInputs) -> dict[str, Any]:
     total = float(dp.sizes.sum()) if dp is not None else float(len(inputs.labels))
     segments = []
     for index, seg in enumerate(inputs.segments):
-        shown = seg.described and seg.size >= inputs.min_size
+        shown = publishable(seg, inputs.min_size)
         size = int(dp.sizes[index]) if dp is not None else seg.size
         entry: dict[str, Any] = {
             "id": seg.segment_id,
-            "name": seg.name if shown else f"Segment {seg.segment_id} (under the threshold)",
+            "name": public_name(seg, inputs.min_size),
             "size": size,
             "share": round(size / total, 4) if total else 0.0,
             "described": shown,
             "parent": parent_of.get(seg.segment_id),
         }
         if shown:
-            entry |= {"description": seg.description, "fallback": seg.fallback}
+            entry |= {"description": _description(seg, dp), "fallback": seg.fallback}
             if dp is not None:
                 entry["top_categories"] = _noisy_categories(inputs, index)
             else:
@@ -342,7 +360,7 @@ def published(inputs: PageInputs) -> dict[str, Any]:
                 "id": p.parent_id,
                 "level": p.level,
                 "name": p.name if shown else f"Parent {p.parent_id} (under the threshold)",
-                "description": p.description if shown else "",
+                "description": _description(p, dp) if shown else "",
                 "fallback": p.fallback,
                 "children": p.children,
                 "parent": p.parent,
@@ -358,6 +376,13 @@ def published(inputs: PageInputs) -> dict[str, Any]:
         "segments": segments,
         "parents": parents,
     }
+
+
+def _description(node: SegmentRecord | ParentRecord, dp: NoisyCounts | None) -> str:
+    """A fallback description is a template of exact counts: not in a DP report."""
+    if dp is not None and node.fallback:
+        return "(A template description of exact counts: left out of this private report.)"
+    return node.description
 
 
 def _fill_parent_sizes(parents: list[dict[str, Any]]) -> None:
@@ -889,7 +914,7 @@ def _card(
     ]
     if seg["top_categories"]:
         figures.append(bars_figure(f"cats-{sid}", seg["top_categories"], "category", colour))
-        label = "Top categories (noisy members · lift)" if dp else "Top categories (lift · members)"
+        label = "Top categories (lift · noisy members)" if dp else "Top categories (lift · members)"
         parts.append(f'<h4>{label}</h4><div id="cats-{sid}"></div>')
     if not dp and seg["top_items"]:
         figures.append(bars_figure(f"items-{sid}", seg["top_items"], "title", colour))
@@ -923,7 +948,13 @@ def _run_section(inputs: PageInputs, figures: list[dict[str, Any]]) -> str:
         notes += [f"hierarchy: {n}" for n in h.notes]
     else:
         notes.append("no hierarchy stored for this run: the legend is flat")
-    fallbacks = [s.name for s in inputs.segments if s.fallback and s.described]
+    projection = inputs.projection
+    if projection is not None and projection.sampled:
+        notes.append(
+            f"map: a seeded sample of {len(projection.rows):,} of {projection.total:,} users "
+            f"(at most {MAP_MAX_POINTS:,} are drawn)"
+        )
+    fallbacks = [s.name for s in inputs.segments if s.fallback and publishable(s, inputs.min_size)]
     if fallbacks:
         notes.append(
             "fallback labels (the LLM's answers failed validation): " + ", ".join(fallbacks)
@@ -1063,8 +1094,8 @@ def write_report(
         if compare is not None:
             stage("comparing runs")
             comparison = compare_runs(
-                (compare, store.segments(compare), store.assignments(compare)),
-                (run.id, segments, assignments),
+                (compare, _masked(store.segments(compare), min_size), store.assignments(compare)),
+                (run.id, _masked(segments, min_size), assignments),
             )
         user_ids = list(assignments)
         position = {s.segment_id: i for i, s in enumerate(segments)}
@@ -1089,9 +1120,7 @@ def write_report(
             categories, matrix = category_users(store, run.id, [s.segment_id for s in segments])
             sizes = np.bincount([position[s] for s in labels], minlength=len(segments))
             inputs.categories, inputs.noisy = categories, noisy_counts(sizes, matrix, epsilon)
-        stage("writing the page")
-        page = render(inputs)
-        if inputs.noisy is not None:
+        if inputs.noisy is not None:  # recorded before publishing: ε is never under-counted
             dp = inputs.noisy
             release = store.save_release(
                 run.id,
@@ -1110,7 +1139,8 @@ def write_report(
                 "releases": len(spent),
                 "epsilon_total": sum(r["epsilon"] for r in spent),
             }
-            page = render(inputs)
+        stage("writing the page")
+        page = render(inputs)
     _write_atomic(out, page)
     projection = inputs.projection
     if projection is not None and projection.sampled:
@@ -1134,6 +1164,11 @@ def write_report(
         release=inputs.release["id"] if inputs.release else None,
         notes=notes,
     )
+
+
+def _masked(segments: Sequence[SegmentRecord], min_size: int) -> list[SegmentRecord]:
+    """Segments with the names the page may show (none for those under the threshold)."""
+    return [replace(s, name=public_name(s, min_size)) for s in segments]
 
 
 def _write_atomic(path: Path, text: str) -> None:
