@@ -43,6 +43,7 @@ from segrec.store import (
 )
 
 MAP_MAX_POINTS = 10_000  # users drawn on the map; above this, a seeded uniform sample
+UMAP_PCA_DIMS = 50  # UMAP runs on this many principal components
 SPLIT_SHARE = 0.25  # a segment "split" when ≥ 2 new segments each took this share of it
 CSP = (
     "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
@@ -107,23 +108,30 @@ def project(
 ) -> Projection:
     """2-D coordinates of ``X`` (the rows ``rows`` of ``total`` users).
 
-    ``auto``: UMAP (cosine) when `umap-learn` is installed and there are at least 20 points
-    (its neighbourhood graph needs some), else PCA; ``umap`` or ``pca`` to choose.
+    ``auto``: UMAP when `umap-learn` is installed and there are at least 20 points (its
+    neighbourhood graph needs some), else PCA; ``umap`` or ``pca`` to choose. UMAP runs on
+    the first 50 principal components of the L2-normalised vectors (Euclidean there is
+    cosine on the sphere) with 200 epochs: several times faster than on the raw 384-d
+    vectors with UMAP's 500 epochs for small inputs, and the map is for the eye.
     """
     start = time.perf_counter()
     use_umap = method == "umap" or (method == "auto" and len(X) >= 20 and _has_umap())
     if use_umap:
         import umap
+        from sklearn.decomposition import PCA
 
+        unit = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+        if unit.shape[1] > UMAP_PCA_DIMS and len(unit) > UMAP_PCA_DIMS:
+            unit = PCA(n_components=UMAP_PCA_DIMS, random_state=seed).fit_transform(unit)
         with warnings.catch_warnings():  # "n_jobs overridden by random_state": wanted
             warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
             coords = umap.UMAP(
                 n_components=2,
                 n_neighbors=min(15, len(X) - 1),
                 min_dist=0.1,
-                metric="cosine",
+                n_epochs=200,
                 random_state=seed,
-            ).fit_transform(X)
+            ).fit_transform(unit)
     elif len(X) > 2:
         from sklearn.decomposition import PCA
 

@@ -139,6 +139,7 @@ def test_hierarchy_bad_flags_leave_the_workspace_unchanged(clustered: Settings) 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # five parents, up to three answers each, on a busy 2-core machine
 def test_hierarchy_on_the_bundled_model(clustered: Settings, local_llm: Any) -> None:
     record = make_hierarchy(clustered, levels=3, llm=local_llm)
     assert record.params["model_id"] == local_llm.model_id

@@ -37,6 +37,9 @@ from segrec.store import Assignment, SegmentRecord, Store
 from segrec.testing import FakeLLM, chromium_path, schema_answer, visit_page
 
 runner = CliRunner()
+# the workspace fixture names parents with the bundled model: on a busy 2-core machine its
+# set-up alone can take several minutes
+pytestmark = pytest.mark.timeout(2400)
 
 
 def _browser() -> None:
@@ -116,12 +119,13 @@ def workspace(
     example_movies: Path,
     local_llm: Any,
 ) -> Settings:
-    """Example data, real encoder; segments and parents named by the bundled model."""
+    """Example data, real encoder; parents named by the bundled model, segments by their
+    fallback labels (the bundled model names segments in test_label and test_hierarchy)."""
     settings = Settings(workspace=tmp_path_factory.mktemp("report") / "ws", domain="movie")
     pipeline.ingest(settings, example_ratings, example_movies)
     users = pipeline.select_users(settings).user_ids
     pipeline.run_profiles(settings, users, llm=FakeLLM(default=schema_answer))
-    pipeline.run_clustering(settings, k=4, llm=local_llm)
+    pipeline.run_clustering(settings, k=4, llm=FakeLLM(default=schema_answer))
     make_hierarchy(settings, levels=2, llm=local_llm)
     return settings
 
