@@ -91,12 +91,13 @@ class _Node:
 
 
 def _line(node: _Node) -> dict[str, Any]:
-    """A child as the label prompt's "member": its name, description and main tastes."""
+    """A child as the label prompt's "member": its name, description and main categories
+    (its items reach the prompt as the parent's top items, so fallback names stay broad)."""
     return {
         "summary": f"{node.name}: {node.description}",
         "likes": node.top_categories[:3],
         "themes": [],
-        "favourite_items": node.top_items[:3],
+        "favourite_items": [],
     }
 
 

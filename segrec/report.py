@@ -714,7 +714,8 @@ _DRAW = """
                   modeBarButtonsToRemove: ['select2d', 'lasso2d']};
   for (const f of figures) {
     const el = document.getElementById(f.div);
-    if (el) Plotly.newPlot(el, f.data, f.layout, {...config, displayModeBar: f.toolbar});
+    const bar = f.toolbar ? 'hover' : false;
+    if (el) Plotly.newPlot(el, f.data, f.layout, {...config, displayModeBar: bar});
   }
   document.body.dataset.drawn = String(figures.length);
 })();
