@@ -144,7 +144,9 @@ def test_report_opens_offline_in_chromium(workspace: Settings, tmp_path: Path) -
     visit = visit_page(
         out.as_uri(),
         ready="document.body && document.body.dataset.drawn",
-        evaluate="JSON.stringify(document.getElementById('map').getBoundingClientRect())",
+        # the plot area only (not the legend, whose symbols share the colours)
+        evaluate="JSON.stringify(document.querySelector('#map g.cartesianlayer')"
+        ".getBoundingClientRect())",
     )
     assert visit.errors == []  # no script error, no CSP violation
     assert visit.requests == [out.as_uri()]  # the page itself, nothing over the network
