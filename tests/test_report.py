@@ -273,6 +273,8 @@ def test_threshold_keeps_small_segments_off_the_page(workspace: Settings, tmp_pa
         summaries = [m["summary"] for m in seg.facts["nearest"]]
         for secret in [seg.name, seg.description, *set(summaries) - shown_summaries]:
             assert html.escape(secret, quote=False) not in page and secret not in page
+        for member in seg.facts["nearest"]:  # a user is in one segment: never listed
+            assert f"<b>user {member['user_id']}</b>" not in page
         for item in seg.facts["top_items"]:
             if item["title"] not in shown_titles:
                 assert html.escape(item["title"], quote=False) not in page
