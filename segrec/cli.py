@@ -624,10 +624,13 @@ def segments(
     workspace: WorkspaceOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
+    tree: Annotated[
+        bool, typer.Option("--tree", help="Print the hierarchy (see `segrec hierarchy`).")
+    ] = False,
 ) -> None:
     """List the segments: name, size, top categories, quality.
 
-    Example: segrec segments --json
+    Example: segrec segments --json    (or --tree for the parents above the segments)
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -636,6 +639,8 @@ def segments(
     report = pipeline.segments_report(_settings(config, workspace=workspace))
     if as_json:
         _emit_json(report)
+    elif tree:
+        _print_tree(report)
     else:
         _print_segments(report)
 
@@ -723,6 +728,132 @@ def segments_export(
     with err.status("exporting", spinner="dots"):
         exported, rows = pipeline.export_assignments(settings, out_file, run_id=run)
     err.print(f"wrote {rows} users of run {exported.id} to {out_file}", markup=False)
+
+
+def _print_tree(report: dict[str, Any]) -> None:
+    from rich.tree import Tree
+
+    segments = {s["id"]: s for s in report["segments"]}
+    parents = {p["id"]: p for p in report["parents"]}
+
+    def label(node: dict[str, Any], kind: str) -> str:
+        mark = " (fallback)" if node["fallback"] else ""
+        return f"{kind} {node['id']}: {node['name']}{mark} · {node['size']} users"
+
+    root = Tree(f"run {report['run']['id']}: {len(segments)} segments")
+    if not parents:
+        for seg in segments.values():
+            root.add(label(seg, "segment"))
+        out.print(root, markup=False)
+        err.print("note: no hierarchy for this run — build one with `segrec hierarchy`")
+        return
+
+    def add(branch: Tree, parent: dict[str, Any]) -> None:
+        node = branch.add(label(parent, f"level {parent['level']} parent"))
+        for child in parent["children"]:
+            if parent["level"] == 1:
+                node.add(label(segments[child], "segment"))
+            else:
+                add(node, parents[child])
+
+    top = max(p["level"] for p in parents.values())
+    for parent in parents.values():
+        if parent["level"] == top:
+            add(root, parent)
+    out.print(root, markup=False)
+    for note in report["hierarchy"]["notes"]:
+        err.print(f"note: {note}", markup=False)
+
+
+@app.command()
+@user_errors
+def hierarchy(
+    run: Annotated[int | None, typer.Option("--run", help="Run id [default: active].")] = None,
+    levels: Annotated[int, typer.Option("--levels", help="Levels with the segments: 2 or 3.")] = 2,
+    llm: LlmOpt = None,
+    model_path: ModelPathOpt = None,
+    threads: ThreadsOpt = None,
+    base_url: BaseUrlOpt = None,
+    timeout: TimeoutOpt = None,
+    domain: DomainOpt = None,
+    workspace: WorkspaceOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Group a run's segments into named parents (and grandparents with --levels 3).
+
+    Example: segrec hierarchy --levels 3 && segrec segments --tree
+    """
+    from segrec import pipeline
+    from segrec.hierarchy import make_hierarchy
+
+    settings = _llm_settings(config, workspace, llm, model_path, threads, base_url, timeout, domain)
+    with (
+        _counting_llm_calls() as calls,
+        err.status("building the hierarchy", spinner="dots") as status,
+    ):
+        record = make_hierarchy(
+            settings, run_id=run, levels=levels, on_stage=lambda stage: status.update(stage)
+        )
+    report = pipeline.segments_report(settings, record.run_id)
+    if as_json:
+        _llm_calls(calls, report)
+        _emit_json(report)
+    else:
+        _print_tree(report)
+        _llm_calls(calls)
+
+
+@app.command()
+@user_errors
+def report(
+    out_path: Annotated[Path, typer.Option("--out", help="The HTML file to write.")] = Path(
+        "report.html"
+    ),
+    run: Annotated[int | None, typer.Option("--run", help="Run id [default: active].")] = None,
+    compare: Annotated[
+        int | None, typer.Option("--compare", help="Show how segments changed since this run.")
+    ] = None,
+    epsilon: Annotated[
+        float | None,
+        typer.Option("--epsilon", help="Publish counts with differential privacy (ε)."),
+    ] = None,
+    min_segment_size: Annotated[
+        int | None, typer.Option(help="Privacy threshold [default: the run's].")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Map sample and projection seed.")] = None,
+    workspace: WorkspaceOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write one offline HTML page of a run: map, hierarchy, segment cards, run, changes.
+
+    Example: segrec report --compare 1 --out report.html    (then open it in a browser)
+    """
+    from segrec.report import write_report
+
+    settings = _settings(config, workspace=workspace, seed=seed)
+    with err.status("building the report", spinner="dots") as status:
+        result = write_report(
+            settings,
+            out=out_path,
+            run_id=run,
+            compare=compare,
+            epsilon=epsilon,
+            min_segment_size=min_segment_size,
+            on_stage=lambda stage: status.update(stage),
+        )
+    if as_json:
+        _emit_json({**result.__dict__, "path": str(result.path)})
+        return
+    what = f"{result.segments} segments, {result.users:,} users"
+    if result.projection:
+        what += f", map of {result.map_points:,} users ({result.projection})"
+    if result.epsilon is not None:
+        what += f", ε = {result.epsilon:g} (release {result.release})"
+    out.print(f"wrote {result.path} ({result.bytes / 1e6:.1f} MB): {what}", markup=False)
+    for note in result.notes:
+        err.print(f"note: {note}", markup=False)
 
 
 @app.command()

@@ -380,17 +380,19 @@ def label_segments(
     domain: str = "item",
     prompt: Prompt | None = None,
     retry: RetryPolicy | None = None,
+    reserved: Sequence[str] = (),
 ) -> list[SegmentLabel]:
     """Name every segment (largest first, so big segments get first pick of names).
 
     Returns one label per doc, in the order of ``docs``; names are distinct
-    case-insensitively. A segment whose answers all fail validation, or whose LLM call
-    fails, gets :func:`fallback_label` with the reason.
+    case-insensitively, also from ``reserved`` (names given elsewhere, e.g. to the segments
+    under a parent). A segment whose answers all fail validation, or whose LLM call fails,
+    gets :func:`fallback_label` with the reason.
     """
     prompt = prompt or load_prompt("label")
     terms = distinctive_terms(docs)
     labels: dict[int, SegmentLabel] = {}
-    taken: list[str] = []
+    taken: list[str] = list(reserved)
     for index in sorted(range(len(docs)), key=lambda i: (-docs[i].size, docs[i].segment_id)):
         doc = docs[index]
         already = set(taken)

@@ -584,7 +584,7 @@ def _shown(
     return [user_ids[i] for i in members], [user_ids[i] for i in contrast]
 
 
-def _active_run(store: Store, settings: Settings, run_id: int | None = None) -> RunRecord:
+def active_run(store: Store, settings: Settings, run_id: int | None = None) -> RunRecord:
     run = store.run(run_id) if run_id is not None else store.active_run()
     if run is None:
         if run_id is not None:
@@ -598,8 +598,11 @@ def _active_run(store: Store, settings: Settings, run_id: int | None = None) -> 
 def segments_report(settings: Settings, run_id: int | None = None) -> dict[str, Any]:
     """The active (or given) run as the JSON object `segrec segments --json` prints."""
     with Store.open(settings.workspace) as store:
-        run = _active_run(store, settings, run_id)
+        run = active_run(store, settings, run_id)
         segments = store.segments(run.id)
+        hierarchy = store.hierarchy(run.id)
+    parents = hierarchy.parents if hierarchy else []
+    parent_of = hierarchy.segment_parents() if hierarchy else {}
     return {
         "run": {
             "id": run.id,
@@ -614,15 +617,35 @@ def segments_report(settings: Settings, run_id: int | None = None) -> dict[str, 
                 "description": s.description,
                 "size": s.size,
                 "share": s.facts["share"],
-                "top_items": s.facts["top_items"],
-                "top_categories": s.facts["top_categories"],
+                # under the privacy threshold: no facts about the members are published
+                "top_items": s.facts["top_items"] if s.described else [],
+                "top_categories": s.facts["top_categories"] if s.described else [],
                 "silhouette": s.facts["silhouette"],
                 "stability": s.facts["stability"],
                 "fallback": s.fallback,
                 "described": s.described,
+                "parent": parent_of.get(s.segment_id),
             }
             for s in segments
         ],
+        "parents": [
+            {
+                "id": p.parent_id,
+                "level": p.level,
+                "name": p.name,
+                "description": p.description,
+                "size": p.size,
+                "share": p.facts["share"],
+                "top_categories": p.facts["top_categories"],
+                "children": p.children,
+                "parent": p.parent,
+                "fallback": p.fallback,
+                "fallback_reason": p.facts["fallback_reason"],
+                "described": p.described,
+            }
+            for p in parents
+        ],
+        "hierarchy": {"params": hierarchy.params, "notes": hierarchy.notes} if hierarchy else None,
         "metrics": run.metrics,
     }
 
@@ -647,13 +670,42 @@ def list_runs(settings: Settings, *, activate: int | None = None) -> list[dict[s
 
 def segment_detail(settings: Settings, segment_id: int) -> tuple[RunRecord, SegmentRecord]:
     with Store.open(settings.workspace) as store:
-        run = _active_run(store, settings)
+        run = active_run(store, settings)
         for segment in store.segments(run.id):
             if segment.segment_id == segment_id:
-                return run, segment
+                return run, segment if segment.described else _unpublished(segment)
     raise InputError(
         f"segment {segment_id}: not in run {run.id} — list them with `segrec segments`"
     )
+
+
+def run_vectors(
+    store: Store,
+    settings: Settings,
+    run: RunRecord,
+    user_ids: Sequence[str],
+    profiles: Mapping[str, Profile] | None = None,
+) -> np.ndarray:
+    """Users' vectors in ``run``'s space (its representation and encoder), from the cache."""
+    encoder = SentenceTransformerEncoder(settings.encoder)
+    if encoder.encoder_id != run.params["encoder_id"]:
+        raise WorkspaceError(
+            f"run {run.id} was built with encoder {run.params['encoder_id']}, but the "
+            f"configured one is {encoder.encoder_id} — rerun `segrec cluster`"
+        )
+    return _vectors_for(
+        store,
+        encoder,
+        _histories(store, user_ids),
+        profiles if profiles is not None else _profiles_of(store, user_ids),
+        run.params["represent"],
+    )
+
+
+def _unpublished(segment: SegmentRecord) -> SegmentRecord:
+    """A segment under the privacy threshold: no members, items or categories shown."""
+    hidden = {"nearest": [], "top_items": [], "top_categories": []}
+    return replace(segment, facts={**segment.facts, **hidden})
 
 
 def show_segment(
@@ -719,7 +771,7 @@ def export_assignments(
     if out.is_dir():
         raise InputError(f"--out {out}: is a directory — pass a file name")
     with Store.open(settings.workspace) as store:
-        run = _active_run(store, settings, run_id)
+        run = active_run(store, settings, run_id)
         partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
         rows = 0
         writer_class = pa_csv.CSVWriter if suffix == ".csv" else pq.ParquetWriter
@@ -761,12 +813,6 @@ def assign_users_to_run(
         known = store.assignments(run.id, wanted)
         pending = [u for u in wanted if u not in known]
         if pending:
-            encoder = SentenceTransformerEncoder(settings.encoder)
-            if encoder.encoder_id != run.params["encoder_id"]:
-                raise WorkspaceError(
-                    f"run {run.id} was built with encoder {run.params['encoder_id']}, but the "
-                    f"configured one is {encoder.encoder_id} — rerun `segrec cluster`"
-                )
             represent = run.params["represent"]
             profiles: dict[str, Profile] = {}
             if represent != "items":
@@ -782,7 +828,7 @@ def assign_users_to_run(
                     raise WorkspaceError(
                         f"user {failed[0]!r}: profiling failed ({why}) — rerun later"
                     )
-            X = _vectors_for(store, encoder, _histories(store, pending), profiles, represent)
+            X = run_vectors(store, settings, run, pending, profiles)
             centroids = np.stack([s.centroid for s in store.segments(run.id)])
             labels, distances, margins = assign_users(X, centroids)
             fresh = [

@@ -144,6 +144,35 @@ MIGRATIONS: list[str] = [
         created_at TEXT NOT NULL
     );
     """,
+    """
+    CREATE TABLE hierarchies (
+        run_id INTEGER PRIMARY KEY REFERENCES runs(id) ON DELETE CASCADE,
+        created_at TEXT NOT NULL,
+        params TEXT NOT NULL,              -- JSON: levels, counts per level, seed, model
+        notes TEXT NOT NULL                -- JSON list: levels dropped, fallbacks …
+    );
+    CREATE TABLE parents (
+        run_id INTEGER NOT NULL REFERENCES hierarchies(run_id) ON DELETE CASCADE,
+        parent_id INTEGER NOT NULL,        -- unique in the run across levels
+        level INTEGER NOT NULL,            -- 1: parents of segments, 2: their parents
+        name TEXT NOT NULL,
+        description TEXT NOT NULL,
+        fallback INTEGER NOT NULL,
+        described INTEGER NOT NULL,        -- 0: under the privacy threshold
+        size INTEGER NOT NULL,
+        children TEXT NOT NULL,            -- JSON list: segment ids (level 1) or parent ids
+        parent INTEGER,                    -- the parent one level up, NULL at the top
+        facts TEXT NOT NULL,               -- JSON: share, top categories, fallback reason
+        PRIMARY KEY (run_id, parent_id)
+    );
+    CREATE TABLE releases (
+        id INTEGER PRIMARY KEY,
+        run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+        created_at TEXT NOT NULL,
+        epsilon REAL NOT NULL,             -- the privacy budget this release spent
+        details TEXT NOT NULL              -- JSON: mechanism, noise scales, what was noised
+    );
+    """,
 ]
 
 
@@ -795,6 +824,88 @@ class Store:
                 ),
             )
 
+    # ---------------------------------------------------------------- hierarchy, releases
+
+    def save_hierarchy(
+        self,
+        run_id: int,
+        *,
+        params: Mapping[str, Any],
+        notes: Sequence[str],
+        parents: Sequence[ParentRecord],
+    ) -> None:
+        """Store a run's segment hierarchy, replacing the one it had (one transaction)."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM hierarchies WHERE run_id = ?", (run_id,))
+            db.execute(
+                "INSERT INTO hierarchies VALUES (?, ?, ?, ?)",
+                (run_id, _now(), json.dumps(dict(params)), json.dumps(list(notes))),
+            )
+            db.executemany(
+                "INSERT INTO parents VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    (
+                        run_id,
+                        p.parent_id,
+                        p.level,
+                        p.name,
+                        p.description,
+                        int(p.fallback),
+                        int(p.described),
+                        p.size,
+                        json.dumps(list(p.children)),
+                        p.parent,
+                        json.dumps(p.facts, ensure_ascii=False),
+                    )
+                    for p in parents
+                ),
+            )
+
+    def hierarchy(self, run_id: int) -> HierarchyRecord | None:
+        row = self._db.execute(
+            "SELECT created_at, params, notes FROM hierarchies WHERE run_id = ?", (run_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        rows = self._db.execute(
+            """SELECT parent_id, level, name, description, fallback, described, size, children,
+                      parent, facts
+               FROM parents WHERE run_id = ? ORDER BY level, parent_id""",
+            (run_id,),
+        ).fetchall()
+        parents = [
+            ParentRecord(
+                parent_id=r[0],
+                level=r[1],
+                name=r[2],
+                description=r[3],
+                fallback=bool(r[4]),
+                described=bool(r[5]),
+                size=r[6],
+                children=json.loads(r[7]),
+                parent=r[8],
+                facts=json.loads(r[9]),
+            )
+            for r in rows
+        ]
+        return HierarchyRecord(run_id, row[0], json.loads(row[1]), json.loads(row[2]), parents)
+
+    def save_release(self, run_id: int, epsilon: float, details: Mapping[str, Any]) -> int:
+        """Record one differentially private publication of a run (ε adds up per run)."""
+        with self.transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO releases (run_id, created_at, epsilon, details) VALUES (?, ?, ?, ?)",
+                (run_id, _now(), float(epsilon), json.dumps(dict(details))),
+            )
+        return int(cursor.lastrowid or 0)
+
+    def releases(self, run_id: int) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT id, created_at, epsilon, details FROM releases WHERE run_id = ? ORDER BY id",
+            (run_id,),
+        ).fetchall()
+        return [{"id": r[0], "created_at": r[1], "epsilon": r[2], **json.loads(r[3])} for r in rows]
+
 
 @dataclass(frozen=True)
 class SegmentRecord:
@@ -824,6 +935,35 @@ class RunRecord:
     params: dict[str, Any]
     metrics: dict[str, Any]
     notes: list[str]
+
+
+@dataclass(frozen=True)
+class ParentRecord:
+    """A parent segment: a group of segments (level 1) or of level-1 parents (level 2)."""
+
+    parent_id: int
+    level: int
+    name: str
+    description: str
+    fallback: bool
+    described: bool
+    size: int
+    children: list[int]
+    parent: int | None
+    facts: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class HierarchyRecord:
+    run_id: int
+    created_at: str
+    params: dict[str, Any]
+    notes: list[str]
+    parents: list[ParentRecord]
+
+    def segment_parents(self) -> dict[int, int]:
+        """Segment id → the id of its level-1 parent."""
+        return {c: p.parent_id for p in self.parents if p.level == 1 for c in p.children}
 
 
 def _profile_record(row: Sequence[Any]) -> ProfileRecord:

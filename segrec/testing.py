@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -160,3 +161,165 @@ def schema_answer(messages: Sequence[Message], schema: dict[str, Any] | None) ->
         name = anchor.group(1).replace("[.]", ".").replace("\\", "")
         return json.dumps({"reason": f"Because you liked {name}, this fits your taste."})
     return json.dumps({"name": "Fans", "description": "Members like films."})
+
+
+# ------------------------------------------------------------------------------ browser
+
+CHROMIUM_FLAGS = (
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+)  # fmt: skip
+
+
+def chromium_path() -> str | None:
+    """Debian's ``chromium`` (``.ci/run`` installs it), or another Chromium on PATH."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if found := shutil.which(name):
+            return found
+    return None
+
+
+@dataclass
+class PageVisit:
+    """What a page did in a real browser: its DOM after scripts ran, a screenshot, the URL of
+    every request it sent (the page's own, from the DevTools Network domain; the browser's
+    background traffic is not the page's), and its script errors and console errors."""
+
+    dom: str
+    screenshot: bytes
+    requests: list[str]
+    errors: list[str]
+    value: Any = None  # what the ``evaluate`` expression returned
+
+
+def visit_page(
+    url: str,
+    *,
+    ready: str = "document.readyState === 'complete'",
+    evaluate: str = "null",
+    width: int = 1400,
+    height: int = 1800,
+    timeout: float = 120.0,
+) -> PageVisit:
+    """Open ``url`` in headless Chromium driven over the DevTools protocol (on a pipe, so no
+    port is opened), wait until the JavaScript expression ``ready`` is true, then read the
+    DOM, evaluate ``evaluate`` (returned by value) and take a screenshot of the viewport."""
+    import base64
+    import json
+    import queue
+    import tempfile
+
+    exe = chromium_path()
+    if exe is None:
+        raise FileNotFoundError("chromium is not installed — apt-get install chromium")
+    to_chrome_r, to_chrome_w = os.pipe()
+    from_chrome_r, from_chrome_w = os.pipe()
+
+    def wire_fds() -> None:  # Chromium reads commands on fd 3 and answers on fd 4
+        os.dup2(to_chrome_r, 3)
+        os.dup2(from_chrome_w, 4)
+
+    with tempfile.TemporaryDirectory(prefix="segrec-chromium-") as profile:
+        process = subprocess.Popen(
+            [
+                exe,
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={profile}",
+                "--remote-debugging-pipe",
+                f"--window-size={width},{height}",
+                "about:blank",
+            ],
+            pass_fds=(3, 4),
+            preexec_fn=wire_fds,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        os.close(to_chrome_r)
+        os.close(from_chrome_w)
+        inbox: queue.Queue[dict[str, Any]] = queue.Queue()
+
+        def read() -> None:
+            buffer = b""
+            with os.fdopen(from_chrome_r, "rb", buffering=0) as pipe:
+                while chunk := pipe.read(65536):
+                    buffer += chunk
+                    *messages, buffer = buffer.split(b"\0")
+                    for message in messages:
+                        inbox.put(json.loads(message))
+
+        threading.Thread(target=read, daemon=True).start()
+        writer = os.fdopen(to_chrome_w, "wb", buffering=0)
+        events: list[dict[str, Any]] = []
+        counter = iter(range(1, 1_000_000))
+        deadline = time.monotonic() + timeout
+
+        def call(method: str, session: str | None = None, **params: Any) -> dict[str, Any]:
+            ident = next(counter)
+            message: dict[str, Any] = {"id": ident, "method": method, "params": params}
+            if session:
+                message["sessionId"] = session
+            writer.write(json.dumps(message).encode() + b"\0")
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"chromium: no answer to {method} in {timeout} s")
+                reply = inbox.get(timeout=left)
+                if reply.get("id") == ident:
+                    if "error" in reply:
+                        raise RuntimeError(f"chromium: {method}: {reply['error']}")
+                    return reply.get("result", {})
+                events.append(reply)
+
+        try:
+            target = call("Target.createTarget", url="about:blank")["targetId"]
+            session = call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+            for domain in ("Network", "Runtime", "Log", "Page"):
+                call(f"{domain}.enable", session)
+            call(
+                "Emulation.setDeviceMetricsOverride",
+                session,
+                width=width,
+                height=height,
+                deviceScaleFactor=1,
+                mobile=False,
+            )
+            call("Page.navigate", session, url=url)
+            while not call("Runtime.evaluate", session, expression=ready, returnByValue=True)[
+                "result"
+            ].get("value"):
+                time.sleep(0.2)
+            time.sleep(1.0)  # let the last frame paint
+            dom = call(
+                "Runtime.evaluate",
+                session,
+                expression="document.documentElement.outerHTML",
+                returnByValue=True,
+            )["result"]["value"]
+            value = call("Runtime.evaluate", session, expression=evaluate, returnByValue=True)[
+                "result"
+            ].get("value")
+            shot = base64.b64decode(call("Page.captureScreenshot", session, format="png")["data"])
+            call("Browser.close")
+        finally:
+            writer.close()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    while not inbox.empty():
+        events.append(inbox.get())
+    requests, errors = [], []
+    for event in events:
+        params = event.get("params", {})
+        if event.get("method") == "Network.requestWillBeSent":
+            requests.append(params["request"]["url"])
+        elif event.get("method") == "Runtime.exceptionThrown":
+            details = params["exceptionDetails"]
+            errors.append(details.get("exception", {}).get("description") or details["text"])
+        elif event.get("method") == "Log.entryAdded" and params["entry"]["level"] == "error":
+            errors.append(params["entry"]["text"])
+        elif event.get("method") == "Runtime.consoleAPICalled" and params["type"] == "error":
+            errors.append(" ".join(str(a.get("value", "")) for a in params["args"]))
+    return PageVisit(dom=dom, screenshot=shot, requests=requests, errors=errors, value=value)
