@@ -567,17 +567,10 @@ def segments_show(
     Example: segrec segments show 0
     """
     from segrec import pipeline
+    from segrec.serving import segment_json
 
     run, seg = pipeline.segment_detail(_settings(config, workspace=workspace), segment_id)
-    data = {
-        "run": run.id,
-        "id": seg.segment_id,
-        "name": seg.name,
-        "description": seg.description,
-        "fallback": seg.fallback,
-        "described": seg.described,
-        **seg.facts,
-    }
+    data = segment_json(run, seg)
     if as_json:
         _emit_json(data)
         return
@@ -652,9 +645,11 @@ def assign(
     Example: segrec assign --user 42
     """
     from segrec import pipeline
+    from segrec.workspace import Workspace
 
     settings = _settings(config, workspace=workspace)
-    found, _ = pipeline.assign_users_to_run(settings, [user])
+    with Workspace(settings) as ws:
+        found = ws.assign([user])
     if not found:
         raise InputError("no clustering run yet — run `segrec cluster --k 5` first")
     a = found[0]
@@ -1071,16 +1066,34 @@ def chat(
     """
     from segrec import chat as chats
     from segrec import serving
-    from segrec.store import Store
+    from segrec.workspace import Workspace
 
     serving.check_n(n)
     settings = _llm_settings(config, workspace, llm, model_path, threads, base_url, timeout, domain)
+    with Workspace(settings) as ws:
+        if save_as is not None:
+            chats.check_new_user(ws.store, save_as)
+        script = _scripted(answers) if answers is not None else None
+        with err.status("loading the ranker and segments", spinner="dots") as status:
+            context = ws.recommender(on_stage=status.update).chat_context(ws.llm)
+        result, session = _run_chat(context, script, as_json, max_questions, n)
+        if save_as is not None and not result.quit:
+            session.save_as(ws.store, save_as)
+    if result.quit:
+        err.print("left the chat without saving", markup=False)
+        return
     if save_as is not None:
-        with Store.open(settings.workspace) as store:
-            chats.check_new_user(store, save_as)
-    script = _scripted(answers) if answers is not None else None
-    with err.status("loading the ranker and segments", spinner="dots") as status:
-        context = chats.ChatContext.from_workspace(settings, on_stage=status.update)
+        err.print(f"saved as user {save_as} — see `segrec explain --user {save_as}`", markup=False)
+    for note in result.notes:
+        err.print(f"note: {note}", markup=False)
+
+
+def _run_chat(
+    context: Any, script: Iterator[bytes] | None, as_json: bool, max_questions: int, n: int
+) -> tuple[Any, Any]:
+    """Talk on the terminal (or read a script), then print the result."""
+    from segrec import chat as chats
+
     session = chats.ChatSession(context, max_questions=max_questions, n=n)
     talk = err if as_json else out
     if not context.segments:
@@ -1117,17 +1130,9 @@ def chat(
         result = chats.run_chat(session, ask, on_turn=on_turn)
     if as_json:
         _emit_json(result.as_json())
-    if result.quit:
-        err.print("left the chat without saving", markup=False)
-        return
-    if not as_json:
+    elif not result.quit:
         _print_chat(result.as_json())
-    if save_as is not None:
-        with Store.open(settings.workspace) as store:
-            session.save_as(store, save_as)
-        err.print(f"saved as user {save_as} — see `segrec explain --user {save_as}`", markup=False)
-    for note in result.notes:
-        err.print(f"note: {note}", markup=False)
+    return result, session
 
 
 def _print_chat(data: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ import pandas as pd
 from segrec.cluster import ALGORITHMS, Clustering, bootstrap_stability, choose_k, cluster_vectors
 from segrec.config import Settings
 from segrec.data import IngestReport, ItemColumns, LogColumns, load_dataset
-from segrec.embed import SentenceTransformerEncoder
+from segrec.embed import Encoder, SentenceTransformerEncoder
 from segrec.errors import InputError, WorkspaceError
 from segrec.label import SegmentDoc, label_segments
 from segrec.llm import make_llm
@@ -231,7 +231,7 @@ def _profiles(store: Store) -> dict[str, Profile]:
 
 def _vectors_for(
     store: Store,
-    encoder: SentenceTransformerEncoder,
+    encoder: Encoder,
     user_ids: Sequence[str],
     profiles: Mapping[str, Profile],
     represent: str,
@@ -523,41 +523,51 @@ def assign_users_to_run(
     them were made now; users the run already holds keep theirs. No active run: ``([], 0)``.
     """
     with Store.open(settings.workspace) as store:
-        run = store.active_run()
-        if run is None:
-            return [], 0
-        profiles = _profiles(store)
-        known = store.assignments(run.id)
-        wanted = list(user_ids) if user_ids is not None else sorted(profiles, key=natural_key)
-        for user in wanted:
-            if user not in profiles:
-                if store.has_user(user):
-                    raise WorkspaceError(
-                        f"user {user!r} has no profile yet — run `segrec profile --users {user}`"
-                    )
-                raise InputError(f"unknown user id {user!r} — list users with `segrec users`")
-        pending = [u for u in wanted if u not in known]
-        if pending:
-            encoder = SentenceTransformerEncoder(settings.encoder)
-            if encoder.encoder_id != run.params["encoder_id"]:
+        return assign_in(store, lambda: SentenceTransformerEncoder(settings.encoder), user_ids)
+
+
+def assign_in(
+    store: Store, encoder: Callable[[], Encoder], user_ids: Sequence[str] | None = None
+) -> tuple[list[Assignment], int]:
+    """`assign_users_to_run` on an open store; ``encoder`` is called only when some user
+    needs a vector."""
+    run = store.active_run()
+    if run is None:
+        return [], 0
+    known = store.assignments(run.id)
+    if user_ids is not None and all(u in known for u in user_ids):
+        return [known[u] for u in user_ids], 0
+    profiles = _profiles(store)
+    wanted = list(user_ids) if user_ids is not None else sorted(profiles, key=natural_key)
+    for user in wanted:
+        if user not in profiles:
+            if store.has_user(user):
                 raise WorkspaceError(
-                    f"run {run.id} was built with encoder {run.params['encoder_id']}, but the "
-                    f"configured one is {encoder.encoder_id} — rerun `segrec cluster`"
+                    f"user {user!r} has no profile yet — run `segrec profile --users {user}`"
                 )
-            X = _vectors_for(
-                store,
-                encoder,
-                pending,
-                profiles,
-                run.params["represent"],
-                store.interactions_frame(pending),
+            raise InputError(f"unknown user id {user!r} — list users with `segrec users`")
+    pending = [u for u in wanted if u not in known]
+    if pending:
+        backend = encoder()
+        if backend.encoder_id != run.params["encoder_id"]:
+            raise WorkspaceError(
+                f"run {run.id} was built with encoder {run.params['encoder_id']}, but the "
+                f"configured one is {backend.encoder_id} — rerun `segrec cluster`"
             )
-            centroids = np.stack([s.centroid for s in store.segments(run.id)])
-            labels, distances, margins = assign_users(X, centroids)
-            fresh = [
-                Assignment(u, int(lab), float(d), float(m), late=True)
-                for u, lab, d, m in zip(pending, labels, distances, margins, strict=True)
-            ]
-            store.add_assignments(run.id, fresh)
-            known = store.assignments(run.id)
-        return [known[u] for u in wanted], len(pending)
+        X = _vectors_for(
+            store,
+            backend,
+            pending,
+            profiles,
+            run.params["represent"],
+            store.interactions_frame(pending),
+        )
+        centroids = np.stack([s.centroid for s in store.segments(run.id)])
+        labels, distances, margins = assign_users(X, centroids)
+        fresh = [
+            Assignment(u, int(lab), float(d), float(m), late=True)
+            for u, lab, d, m in zip(pending, labels, distances, margins, strict=True)
+        ]
+        store.add_assignments(run.id, fresh)
+        known = store.assignments(run.id)
+    return [known[u] for u in wanted], len(pending)
