@@ -1159,6 +1159,89 @@ def _print_chat(data: dict[str, Any]) -> None:
     out.print(grid)
 
 
+@app.command()
+@user_errors
+def serve(
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (loopback unless you mean otherwise).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.", min=1, max=65535)] = 8000,
+    api_key_env: Annotated[
+        str | None,
+        typer.Option(help="Require 'Authorization: Bearer <key>' on /v1, key in this variable."),
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes.", min=1, max=64)] = 1,
+    reload_interval: Annotated[
+        float, typer.Option(help="Seconds between checks for new data or runs (0: never).")
+    ] = 5.0,
+    llm_slots: Annotated[int, typer.Option(help="LLM calls in flight at once.", min=1)] = 1,
+    llm_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for one LLM call, then a template.")
+    ] = 30.0,
+    max_body: Annotated[int, typer.Option(help="Largest request body in bytes.")] = 65536,
+    access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
+    llm: LlmOpt = None,
+    model_path: ModelPathOpt = None,
+    threads: ThreadsOpt = None,
+    base_url: BaseUrlOpt = None,
+    timeout: TimeoutOpt = None,
+    domain: DomainOpt = None,
+    workspace: WorkspaceOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Serve recommendations, explanations, segments and chat over HTTP (see /docs).
+
+    Example: segrec serve --port 8000 --api-key-env SEGREC_API_KEY
+    """
+    import os
+
+    import uvicorn
+
+    from segrec.http import ENV_OPTIONS, ServeOptions, create_app, worker_env
+    from segrec.workspace import Workspace
+
+    settings = _llm_settings(config, workspace, llm, model_path, threads, base_url, timeout, domain)
+    try:
+        options = ServeOptions(
+            api_key_env=api_key_env,
+            max_body_bytes=max_body,
+            reload_interval_s=reload_interval,
+            llm_slots=llm_slots,
+            llm_timeout_s=llm_timeout,
+        )
+    except ValueError as exc:
+        raise InputError(f"serve: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
+    if api_key_env is not None and not os.environ.get(api_key_env):
+        raise InputError(
+            f"--api-key-env {api_key_env}: the variable is unset or empty — export the key first"
+        )
+    # Fit (or load) once here: workers then load the saved models instead of each fitting.
+    with err.status("loading the recommender", spinner="dots") as status, Workspace(settings) as ws:
+        version = ws.recommender(on_stage=status.update).version
+    if host not in ("127.0.0.1", "::1", "localhost") and api_key_env is None:
+        err.print(
+            f"warning: listening on {host} without --api-key-env: anyone who can reach it "
+            "can call it",
+            markup=False,
+        )
+    err.print(
+        f"serving {settings.workspace} ({version}) on http://{host}:{port} — docs at /docs",
+        markup=False,
+    )
+    if workers == 1:
+        uvicorn.run(create_app(settings, options), host=host, port=port, access_log=access_log)
+    else:
+        os.environ[ENV_OPTIONS] = worker_env(settings, options)
+        uvicorn.run(
+            "segrec.http:app_from_env",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            access_log=access_log,
+        )
+
+
 def main() -> None:
     app(prog_name="segrec")
 

@@ -375,9 +375,9 @@ def write_reasons(
     ``vocabulary`` every category in the catalogue. A candidate sharing no liked title or
     category with the history, an answer still invalid after ``attempts`` tries, and an
     LLM error all give :func:`template_reason`, marked as a fallback with the reason why;
-    LLM trouble never raises. With a ``cache``, a valid LLM reason is stored by content
-    key and a repeated question is answered from it without calling the LLM; fallbacks
-    are not cached, so a later call tries the LLM again.
+    LLM trouble never raises. With a ``cache``, the outcome of each LLM question is stored
+    by content key and a repeated question is answered from it without calling the LLM;
+    a fallback after an LLM error is not cached, so a later call tries the LLM again.
     """
     if attempts < 1:
         raise ValueError("attempts must be at least 1")
@@ -414,12 +414,16 @@ def write_reasons(
                 if cache is not None:
                     cache.cache_reason(key, value.model_dump())
                 return value
-        return Reason(
+        reason = Reason(
             item_id=candidate.item_id,
             reason=template_reason(candidate, history, segment_name=segment_name),
             fallback=True,
             fallback_reason=why,
         )
+        # The same question gets the same invalid answers (fixed seeds); an LLM error may not.
+        if options and cache is not None and not str(why).startswith("LLM error"):
+            cache.cache_reason(key, reason.model_dump())
+        return reason
 
     # One at a time for llama.cpp (the shared history prefix stays cached); a hosted
     # backend that takes concurrent calls gets them.
