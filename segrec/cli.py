@@ -1195,9 +1195,12 @@ def serve(
     """
     import os
 
-    import uvicorn
+    try:
+        import uvicorn
 
-    from segrec.http import ENV_OPTIONS, ServeOptions, create_app, worker_env
+        from segrec.http import ENV_OPTIONS, ServeOptions, create_app, worker_env
+    except ImportError as exc:
+        raise InputError(f"segrec serve needs {exc.name}: pip install 'segrec[serve]'") from None
     from segrec.workspace import Workspace
 
     settings = _llm_settings(config, workspace, llm, model_path, threads, base_url, timeout, domain)
