@@ -135,6 +135,12 @@ def allowed_items(items: pd.DataFrame, filters: Filters) -> np.ndarray | None:
     return mask
 
 
+def check_filters(store: Store, filters: Filters | None) -> None:
+    """Refuse unknown categories or items before anything is fitted or saved."""
+    if filters is not None and (filters.categories or filters.exclude):
+        allowed_items(store.items_frame(), filters)
+
+
 @dataclass
 class RecommendResult:
     table: pd.DataFrame  # user_id, rank, item_id, title, score, one column per signal
@@ -650,7 +656,7 @@ def recommend(
         # Input is checked before the ranker is tuned and saved: bad input writes nothing.
         if user_ids is not None:
             check_users(workspace.store, user_ids)
-        allowed_items(workspace.store.items_frame(), filters or Filters())
+        check_filters(workspace.store, filters)
         recommender = workspace.recommender(on_stage=on_stage)
         return recommender.recommend(user_ids, n=n, filters=filters, on_progress=on_progress)
 
@@ -670,7 +676,7 @@ def explain(
     check_n(n)
     with Workspace(settings, llm=llm) as workspace:
         check_users(workspace.store, [user_id])
-        allowed_items(workspace.store.items_frame(), filters or Filters())
+        check_filters(workspace.store, filters)
         recommender = workspace.recommender(on_stage=on_stage)
         return recommender.explain(
             user_id,
