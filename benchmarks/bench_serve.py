@@ -9,8 +9,8 @@ On ml-latest-small (610 users × 9,742 items), in one run:
    RSS after start and after the load.
 3. Load: a fixed number of GET /v1/users/{id}/recommendations?n=10 at concurrency 1, 8 and
    32 (one keep-alive connection per client thread; stops by itself): requests/s, p50/p99.
-4. In-process: `Recommender.recommend` on the same users in this process: p50/p99, and the
-   ratio of HTTP p50 (concurrency 1) to it.
+4. In-process: `Recommender.recommend` on the same users in this process (one BLAS thread,
+   as in the server): p50/p99, and the ratio of HTTP p50 (concurrency 1) to it.
 
 Run: python benchmarks/bench_serve.py [--workspace DIR] [--requests 400]
      (writes benchmarks/results/serve.md; DIR is ingested from ml-latest-small if missing)
@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -176,7 +177,8 @@ def main() -> None:
     for c, r in results.items():
         print(f"c={c}: {r['rps']:.0f} req/s, p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms")
 
-    with Workspace(settings) as workspace:
+    # The server runs with one BLAS thread per request (see segrec.http); so does this.
+    with Workspace(settings) as workspace, threadpool_limits(limits=1, user_api="blas"):
         recommender = workspace.recommender()
         for user in users[:50]:  # warm-up, as for HTTP
             recommender.recommend([user], n=N)

@@ -31,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from threadpoolctl import threadpool_limits
 
 from segrec.config import Settings
 from segrec.errors import InputError, SegrecError, WorkspaceError
@@ -353,6 +354,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # One BLAS thread per request: requests already run in parallel threads, and
+        # OpenBLAS's own threads on top of them thrash (benchmarks/results/serve.md).
+        blas = threadpool_limits(limits=1, user_api="blas")
         await run_in_threadpool(service.reload)
         watcher = asyncio.create_task(_watch(service)) if options.reload_interval_s else None
         try:
@@ -360,6 +364,7 @@ def create_app(
         finally:
             if watcher is not None:
                 watcher.cancel()
+            blas.restore_original_limits()
             if workspace is None:
                 ws.close()
 

@@ -60,10 +60,6 @@ class Served:
     run: RunRecord | None
     notes: list[str]
 
-    def rows(self, user_ids: Sequence[str]) -> np.ndarray:
-        index = {u: r for r, u in enumerate(self.users)}
-        return np.array([index[u] for u in user_ids], dtype=np.int64)
-
 
 @dataclass(frozen=True)
 class ModelVersion:
@@ -213,9 +209,6 @@ class ReasonWriter:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     cache: ReasonCache | None = None
     why_template: str = "no LLM"
-
-    def templates(self, why: str) -> ReasonWriter:
-        return ReasonWriter(None, self.params, self.domain, self.attempts, self.retry, None, why)
 
 
 def explained_items(
