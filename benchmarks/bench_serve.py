@@ -252,6 +252,10 @@ def write(
         "",
         f"**HTTP p50 (concurrency 1) / in-process p50: {ratio:.2f}**",
         "",
+        "CPU s is user + system time of the `segrec` process: what the call costs on an idle "
+        "core. On a shared machine (see the load average above) wall times and p99 are "
+        "inflated by other work; the HTTP/in-process ratio is paired within the run.",
+        "",
     ]
     args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")

@@ -60,6 +60,12 @@ class Served:
     run: RunRecord | None
     notes: list[str]
 
+    def __post_init__(self) -> None:
+        # Looked up on every request: built once (pandas' Arrow strings convert slowly).
+        self.item_ids = self.items["item_id"].to_numpy(dtype=object)
+        self.titles = self.items["title"].to_numpy(dtype=object)
+        self.user_rows = {u: r for r, u in enumerate(self.users)}
+
 
 @dataclass(frozen=True)
 class ModelVersion:
@@ -154,8 +160,8 @@ def _table(served: Served, user_ids: Sequence[str], recs: Recommendations) -> pd
         {
             "user_id": user_col,
             "rank": rank,
-            "item_id": served.items["item_id"].to_numpy()[cols],
-            "title": served.items["title"].to_numpy()[cols],
+            "item_id": served.item_ids[cols],
+            "title": served.titles[cols],
             "score": recs.scores[valid],
         }
     )
@@ -230,12 +236,12 @@ def explained_items(
     are shown. The one place explanations are put together (explain, chat, HTTP).
     """
     weights = served.ranker.spec.weights.get(group, {})
-    titles = served.items["title"].to_numpy()
+    titles = served.titles
     categories = served.items["categories"].to_numpy()
     liked_titles = [str(titles[c]) for c in liked_cols]
     candidates = [
         Candidate(
-            item_id=str(served.items["item_id"].iat[col]),
+            item_id=str(served.item_ids[col]),
             title=str(titles[col]),
             categories=tuple(categories[col]),
             score=float(scores[rank]),
@@ -341,8 +347,7 @@ class Recommender:
     ) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray | None]:
         """History rows, segment labels and cosine vectors of users (empty for new users)."""
         served = self.served
-        index = {u: r for r, u in enumerate(served.users)}
-        rows = [index.get(u, -1) for u in user_ids]
+        rows = [served.user_rows.get(u, -1) for u in user_ids]
         if all(r >= 0 for r in rows):
             X_rows = served.X[rows]
         else:
@@ -514,7 +519,7 @@ class Recommender:
         ranker = self.served.ranker
         recs = ranker.recommend(X_rows, n, labels=labels, user_vectors=vectors, allowed=allowed)
         history = self.history(user_id)
-        item_pos = {item: c for c, item in enumerate(self.served.items["item_id"])}
+        item_pos = {item: c for c, item in enumerate(self.served.item_ids)}
         liked_cols = [item_pos[e.item_id] for e in history if e.strength > 0]
         valid = recs.indices[0] >= 0
         stage("writing reasons")
