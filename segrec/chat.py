@@ -16,8 +16,10 @@ answer is ever followed as an instruction. Each answer updates a draft profile; 
 run's ``represent`` space) gives the nearest segment and the margin to the second. The
 session stops early once the margin reaches ``ChatContext.sure_margin``.
 
-The session never touches the workspace itself: :meth:`ChatContext.from_workspace` reads
-one, and :meth:`ChatSession.save_as` writes the new user into a store it is given.
+The session never touches the workspace itself: a
+:meth:`segrec.serving.Recommender.chat_context` reads one, :meth:`ChatSession.save_as` writes
+the new user into a store it is given, and :meth:`ChatSession.state` /
+:meth:`ChatSession.restore` let a server keep an open session across restarts.
 """
 
 from __future__ import annotations
@@ -37,18 +39,17 @@ import scipy.sparse as sp
 from pydantic import BaseModel
 
 from segrec.embed import Encoder, embed_texts, mix_vectors
-from segrec.errors import InputError, WorkspaceError
+from segrec.errors import InputError
 from segrec.grounding import decode_json, degenerate, join_words, norm
 from segrec.llm.base import LLM, GenerationParams, Message, RetryPolicy, structured_or_why
 from segrec.profile import SUMMARY_MAX, Event, Profile, Vocabulary, user_events
-from segrec.reasons import Candidate, Reason, template_reason, write_reasons
+from segrec.reasons import ReasonCache
 from segrec.segments import MIX_WEIGHT, assign_users
-from segrec.serving import Served, because_titles
+from segrec.serving import ReasonWriter, Served, explained_items
 from segrec.store import Assignment, ProfileRecord
 from segrec.templates import Prompt, load_prompt
 
 if TYPE_CHECKING:
-    from segrec.config import Settings
     from segrec.store import Store
 
 # Used when the run's members' margins are unknown. The example run's median member margin
@@ -128,7 +129,8 @@ class ChatContext:
     ``represent`` is the space the centroids live in (the run's ``represent`` param).
     ``llm=None`` asks template questions and writes template reasons (no model at all,
     e.g. for a rule-based simulated user). Build it from a workspace with
-    :meth:`from_workspace`, or directly (an evaluation split has no workspace).
+    :meth:`segrec.serving.Recommender.chat_context`, or directly (an evaluation split has
+    no workspace).
     """
 
     served: Served
@@ -143,6 +145,7 @@ class ChatContext:
     attempts: int = 3
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     prompt: Prompt = field(default_factory=lambda: load_prompt("chat_question"))
+    cache: ReasonCache | None = None  # reasons already written, by content key
 
     def __post_init__(self) -> None:
         items = self.served.items
@@ -181,56 +184,6 @@ class ChatContext:
         order = np.argsort(-(sims[:, own] - others), kind="stable")
         extra = [int(pool[i]) for i in order if sims[i, own] > others[i]]
         return list(dict.fromkeys(known + extra))
-
-    @classmethod
-    def from_workspace(
-        cls,
-        settings: Settings,
-        *,
-        llm: LLM | None = None,
-        on_stage: Callable[[str], None] | None = None,
-    ) -> ChatContext:
-        """The workspace's ranker, active run and encoder; ``llm`` defaults to settings'."""
-        from segrec.embed import SentenceTransformerEncoder
-        from segrec.llm import make_llm
-        from segrec.pipeline import generation_params
-        from segrec.serving import load_ranker
-        from segrec.store import Store
-
-        with Store.open(settings.workspace) as store:
-            served = load_ranker(store, settings, on_stage=on_stage)
-            run = served.run
-            encoder = SentenceTransformerEncoder(settings.encoder)
-            segments: list[SegmentCandidate] = []
-            sure = SURE_MARGIN
-            if run is not None:
-                if encoder.encoder_id != run.params.get("encoder_id"):
-                    raise WorkspaceError(
-                        f"run {run.id} was built with encoder {run.params.get('encoder_id')}, "
-                        f"but the configured one is {encoder.encoder_id} — rerun `segrec cluster`"
-                    )
-                segments = [
-                    SegmentCandidate.from_facts(
-                        s.segment_id, s.name, s.description, s.centroid, s.facts, s.size
-                    )
-                    for s in store.segments(run.id)
-                ]
-                margins = [a.margin for a in store.assignments(run.id).values() if not a.late]
-                if margins:
-                    sure = float(np.median(margins))
-        return cls(
-            served=served,
-            segments=segments,
-            encoder=encoder,
-            llm=llm if llm is not None else make_llm(settings),
-            params=generation_params(settings),
-            domain=settings.domain,
-            represent=str(run.params.get("represent", settings.represent)) if run else "items",
-            run_id=run.id if run else None,
-            sure_margin=sure,
-            attempts=settings.validation_attempts,
-            retry=RetryPolicy(attempts=settings.retries),
-        )
 
 
 def _title_index(titles: Sequence[str]) -> dict[str, int]:
@@ -274,6 +227,28 @@ class Question:
         lines = [self.text + (" [template]" if self.fallback else "")]
         lines += [f"  {i}. {o.label}" for i, o in enumerate(self.options, start=1)]
         return "\n".join(lines)
+
+    def state(self) -> dict[str, Any]:
+        """Everything about the question, as JSON (:meth:`from_state` reads it back)."""
+        return {
+            "text": self.text,
+            "options": [[o.kind, o.value, o.label, o.segment_id] for o in self.options],
+            "segments": list(self.segments),
+            "fallback": self.fallback,
+            "fallback_reason": self.fallback_reason,
+            "open": self.open,
+        }
+
+    @classmethod
+    def from_state(cls, data: Mapping[str, Any]) -> Question:
+        return cls(
+            text=str(data["text"]),
+            options=tuple(Option(k, str(v), str(lab), sid) for k, v, lab, sid in data["options"]),
+            segments=tuple(int(s) for s in data["segments"]),
+            fallback=bool(data["fallback"]),
+            fallback_reason=data.get("fallback_reason"),
+            open=bool(data["open"]),
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -842,62 +817,77 @@ class ChatSession:
                 self._questions(), self._answers(), self.profile(), segment, [], notes, quit=True
             )
         cols, scores, parts = self.recommend()
-        history = self.history()
-        weights = served.ranker.spec.weights.get(self.group, {})
-        candidates = []
-        for rank, col in enumerate(cols):
-            candidates.append(
-                Candidate(
-                    item_id=context.item_ids[col],
-                    title=context.titles[col],
-                    categories=tuple(served.items["categories"].iat[col]),
-                    score=scores[rank],
-                    signals={k: float(v[rank]) for k, v in parts.items() if weights.get(k)},
-                    because=because_titles(
-                        served, col, self.liked_items, [context.titles[c] for c in self.liked_items]
-                    ),
-                )
-            )
-        name = self._placement.name if self._placement else None
-        if reasons and context.llm is not None:
-            written = write_reasons(
-                candidates,
-                history,
-                llm=context.llm,
-                params=context.params,
-                vocabulary=context.vocabulary,
-                segment_name=name,
-                attempts=context.attempts,
-                domain=context.domain,
-                retry=context.retry,
-            )
-        else:
-            written = [
-                Reason(
-                    item_id=c.item_id,
-                    reason=template_reason(c, history, segment_name=name),
-                    fallback=True,
-                    fallback_reason="template requested" if not reasons else "no LLM",
-                )
-                for c in candidates
-            ]
-        fallbacks = sum(r.fallback for r in written)
-        if fallbacks:
-            notes.append(f"{fallbacks} of {len(written)} reasons are templates (marked)")
+        writer = ReasonWriter(
+            context.llm if reasons else None,
+            params=context.params,
+            domain=context.domain,
+            attempts=context.attempts,
+            retry=context.retry,
+            cache=context.cache,
+            why_template="template requested" if not reasons else "no LLM",
+        )
+        items, more = explained_items(
+            served,
+            cols,
+            scores,
+            parts,
+            group=self.group,
+            history=self.history(),
+            liked_cols=self.liked_items,
+            writer=writer,
+            segment_name=self._placement.name if self._placement else None,
+        )
+        notes += more
         question_fallbacks = sum(q.fallback for q in self._questions())
         if question_fallbacks:
             notes.append(f"{question_fallbacks} question(s) are templates (marked)")
-        items = [
-            {
-                "item_id": c.item_id,
-                "title": c.title,
-                "score": round(c.score, 4),
-                "reason": r.reason,
-                "reason_fallback": r.fallback,
-            }
-            for c, r in zip(candidates, written, strict=True)
-        ]
         return ChatResult(self._questions(), self._answers(), self.profile(), segment, items, notes)
+
+    def like_items(self, cols: Sequence[int]) -> None:
+        """Take catalogue columns as liked without a question (an anonymous visitor's
+        items): the draft, its vector and placement update as after an answer."""
+        for col in cols:
+            if col not in self.liked_items:
+                self.liked_items.append(int(col))
+        self._update()
+
+    # ---------------------------------------------------------------- keeping
+
+    def state(self) -> dict[str, Any]:
+        """What :meth:`restore` needs, as JSON: settings, questions asked, answers given."""
+        return {
+            "max_questions": self.max_questions,
+            "n": self.n,
+            "favourites_at": self.favourites_at,
+            "run": self.context.run_id,
+            "turns": [
+                {"question": t.question.state(), "answer": t.answer.text} for t in self.turns
+            ],
+            "pending": None if self._pending is None else self._pending.state(),
+        }
+
+    @classmethod
+    def restore(cls, context: ChatContext, state: Mapping[str, Any]) -> ChatSession:
+        """The session :meth:`state` describes, its answers replayed on ``context`` (no
+        LLM call: the questions are kept as they were asked)."""
+        session = cls(
+            context,
+            max_questions=int(state["max_questions"]),
+            n=int(state["n"]),
+            favourites_at=state.get("favourites_at"),
+        )
+        asked = [(Question.from_state(t["question"]), t["answer"]) for t in state["turns"]]
+        pending = state.get("pending")
+        if pending is not None:
+            asked.append((Question.from_state(pending), None))
+        for question, answer in asked:
+            if not question.open:
+                session._offered.update((o.kind, o.value) for o in question.options)
+                session._asked.update(question.segments)
+            session._pending = question
+            if answer is not None:
+                session.answer(answer)
+        return session
 
     def _questions(self) -> list[Question]:
         return [t.question for t in self.turns]

@@ -664,19 +664,12 @@ def segments_show(
     Example: segrec segments show 0
     """
     from segrec import pipeline
+    from segrec.serving import segment_json
 
     settings = _llm_settings(config, workspace, llm, model_path, threads, base_url, timeout, domain)
     with _counting_llm_calls() as calls, err.status("loading the segment", spinner="dots"):
         run, seg, notes = pipeline.show_segment(settings, segment_id)
-    data = {
-        "run": run.id,
-        "id": seg.segment_id,
-        "name": seg.name,
-        "description": seg.description,
-        "fallback": seg.fallback,
-        "described": seg.described,
-        **seg.facts,
-    }
+    data = segment_json(run, seg)
     for note in notes:
         err.print(f"note: {note}", markup=False)
     if as_json:
@@ -912,10 +905,11 @@ def assign(
     Example: segrec assign --user 42
     """
     from segrec import pipeline
+    from segrec.workspace import Workspace
 
     settings = _llm_settings(config, workspace, llm, model_path, threads, base_url, timeout, domain)
-    with _counting_llm_calls() as calls:
-        found, _ = pipeline.assign_users_to_run(settings, [user])
+    with _counting_llm_calls() as calls, Workspace(settings) as ws:
+        found = ws.assign([user])
     if not found:
         raise InputError("no clustering run yet — run `segrec cluster --k 5` first")
     a = found[0]
@@ -1336,16 +1330,34 @@ def chat(
     """
     from segrec import chat as chats
     from segrec import serving
-    from segrec.store import Store
+    from segrec.workspace import Workspace
 
     serving.check_n(n)
     settings = _llm_settings(config, workspace, llm, model_path, threads, base_url, timeout, domain)
+    with Workspace(settings) as ws:
+        if save_as is not None:
+            chats.check_new_user(ws.store, save_as)
+        script = _scripted(answers) if answers is not None else None
+        with err.status("loading the ranker and segments", spinner="dots") as status:
+            context = ws.recommender(on_stage=status.update).chat_context(ws.llm)
+        result, session = _run_chat(context, script, as_json, max_questions, n)
+        if save_as is not None and not result.quit:
+            session.save_as(ws.store, save_as)
+    if result.quit:
+        err.print("left the chat without saving", markup=False)
+        return
     if save_as is not None:
-        with Store.open(settings.workspace) as store:
-            chats.check_new_user(store, save_as)
-    script = _scripted(answers) if answers is not None else None
-    with err.status("loading the ranker and segments", spinner="dots") as status:
-        context = chats.ChatContext.from_workspace(settings, on_stage=status.update)
+        err.print(f"saved as user {save_as} — see `segrec explain --user {save_as}`", markup=False)
+    for note in result.notes:
+        err.print(f"note: {note}", markup=False)
+
+
+def _run_chat(
+    context: Any, script: Iterator[bytes] | None, as_json: bool, max_questions: int, n: int
+) -> tuple[Any, Any]:
+    """Talk on the terminal (or read a script), then print the result."""
+    from segrec import chat as chats
+
     session = chats.ChatSession(context, max_questions=max_questions, n=n)
     talk = err if as_json else out
     if not context.segments:
@@ -1389,17 +1401,9 @@ def chat(
         _emit_json(data)
     else:
         _llm_calls(calls)
-    if result.quit:
-        err.print("left the chat without saving", markup=False)
-        return
-    if not as_json:
-        _print_chat(result.as_json())
-    if save_as is not None:
-        with Store.open(settings.workspace) as store:
-            session.save_as(store, save_as)
-        err.print(f"saved as user {save_as} — see `segrec explain --user {save_as}`", markup=False)
-    for note in result.notes:
-        err.print(f"note: {note}", markup=False)
+        if not result.quit:
+            _print_chat(result.as_json())
+    return result, session
 
 
 def _print_chat(data: dict[str, Any]) -> None:
@@ -1424,6 +1428,92 @@ def _print_chat(data: dict[str, Any]) -> None:
         why = item["reason"] + (" [template]" if item["reason_fallback"] else "")
         grid.add_row(str(rank), item["title"], f"{item['score']:.2f}", why)
     out.print(grid)
+
+
+@app.command()
+@user_errors
+def serve(
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (loopback unless you mean otherwise).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.", min=1, max=65535)] = 8000,
+    api_key_env: Annotated[
+        str | None,
+        typer.Option(help="Require 'Authorization: Bearer <key>' on /v1, key in this variable."),
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes.", min=1, max=64)] = 1,
+    reload_interval: Annotated[
+        float, typer.Option(help="Seconds between checks for new data or runs (0: never).")
+    ] = 5.0,
+    llm_slots: Annotated[int, typer.Option(help="LLM calls in flight at once.", min=1)] = 1,
+    llm_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for one LLM call, then a template.")
+    ] = 30.0,
+    max_body: Annotated[int, typer.Option(help="Largest request body in bytes.")] = 65536,
+    access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
+    llm: LlmOpt = None,
+    model_path: ModelPathOpt = None,
+    threads: ThreadsOpt = None,
+    base_url: BaseUrlOpt = None,
+    timeout: TimeoutOpt = None,
+    domain: DomainOpt = None,
+    workspace: WorkspaceOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Serve recommendations, explanations, segments and chat over HTTP (see /docs).
+
+    Example: segrec serve --port 8000 --api-key-env SEGREC_API_KEY
+    """
+    import os
+
+    try:
+        import uvicorn
+
+        from segrec.http import ENV_OPTIONS, ServeOptions, create_app, worker_env
+    except ImportError as exc:
+        raise InputError(f"segrec serve needs {exc.name}: pip install 'segrec[serve]'") from None
+    from segrec.workspace import Workspace
+
+    settings = _llm_settings(config, workspace, llm, model_path, threads, base_url, timeout, domain)
+    try:
+        options = ServeOptions(
+            api_key_env=api_key_env,
+            max_body_bytes=max_body,
+            reload_interval_s=reload_interval,
+            llm_slots=llm_slots,
+            llm_timeout_s=llm_timeout,
+        )
+    except ValueError as exc:
+        raise InputError(f"serve: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
+    if api_key_env is not None and not os.environ.get(api_key_env):
+        raise InputError(
+            f"--api-key-env {api_key_env}: the variable is unset or empty — export the key first"
+        )
+    # Fit (or load) once here: workers then load the saved models instead of each fitting.
+    with err.status("loading the recommender", spinner="dots") as status, Workspace(settings) as ws:
+        version = ws.recommender(on_stage=status.update).version
+    if host not in ("127.0.0.1", "::1", "localhost") and api_key_env is None:
+        err.print(
+            f"warning: listening on {host} without --api-key-env: anyone who can reach it "
+            "can call it",
+            markup=False,
+        )
+    err.print(
+        f"serving {settings.workspace} ({version}) on http://{host}:{port} — docs at /docs",
+        markup=False,
+    )
+    if workers == 1:
+        uvicorn.run(create_app(settings, options), host=host, port=port, access_log=access_log)
+    else:
+        os.environ[ENV_OPTIONS] = worker_env(settings, options)
+        uvicorn.run(
+            "segrec.http:app_from_env",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            access_log=access_log,
+        )
 
 
 def main() -> None:

@@ -685,9 +685,12 @@ def run_vectors(
     run: RunRecord,
     user_ids: Sequence[str],
     profiles: Mapping[str, Profile] | None = None,
+    *,
+    encoder: Encoder | None = None,
 ) -> np.ndarray:
     """Users' vectors in ``run``'s space (its representation and encoder), from the cache."""
-    encoder = SentenceTransformerEncoder(settings.encoder)
+    if encoder is None:
+        encoder = SentenceTransformerEncoder(settings.encoder)
     if encoder.encoder_id != run.params["encoder_id"]:
         raise WorkspaceError(
             f"run {run.id} was built with encoder {run.params['encoder_id']}, but the "
@@ -800,41 +803,58 @@ def assign_users_to_run(
     No active run: ``([], 0)``.
     """
     with Store.open(settings.workspace) as store:
-        run = store.active_run()
-        if run is None:
-            return [], 0
-        if user_ids is None:
-            wanted = sorted(store.profile_keys(), key=natural_key)
-        else:
-            wanted = list(user_ids)
-            for user in wanted:
-                if not store.has_user(user):
-                    raise InputError(f"unknown user id {user!r} — list users with `segrec users`")
+        return assign_in(
+            store,
+            settings,
+            lambda: SentenceTransformerEncoder(settings.encoder),
+            user_ids,
+            llm=(lambda: llm) if llm is not None else None,
+        )
+
+
+def assign_in(
+    store: Store,
+    settings: Settings,
+    encoder: Callable[[], Encoder],
+    user_ids: Sequence[str] | None = None,
+    *,
+    llm: Callable[[], LLM] | None = None,
+) -> tuple[list[Assignment], int]:
+    """`assign_users_to_run` on an open store; ``encoder`` (and ``llm``, default: the
+    settings' backend) are called only when some user needs a vector (or a profile)."""
+    run = store.active_run()
+    if run is None:
+        return [], 0
+    if user_ids is None:
+        wanted = sorted(store.profile_keys(), key=natural_key)
+    else:
+        wanted = list(user_ids)
+        for user in wanted:
+            if not store.has_user(user):
+                raise InputError(f"unknown user id {user!r} — list users with `segrec users`")
+    known = store.assignments(run.id, wanted)
+    pending = [u for u in wanted if u not in known]
+    if pending:
+        represent = run.params["represent"]
+        profiles: dict[str, Profile] = {}
+        if represent != "items":
+            profiles = _profiles_of(store, pending)
+            todo = [u for u in pending if u not in profiles]
+            if todo:
+                backend = llm() if llm is not None else make_llm(settings)
+                profile_in(store, settings, todo, llm=backend)
+                profiles |= _profiles_of(store, todo)
+            failed = [u for u in pending if u not in profiles]
+            if failed:
+                why = store.failures().get(failed[0], "unknown error")
+                raise WorkspaceError(f"user {failed[0]!r}: profiling failed ({why}) — rerun later")
+        X = run_vectors(store, settings, run, pending, profiles, encoder=encoder())
+        centroids = np.stack([s.centroid for s in store.segments(run.id)])
+        labels, distances, margins = assign_users(X, centroids)
+        fresh = [
+            Assignment(u, int(lab), float(d), float(m), late=True)
+            for u, lab, d, m in zip(pending, labels, distances, margins, strict=True)
+        ]
+        store.add_assignments(run.id, fresh)
         known = store.assignments(run.id, wanted)
-        pending = [u for u in wanted if u not in known]
-        if pending:
-            represent = run.params["represent"]
-            profiles: dict[str, Profile] = {}
-            if represent != "items":
-                profiles = _profiles_of(store, pending)
-                todo = [u for u in pending if u not in profiles]
-                if todo:
-                    backend = llm if llm is not None else make_llm(settings)
-                    profile_in(store, settings, todo, llm=backend)
-                    profiles |= _profiles_of(store, todo)
-                failed = [u for u in pending if u not in profiles]
-                if failed:
-                    why = store.failures().get(failed[0], "unknown error")
-                    raise WorkspaceError(
-                        f"user {failed[0]!r}: profiling failed ({why}) — rerun later"
-                    )
-            X = run_vectors(store, settings, run, pending, profiles)
-            centroids = np.stack([s.centroid for s in store.segments(run.id)])
-            labels, distances, margins = assign_users(X, centroids)
-            fresh = [
-                Assignment(u, int(lab), float(d), float(m), late=True)
-                for u, lab, d, m in zip(pending, labels, distances, margins, strict=True)
-            ]
-            store.add_assignments(run.id, fresh)
-            known = store.assignments(run.id, wanted)
-        return [known[u] for u in wanted], len(pending)
+    return [known[u] for u in wanted], len(pending)

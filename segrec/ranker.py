@@ -197,6 +197,62 @@ class Ranker:
             )
         return self
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The fitted state as plain arrays, so it can be saved and loaded without a refit."""
+        if self.counts is None:
+            raise RuntimeError("Ranker is not fitted; call fit() first")
+        out: dict[str, np.ndarray] = {"counts": self.counts}
+        if self.ease is not None and self.ease.B is not None:
+            out["ease_B"] = self.ease.B
+        if self.knn is not None and self.knn.similarity is not None:
+            S = self.knn.similarity
+            out |= {
+                "knn_data": S.data,
+                "knn_indices": S.indices,
+                "knn_indptr": S.indptr,
+                "knn_shape": np.asarray(S.shape, dtype=np.int64),
+            }
+        if self.segments is not None and self.segments.global_counts is not None:
+            labels = sorted(self.segments.counts)
+            out["segment_labels"] = np.asarray(labels, dtype=np.int64)
+            out["segment_counts"] = (
+                np.stack([self.segments.counts[label] for label in labels])
+                if labels
+                else np.zeros((0, self.counts.size), dtype=np.float32)
+            )
+        return out
+
+    @classmethod
+    def from_arrays(
+        cls,
+        spec: RankerSpec,
+        item_vectors: np.ndarray | None,
+        arrays: Mapping[str, np.ndarray],
+    ) -> Ranker:
+        """A fitted ranker from :meth:`arrays` (memory-mapped arrays are used as they are)."""
+        ranker = cls(spec, item_vectors)
+        ranker.counts = np.asarray(arrays["counts"])
+        if "ease" in ranker.names:
+            assert spec.ease_lambda is not None
+            ranker.ease = EASE(spec.ease_lambda)
+            ranker.ease.B = arrays["ease_B"]
+        if "itemknn" in ranker.names:
+            ranker.knn = ItemKNN(spec.neighbours)
+            shape = tuple(int(v) for v in arrays["knn_shape"])
+            ranker.knn.similarity = sp.csr_matrix(
+                (arrays["knn_data"], arrays["knn_indices"], arrays["knn_indptr"]), shape=shape
+            )
+        if "segment_pop" in ranker.names:
+            ranker.segments = SegmentPopularity()
+            ranker.segments.global_counts = ranker.counts
+            ranker.segments.counts = {
+                int(label): np.asarray(row)
+                for label, row in zip(
+                    arrays["segment_labels"], arrays["segment_counts"], strict=True
+                )
+            }
+        return ranker
+
     def signals(
         self,
         X_users: sp.csr_matrix,

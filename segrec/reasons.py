@@ -15,12 +15,14 @@ strongest signal, marked as a fallback with why: explaining never stops a recomm
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel
 
@@ -94,6 +96,29 @@ class Reason(BaseModel):
 
 class _Answer(BaseModel):
     reason: str
+
+
+class ReasonCache(Protocol):
+    """Validated LLM reasons by content key; the workspace store is the persistent one."""
+
+    def cached_reason(self, key: str) -> dict[str, Any] | None: ...
+
+    def cache_reason(self, key: str, reason: dict[str, Any]) -> None: ...
+
+
+def reason_key(
+    llm: LLM, prompt: Prompt, params: GenerationParams, messages: Any, **extra: Any
+) -> str:
+    """Content hash of one reason call: model, prompt version, parameters and the exact
+    messages, so a cached reason is only reused for the very same question."""
+    body = {
+        "model": llm.model_id,
+        "prompt": prompt.version,
+        "params": params.as_dict(),
+        "messages": messages,
+        **extra,
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # ------------------------------------------------------------------------------ history
@@ -348,6 +373,7 @@ def write_reasons(
     domain: str = "item",
     prompt: Prompt | None = None,
     retry: RetryPolicy | None = None,
+    cache: ReasonCache | None = None,
 ) -> list[Reason]:
     """One reason per candidate, in order: the LLM's when valid, else the template's.
 
@@ -355,7 +381,9 @@ def write_reasons(
     ``vocabulary`` every category in the catalogue. A candidate sharing no liked title or
     category with the history, an answer still invalid after ``attempts`` tries, and an
     LLM error all give :func:`template_reason`, marked as a fallback with the reason why;
-    LLM trouble never raises.
+    LLM trouble never raises. With a ``cache``, the outcome of each LLM question is stored
+    by content key and a repeated question is answered from it without calling the LLM;
+    a fallback after an LLM error is not cached, so a later call tries the LLM again.
     """
     if attempts < 1:
         raise ValueError("attempts must be at least 1")
@@ -369,6 +397,9 @@ def write_reasons(
             why = "the history has no liked title or category this item shares"
         else:
             messages = render_reason_prompt(candidate, context, prompt=prompt, domain=domain)
+            key = reason_key(llm, prompt, params, messages, options=options, attempts=attempts)
+            if cache is not None and (hit := cache.cached_reason(key)) is not None:
+                return Reason.model_validate(hit)
             parse = partial(
                 parse_reason,
                 candidate=candidate,
@@ -386,13 +417,19 @@ def write_reasons(
                 policy=retry or RetryPolicy(),
             )
             if value is not None:
+                if cache is not None:
+                    cache.cache_reason(key, value.model_dump())
                 return value
-        return Reason(
+        reason = Reason(
             item_id=candidate.item_id,
             reason=template_reason(candidate, history, segment_name=segment_name),
             fallback=True,
             fallback_reason=why,
         )
+        # The same question gets the same invalid answers (fixed seeds); an LLM error may not.
+        if options and cache is not None and not str(why).startswith("LLM error"):
+            cache.cache_reason(key, reason.model_dump())
+        return reason
 
     # One at a time for llama.cpp (the shared history prefix stays cached); a hosted
     # backend that takes concurrent calls gets them.

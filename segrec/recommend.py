@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Protocol, Self, TypeVar
 
 import numpy as np
-import scipy.linalg
 import scipy.sparse as sp
 
 from segrec.errors import ConfigError
@@ -300,6 +299,8 @@ def _weighted_sum(
 
 def _spd_inverse(matrix: np.ndarray) -> np.ndarray:
     """Inverse of a symmetric positive definite matrix via Cholesky (half the flops of LU)."""
+    import scipy.linalg  # only fitting needs it: loading a saved EASE does not pay the import
+
     potrf, potri = scipy.linalg.lapack.get_lapack_funcs(("potrf", "potri"), (matrix,))
     factor, info = potrf(matrix, lower=False, overwrite_a=True)
     if info != 0:

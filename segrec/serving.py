@@ -1,36 +1,38 @@
-"""Recommend and explain from a workspace: the library API behind `segrec recommend` and
-`segrec explain` (settings in, results out, no printing).
+"""Recommend, explain and place users from a fitted ranker: the service behind `segrec
+recommend`, `segrec explain`, `segrec assign`, `segrec chat` and `segrec serve`.
 
-The ranker's weights are tuned once per data version and clustering run and stored in the
-workspace (table ``rankers``); each call refits the models on every interaction (EASE takes
-seconds on a 9k-item catalogue) and scores only the users asked for.
+A :class:`Recommender` is the fitted ranker for one data version and clustering run, built
+(or loaded from the files a previous process saved) by :meth:`segrec.workspace.Workspace.
+recommender`. Everything a request needs is in memory or memory-mapped, so scoring one user
+costs milliseconds. Explanations are assembled once, in :func:`explained_items`, for the
+CLI, the chat and the HTTP API.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 from segrec.config import Settings
-from segrec.embed import SentenceTransformerEncoder, embed_present
 from segrec.errors import InputError, WorkspaceError
-from segrec.evaluate import Split, protocol_split
-from segrec.llm import make_llm
-from segrec.llm.base import LLM, RetryPolicy
-from segrec.pipeline import assign_users_to_run, generation_params, run_profiles
-from segrec.profile import Event, Profile, Vocabulary, user_events, value_scales
-from segrec.ranker import SIGNALS, Ranker, RankerSpec, Recommendations, tune_ranker
-from segrec.reasons import Candidate, write_reasons
-from segrec.segments import item_matrix
-from segrec.store import RunRecord, Store
+from segrec.llm.base import LLM, GenerationParams, RetryPolicy
+from segrec.profile import Event, Profile, ValueScale, Vocabulary, user_events, value_scales
+from segrec.ranker import SIGNALS, Ranker, RankerSpec, Recommendations
+from segrec.reasons import Candidate, Reason, ReasonCache, template_reason, write_reasons
+from segrec.store import RunRecord, SegmentRecord, Store
+
+if TYPE_CHECKING:
+    from segrec.chat import ChatContext
+    from segrec.workspace import Workspace
 
 MAX_N = 1000
 OUT_FORMATS = (".parquet", ".csv", ".json")
@@ -58,9 +60,22 @@ class Served:
     run: RunRecord | None
     notes: list[str]
 
-    def rows(self, user_ids: Sequence[str]) -> np.ndarray:
-        index = {u: r for r, u in enumerate(self.users)}
-        return np.array([index[u] for u in user_ids], dtype=np.int64)
+    def __post_init__(self) -> None:
+        # Looked up on every request: built once (pandas' Arrow strings convert slowly).
+        self.item_ids = self.items["item_id"].to_numpy(dtype=object)
+        self.titles = self.items["title"].to_numpy(dtype=object)
+        self.user_rows = {u: r for r, u in enumerate(self.users)}
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """Which data and clustering run an answer came from (what a client can compare)."""
+
+    data_version: str
+    run_id: int | None
+
+    def __str__(self) -> str:
+        return f"{self.data_version};run={self.run_id or 0}"
 
 
 def check_n(n: int) -> int:
@@ -83,13 +98,17 @@ def check_out(path: Path) -> Path:
     return path
 
 
-def _check_users(store: Store, user_ids: Sequence[str]) -> None:
+class UnknownUserError(InputError):
+    """A user id the workspace does not hold (the HTTP API answers 404)."""
+
+
+def check_users(store: Store, user_ids: Sequence[str]) -> None:
     for user in user_ids:
         if not store.has_user(user):
-            raise InputError(f"unknown user id {user!r} — list users with `segrec users`")
+            raise UnknownUserError(f"unknown user id {user!r} — list users with `segrec users`")
 
 
-def _allowed(items: pd.DataFrame, filters: Filters) -> np.ndarray | None:
+def allowed_items(items: pd.DataFrame, filters: Filters) -> np.ndarray | None:
     """Boolean mask over the catalogue, or None when nothing is filtered."""
     if not filters.categories and not filters.exclude:
         return None
@@ -118,104 +137,10 @@ def _allowed(items: pd.DataFrame, filters: Filters) -> np.ndarray | None:
     return mask
 
 
-def _labels(store: Store, run: RunRecord | None, users: Sequence[str]) -> np.ndarray:
-    if run is None:
-        return np.full(len(users), -1, dtype=np.int64)
-    known = store.assignments(run.id)
-    return np.array([known[u].segment_id if u in known else -1 for u in users], dtype=np.int64)
-
-
-def load_ranker(
-    store: Store, settings: Settings, *, on_stage: Callable[[str], None] | None = None
-) -> Served:
-    """The workspace's ranker: tuned weights from the store (tuned now if missing), fitted."""
-    stage = on_stage or (lambda _: None)
-    items = store.items_frame().reset_index(drop=True)
-    interactions = store.interactions_frame()
-    if interactions.empty:
-        raise WorkspaceError(
-            f"{settings.workspace}: no interactions yet — run `segrec profile RATINGS --items "
-            "ITEMS` first"
-        )
-    stage("embedding items")
-    encoder = SentenceTransformerEncoder(settings.encoder)
-    item_vectors = item_matrix(items, encoder, cache=store)
-    item_index = pd.Index(items["item_id"])
-    users = list(pd.unique(interactions["user_id"]))
-    user_index = pd.Index(users)
-    rows = user_index.get_indexer(interactions["user_id"])
-    cols = item_index.get_indexer(interactions["item_id"])
-    X = sp.csr_matrix(
-        (np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(len(users), len(items))
-    )
-    X.sum_duplicates()
-    X.data[:] = 1.0
-    run = store.active_run()
-    labels = _labels(store, run, users)
-    notes: list[str] = []
-    if run is None:
-        notes.append("no clustering run yet: the segment signal is off (run `segrec cluster`)")
-
-    version = store.data_version()
-    stored = store.ranker_spec(version, run.id if run else None)
-    if stored is not None:
-        spec = RankerSpec.from_dict(stored)
-    else:
-        stage("tuning the ranker on a validation split (once per data and run)")
-        split = protocol_split(interactions.rename(columns={"seq": "line"}))
-        vectors_by_id = dict(zip(items["item_id"], item_vectors, strict=True))
-
-        def vectors_for(part: Split) -> np.ndarray:
-            return np.stack([vectors_by_id[i] for i in part.items])
-
-        label_of = dict(zip(users, labels, strict=True))
-
-        def labels_for(part: Split) -> tuple[np.ndarray, np.ndarray]:
-            # By id: on a stacked cold split the scored rows repeat the users.
-            fit = np.array([label_of.get(u, -1) for u in part.fit_users], dtype=np.int64)
-            scored = np.array([label_of.get(u, -1) for u in part.users], dtype=np.int64)
-            return fit, scored
-
-        spec = tune_ranker(
-            split,
-            item_vectors_for=vectors_for,
-            labels_for=labels_for if run is not None else None,
-            seed=settings.seed,
-            on_stage=stage,
-        )
-        if run is not None:
-            spec.notes.append(
-                f"segment signal from run {run.id}, whose clustering saw full histories"
-            )
-        store.save_ranker_spec(version, run.id if run else None, spec.as_dict())
-    notes += spec.notes
-    stage("fitting the ranker")
-    ranker = Ranker(spec, item_vectors).fit(X, labels)
-    return Served(ranker, items, item_vectors, X, users, labels, run, notes)
-
-
-def _user_vectors(
-    store: Store, settings: Settings, served: Served, user_ids: Sequence[str]
-) -> np.ndarray | None:
-    """The cosine signal's user vectors per ``represent`` (None: the history mean)."""
-    if settings.represent == "items":
-        return None
-    from segrec.ranker import history_vectors
-
-    history = history_vectors(served.X[served.rows(user_ids)], served.item_vectors)
-    encoder = SentenceTransformerEncoder(settings.encoder)
-    texts = []
-    for user in user_ids:
-        record = store.profile(user)
-        texts.append(Profile.model_validate(record.profile).embedding_text() if record else "")
-    profile, missing = embed_present(texts, encoder, cache=store)
-    profile[missing] = history[missing]
-    if settings.represent == "profile":
-        return profile
-    from segrec.embed import mix_vectors
-    from segrec.segments import MIX_WEIGHT
-
-    return mix_vectors(profile, history, MIX_WEIGHT)
+def check_filters(store: Store, filters: Filters | None) -> None:
+    """Refuse unknown categories or items before anything is fitted or saved."""
+    if filters is not None and (filters.categories or filters.exclude):
+        allowed_items(store.items_frame(), filters)
 
 
 @dataclass
@@ -235,8 +160,8 @@ def _table(served: Served, user_ids: Sequence[str], recs: Recommendations) -> pd
         {
             "user_id": user_col,
             "rank": rank,
-            "item_id": served.items["item_id"].to_numpy()[cols],
-            "title": served.items["title"].to_numpy()[cols],
+            "item_id": served.item_ids[cols],
+            "title": served.titles[cols],
             "score": recs.scores[valid],
         }
     )
@@ -244,63 +169,6 @@ def _table(served: Served, user_ids: Sequence[str], recs: Recommendations) -> pd
         if name in recs.contributions:
             frame[name] = recs.contributions[name][valid]
     return frame
-
-
-def recommend(
-    settings: Settings,
-    user_ids: Sequence[str] | None,
-    *,
-    n: int = 10,
-    filters: Filters | None = None,
-    on_stage: Callable[[str], None] | None = None,
-    on_progress: Callable[[int, int], None] | None = None,
-) -> RecommendResult:
-    """Top-n unseen items for the given users (None: every user with interactions)."""
-    check_n(n)
-    with Store.open(settings.workspace) as store:
-        if user_ids is not None:
-            _check_users(store, user_ids)
-        # Filters are checked before the ranker is tuned (and stored): bad input writes nothing.
-        allowed = _allowed(store.items_frame(), filters or Filters())
-        served = load_ranker(store, settings, on_stage=on_stage)
-        wanted = list(user_ids) if user_ids is not None else served.users
-        X_rows, labels, vectors = _histories(store, settings, served, wanted)
-    done = 0
-
-    def progress(batch: int) -> None:
-        nonlocal done
-        done += batch
-        if on_progress is not None:
-            on_progress(done, len(wanted))
-
-    recs = served.ranker.recommend(
-        X_rows, n, labels=labels, user_vectors=vectors, allowed=allowed, on_batch=progress
-    )
-    notes = list(served.notes)
-    short = int((served.ranker.groups(X_rows) == "short").sum())
-    if short:
-        notes.append(
-            f"{short} user(s) with ≤ {served.ranker.spec.short_history} known items ranked "
-            "with the short-history weights"
-        )
-    return RecommendResult(_table(served, wanted, recs), notes, served.ranker.spec)
-
-
-def _histories(
-    store: Store, settings: Settings, served: Served, user_ids: Sequence[str]
-) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray | None]:
-    """History rows, segment labels and cosine vectors of users (empty for new users)."""
-    index = {u: r for r, u in enumerate(served.users)}
-    rows = [index.get(u, -1) for u in user_ids]
-    empty = sp.csr_matrix((1, served.X.shape[1]), dtype=np.float32)
-    X_rows = sp.csr_matrix(sp.vstack([served.X[r] if r >= 0 else empty for r in rows]))
-    labels = np.array([served.labels[r] if r >= 0 else -1 for r in rows], dtype=np.int64)
-    if served.run is not None and (labels < 0).any():
-        known = store.assignments(served.run.id)
-        labels = np.array(
-            [known[u].segment_id if u in known else -1 for u in user_ids], dtype=np.int64
-        )
-    return X_rows, labels, _user_vectors(store, settings, served, user_ids)
 
 
 def write_table(frame: pd.DataFrame, path: Path) -> None:
@@ -322,7 +190,7 @@ def write_table(frame: pd.DataFrame, path: Path) -> None:
             os.unlink(tmp)
 
 
-# ------------------------------------------------------------------------------ explain
+# ------------------------------------------------------------------------------ explanations
 
 
 def because_titles(
@@ -336,40 +204,459 @@ def because_titles(
     return tuple(titles[i] for i in order)
 
 
-def _segment_info(
-    store: Store, settings: Settings, served: Served, user_id: str, profile: Profile
-) -> dict[str, Any] | None:
-    if served.run is None:
-        return None
-    assignments, _ = assign_users_to_run(settings, [user_id])
-    if not assignments:
-        return None
-    assignment = assignments[0]
-    segment = next(
-        s for s in store.segments(served.run.id) if s.segment_id == assignment.segment_id
-    )
-    top = [
-        c["category"] if isinstance(c, dict) else str(c)
-        for c in segment.facts.get("top_categories", [])
+@dataclass(frozen=True)
+class ReasonWriter:
+    """How reasons are written (``llm=None``: templates, saying ``why_template``)."""
+
+    llm: LLM | None
+    params: GenerationParams = field(default_factory=GenerationParams)
+    domain: str = "item"
+    attempts: int = 3
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    cache: ReasonCache | None = None
+    why_template: str = "no LLM"
+
+
+def explained_items(
+    served: Served,
+    cols: Sequence[int],
+    scores: Sequence[float],
+    parts: dict[str, np.ndarray],
+    *,
+    group: str,
+    history: Sequence[Event],
+    liked_cols: Sequence[int],
+    writer: ReasonWriter,
+    segment_name: str | None,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Recommended items with their signals and a reason each, and notes for humans.
+
+    ``cols``/``scores``/``parts`` are one user's top items (catalogue columns), blended
+    scores and per-signal contributions; only the signals the user's weight ``group`` uses
+    are shown. The one place explanations are put together (explain, chat, HTTP).
+    """
+    weights = served.ranker.spec.weights.get(group, {})
+    titles = served.titles
+    categories = served.items["categories"].to_numpy()
+    liked_titles = [str(titles[c]) for c in liked_cols]
+    candidates = [
+        Candidate(
+            item_id=str(served.item_ids[col]),
+            title=str(titles[col]),
+            categories=tuple(categories[col]),
+            score=float(scores[rank]),
+            signals={k: float(v[rank]) for k, v in parts.items() if weights.get(k)},
+            because=because_titles(served, col, liked_cols, liked_titles),
+        )
+        for rank, col in enumerate(cols)
     ]
-    shared = [like for like in profile.likes if like in top]
-    why = (
-        f"nearest segment centroid (distance {assignment.distance:.3f}; the next segment is "
-        f"{assignment.margin:.3f} further)"
-    )
-    if shared:
-        why += f"; shares the segment's taste for {', '.join(shared)}"
+    if writer.llm is not None:
+        reasons = write_reasons(
+            candidates,
+            history,
+            llm=writer.llm,
+            params=writer.params,
+            vocabulary=Vocabulary.from_items(served.items).categories,
+            segment_name=segment_name,
+            attempts=writer.attempts,
+            domain=writer.domain,
+            retry=writer.retry,
+            cache=writer.cache,
+        )
+    else:
+        reasons = [
+            Reason(
+                item_id=c.item_id,
+                reason=template_reason(c, history, segment_name=segment_name),
+                fallback=True,
+                fallback_reason=writer.why_template,
+            )
+            for c in candidates
+        ]
+    notes = []
+    fallbacks = sum(r.fallback for r in reasons)
+    if fallbacks:
+        notes.append(f"{fallbacks} of {len(reasons)} reasons are templates (marked)")
+    items = [
+        {
+            "item_id": c.item_id,
+            "title": c.title,
+            "score": round(c.score, 4),
+            "signals": {k: round(v, 4) for k, v in c.signals.items()},
+            "reason": r.reason,
+            "reason_fallback": r.fallback,
+        }
+        for c, r in zip(candidates, reasons, strict=True)
+    ]
+    return items, notes
+
+
+def segment_json(run: RunRecord, segment: SegmentRecord) -> dict[str, Any]:
+    """One segment as `segrec segments show --json` prints it."""
     return {
+        "run": run.id,
         "id": segment.segment_id,
         "name": segment.name,
         "description": segment.description,
-        "label_fallback": segment.fallback,
-        "run": served.run.id,
-        "distance": round(float(assignment.distance), 4),
-        "margin": round(float(assignment.margin), 4),
-        "shared_likes": shared,
-        "why": why,
+        "fallback": segment.fallback,
+        "described": segment.described,
+        **segment.facts,
     }
+
+
+# ------------------------------------------------------------------------------ recommender
+
+
+class Recommender:
+    """The fitted ranker of one (data version, run), over one workspace.
+
+    Read-only once built, so threads share it; a server swaps in a new one when the data or
+    the active run change, and requests in flight finish on the one they started with.
+    """
+
+    def __init__(
+        self,
+        workspace: Workspace,
+        served: Served,
+        version: ModelVersion,
+        *,
+        segments: Sequence[SegmentRecord] = (),
+        fitted: bool = False,
+    ) -> None:
+        self.workspace = workspace
+        self.served = served
+        self.version = version
+        self.segments = list(segments)
+        self.fitted = fitted  # fitted in this process (False: loaded from saved files)
+        self._lock = threading.Lock()
+        self._scales: dict[str, ValueScale] | None = None
+        self._chat: dict[int, ChatContext] = {}
+
+    @property
+    def run(self) -> RunRecord | None:
+        return self.served.run
+
+    @property
+    def notes(self) -> list[str]:
+        return list(self.served.notes)
+
+    # ---------------------------------------------------------------- histories
+
+    def histories(
+        self, user_ids: Sequence[str]
+    ) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray | None]:
+        """History rows, segment labels and cosine vectors of users (empty for new users)."""
+        served = self.served
+        rows = [served.user_rows.get(u, -1) for u in user_ids]
+        if all(r >= 0 for r in rows):
+            X_rows = served.X[rows]
+        else:
+            empty = sp.csr_matrix((1, served.X.shape[1]), dtype=np.float32)
+            X_rows = sp.csr_matrix(sp.vstack([served.X[r] if r >= 0 else empty for r in rows]))
+        labels = np.array([served.labels[r] if r >= 0 else -1 for r in rows], dtype=np.int64)
+        if served.run is not None and (labels < 0).any():
+            known = self.workspace.store.assignments(served.run.id)
+            labels = np.array(
+                [known[u].segment_id if u in known else -1 for u in user_ids], dtype=np.int64
+            )
+        return X_rows, labels, self._user_vectors(X_rows, user_ids)
+
+    def _user_vectors(self, X_rows: sp.csr_matrix, user_ids: Sequence[str]) -> np.ndarray | None:
+        """The cosine signal's user vectors per ``represent`` (None: the history mean)."""
+        settings = self.workspace.settings
+        if settings.represent == "items":
+            return None
+        from segrec.embed import embed_present, mix_vectors
+        from segrec.ranker import history_vectors
+        from segrec.segments import MIX_WEIGHT
+
+        store = self.workspace.store
+        history = history_vectors(X_rows, self.served.item_vectors)
+        texts = []
+        for user in user_ids:
+            record = store.profile(user)
+            texts.append(Profile.model_validate(record.profile).embedding_text() if record else "")
+        profile, missing = embed_present(texts, self.workspace.encoder, cache=store)
+        profile[missing] = history[missing]
+        if settings.represent == "profile":
+            return profile
+        return mix_vectors(profile, history, MIX_WEIGHT)
+
+    def allowed(self, filters: Filters | None) -> np.ndarray | None:
+        return allowed_items(self.served.items, filters or Filters())
+
+    # ---------------------------------------------------------------- recommend
+
+    def recommend(
+        self,
+        user_ids: Sequence[str] | None,
+        *,
+        n: int = 10,
+        filters: Filters | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> RecommendResult:
+        """Top-n unseen items for known users (None: every user with interactions)."""
+        check_n(n)
+        allowed = self.allowed(filters)
+        if user_ids is not None:
+            check_users(self.workspace.store, user_ids)
+        wanted = list(user_ids) if user_ids is not None else self.served.users
+        X_rows, labels, vectors = self.histories(wanted)
+        done = 0
+
+        def progress(batch: int) -> None:
+            nonlocal done
+            done += batch
+            if on_progress is not None:
+                on_progress(done, len(wanted))
+
+        ranker = self.served.ranker
+        recs = ranker.recommend(
+            X_rows, n, labels=labels, user_vectors=vectors, allowed=allowed, on_batch=progress
+        )
+        notes = self.notes
+        short = int((ranker.groups(X_rows) == "short").sum())
+        if short:
+            notes.append(
+                f"{short} user(s) with ≤ {ranker.spec.short_history} known items ranked "
+                "with the short-history weights"
+            )
+        return RecommendResult(_table(self.served, wanted, recs), notes, ranker.spec)
+
+    # ---------------------------------------------------------------- segments
+
+    def segment_of(self, user_id: str, profile: Profile | None = None) -> dict[str, Any] | None:
+        """The user's segment in the active run (assigned now if profiled after it)."""
+        run = self.run
+        if run is None:
+            return None
+        assignment = self.workspace.assign([user_id])[0]
+        segment = next(s for s in self.segments if s.segment_id == assignment.segment_id)
+        top = [
+            c["category"] if isinstance(c, dict) else str(c)
+            for c in segment.facts.get("top_categories", [])
+        ]
+        shared = [like for like in profile.likes if like in top] if profile else []
+        why = (
+            f"nearest segment centroid (distance {assignment.distance:.3f}; the next segment "
+            f"is {assignment.margin:.3f} further)"
+        )
+        if shared:
+            why += f"; shares the segment's taste for {', '.join(shared)}"
+        return {
+            "id": segment.segment_id,
+            "name": segment.name,
+            "description": segment.description,
+            "label_fallback": segment.fallback,
+            "run": run.id,
+            "distance": round(float(assignment.distance), 4),
+            "margin": round(float(assignment.margin), 4),
+            "shared_likes": shared,
+            "why": why,
+        }
+
+    # ---------------------------------------------------------------- explain
+
+    def writer(self, llm: LLM | None) -> ReasonWriter:
+        from segrec.pipeline import generation_params
+
+        settings = self.workspace.settings
+        return ReasonWriter(
+            llm,
+            params=generation_params(settings),
+            domain=settings.domain,
+            attempts=settings.validation_attempts,
+            retry=RetryPolicy(attempts=settings.retries),
+            cache=self.workspace,
+        )
+
+    def history(self, user_id: str) -> list[Event]:
+        """The user's events as reasons read them (rating scales from every interaction)."""
+        store = self.workspace.store
+        with self._lock:
+            if self._scales is None:
+                self._scales = value_scales(store.interactions_frame())
+        events = user_events(store.interactions_frame([user_id]), self.served.items, self._scales)
+        return events.get(user_id, [])
+
+    def explain(
+        self,
+        user_id: str,
+        *,
+        n: int = 10,
+        filters: Filters | None = None,
+        writer: ReasonWriter,
+        on_stage: Callable[[str], None] | None = None,
+    ) -> tuple[dict[str, Any], list[str]]:
+        """The explain object for one user (see `segrec explain --json`) and notes.
+
+        A user without a profile is profiled first (with the writer's LLM, through the
+        normal cached pipeline; a deterministic profile without an LLM).
+        """
+        check_n(n)
+        stage = on_stage or (lambda _: None)
+        store = self.workspace.store
+        check_users(store, [user_id])
+        allowed = self.allowed(filters)
+        notes = self.notes
+        record = store.profile(user_id)
+        if record is None:
+            stage("profiling the user")
+            from segrec.pipeline import profile_in
+
+            llm = writer.llm if writer.llm is not None else self.workspace.llm
+            profile_in(store, self.workspace.settings, [user_id], llm=llm)
+            notes.append("the user had no profile: profiled now (cached for next time)")
+            record = store.profile(user_id)
+            if record is None:
+                failure = store.failures().get(user_id, "unknown error")
+                raise WorkspaceError(
+                    f"user {user_id!r}: profiling failed ({failure}) — rerun later"
+                )
+        profile = Profile.model_validate(record.profile)
+        segment = self.segment_of(user_id, profile)
+        X_rows, labels, vectors = self.histories([user_id])
+        ranker = self.served.ranker
+        recs = ranker.recommend(X_rows, n, labels=labels, user_vectors=vectors, allowed=allowed)
+        history = self.history(user_id)
+        item_pos = {item: c for c, item in enumerate(self.served.item_ids)}
+        liked_cols = [item_pos[e.item_id] for e in history if e.strength > 0]
+        valid = recs.indices[0] >= 0
+        stage("writing reasons")
+        items, more = explained_items(
+            self.served,
+            [int(c) for c in recs.indices[0][valid]],
+            [float(s) for s in recs.scores[0][valid]],
+            {k: v[0][valid] for k, v in recs.contributions.items()},
+            group=str(ranker.groups(X_rows)[0]),
+            history=history,
+            liked_cols=liked_cols,
+            writer=writer,
+            segment_name=segment["name"] if segment else None,
+        )
+        result = {
+            "user": user_id,
+            "profile": {**profile.model_dump(), "fallback": record.fallback},
+            "segment": segment,
+            "items": items,
+        }
+        return result, notes + more
+
+    # ---------------------------------------------------------------- new users
+
+    def chat_context(self, llm: LLM | None) -> ChatContext:
+        """The chat's view of this recommender (one per LLM backend, built once)."""
+        from segrec.chat import SURE_MARGIN, ChatContext, SegmentCandidate
+
+        with self._lock:
+            context = self._chat.get(id(llm))
+            if context is not None:
+                return context
+            run = self.run
+            sure = SURE_MARGIN
+            if run is not None:
+                encoder_id = self.workspace.encoder.encoder_id
+                if encoder_id != run.params.get("encoder_id"):
+                    raise WorkspaceError(
+                        f"run {run.id} was built with encoder {run.params.get('encoder_id')}, "
+                        f"but the configured one is {encoder_id} — rerun `segrec cluster`"
+                    )
+                margins = [
+                    a.margin
+                    for a in self.workspace.store.assignments(run.id).values()
+                    if not a.late
+                ]
+                if margins:
+                    sure = float(np.median(margins))
+            writer = self.writer(llm)
+            context = ChatContext(
+                served=self.served,
+                segments=[
+                    SegmentCandidate.from_facts(
+                        s.segment_id, s.name, s.description, s.centroid, s.facts, s.size
+                    )
+                    for s in self.segments
+                ],
+                encoder=self.workspace.encoder,
+                llm=llm,
+                params=writer.params,
+                domain=writer.domain,
+                represent=str(run.params.get("represent", "items")) if run else "items",
+                run_id=run.id if run else None,
+                sure_margin=sure,
+                attempts=writer.attempts,
+                retry=writer.retry,
+                cache=writer.cache,
+            )
+            self._chat[id(llm)] = context
+            return context
+
+    def item_columns(self, item_ids: Sequence[str]) -> list[int]:
+        """Catalogue columns of item ids, refusing unknown ones."""
+        index = pd.Index(self.served.items["item_id"])
+        positions = index.get_indexer(list(item_ids))
+        if (positions < 0).any():
+            missing = item_ids[int(np.flatnonzero(positions < 0)[0])]
+            raise InputError(f"items: unknown item id {missing!r} — not in the catalogue")
+        return list(dict.fromkeys(int(p) for p in positions))
+
+    def for_items(
+        self, item_ids: Sequence[str], *, n: int = 10
+    ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        """An anonymous visitor who liked ``item_ids``: their nearest segment and top-n
+        items, the way a chat places and ranks a new user (nothing is stored)."""
+        from segrec.chat import ChatSession
+
+        check_n(n)
+        context = self.chat_context(None)
+        session = ChatSession(context, n=n)
+        session.like_items(self.item_columns(item_ids))
+        placement = session.placement
+        segment = None
+        if placement is not None:
+            description = next(
+                s.description for s in context.segments if s.segment_id == placement.segment_id
+            )
+            segment = placement.as_dict(description, context.run_id)
+        cols, scores, parts = session.recommend()
+        weights = self.served.ranker.spec.weights.get(session.group, {})
+        items = [
+            {
+                "item_id": context.item_ids[col],
+                "title": context.titles[col],
+                "score": round(scores[rank], 4),
+                "signals": {
+                    k: round(float(v[rank]), 4) for k, v in parts.items() if weights.get(k)
+                },
+            }
+            for rank, col in enumerate(cols)
+        ]
+        return segment, items
+
+
+# ------------------------------------------------------------------------------ library API
+
+
+def recommend(
+    settings: Settings,
+    user_ids: Sequence[str] | None,
+    *,
+    n: int = 10,
+    filters: Filters | None = None,
+    on_stage: Callable[[str], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> RecommendResult:
+    """Top-n unseen items for the given users (None: every user with interactions)."""
+    from segrec.workspace import Workspace
+
+    check_n(n)
+    with Workspace(settings) as workspace:
+        # Input is checked before the ranker is tuned and saved: bad input writes nothing.
+        if user_ids is not None:
+            check_users(workspace.store, user_ids)
+        check_filters(workspace.store, filters)
+        recommender = workspace.recommender(on_stage=on_stage)
+        return recommender.recommend(user_ids, n=n, filters=filters, on_progress=on_progress)
 
 
 def explain(
@@ -381,88 +668,18 @@ def explain(
     llm: LLM | None = None,
     on_stage: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
-    """The explain object for one user (see `segrec explain --json`) and notes for humans.
+    """The explain object for one user (see `segrec explain --json`) and notes for humans."""
+    from segrec.workspace import Workspace
 
-    A user without a profile is profiled first, through the normal cached pipeline.
-    """
     check_n(n)
-    stage = on_stage or (lambda _: None)
-    with Store.open(settings.workspace) as store:
-        _check_users(store, [user_id])
-        allowed = _allowed(store.items_frame(), filters or Filters())
-        record = store.profile(user_id)
-    backend = llm if llm is not None else make_llm(settings)
-    notes: list[str] = []
-    if record is None:
-        stage("profiling the user")
-        run_profiles(settings, [user_id], llm=backend)
-        notes.append("the user had no profile: profiled now (cached for next time)")
-    with Store.open(settings.workspace) as store:
-        record = store.profile(user_id)
-        if record is None:
-            failure = store.failures().get(user_id, "unknown error")
-            raise WorkspaceError(f"user {user_id!r}: profiling failed ({failure}) — rerun later")
-        profile = Profile.model_validate(record.profile)
-        served = load_ranker(store, settings, on_stage=stage)
-        notes += served.notes
-        X_rows, labels, vectors = _histories(store, settings, served, [user_id])
-        segment = _segment_info(store, settings, served, user_id, profile)
-        interactions = store.interactions_frame([user_id])
-        events = user_events(interactions, served.items, value_scales(store.interactions_frame()))
-        history: list[Event] = events.get(user_id, [])
-    recs = served.ranker.recommend(X_rows, n, labels=labels, user_vectors=vectors, allowed=allowed)
-    group = str(served.ranker.groups(X_rows)[0])
-    weights = served.ranker.spec.weights.get(group, {})
-    item_pos = {item: c for c, item in enumerate(served.items["item_id"])}
-    liked = [e for e in history if e.strength > 0]
-    liked_cols = [item_pos[e.item_id] for e in liked]
-    liked_titles = [e.title for e in liked]
-    candidates = []
-    for rank, col in enumerate(recs.indices[0]):
-        if col < 0:
-            break
-        row = served.items.iloc[int(col)]
-        candidates.append(
-            Candidate(
-                item_id=str(row["item_id"]),
-                title=str(row["title"]),
-                categories=tuple(row["categories"]),
-                score=float(recs.scores[0, rank]),
-                signals={
-                    k: float(v[0, rank]) for k, v in recs.contributions.items() if weights.get(k)
-                },
-                because=because_titles(served, int(col), liked_cols, liked_titles),
-            )
+    with Workspace(settings, llm=llm) as workspace:
+        check_users(workspace.store, [user_id])
+        check_filters(workspace.store, filters)
+        recommender = workspace.recommender(on_stage=on_stage)
+        return recommender.explain(
+            user_id,
+            n=n,
+            filters=filters,
+            writer=recommender.writer(workspace.llm),
+            on_stage=on_stage,
         )
-    stage("writing reasons")
-    reasons = write_reasons(
-        candidates,
-        history,
-        llm=backend,
-        params=generation_params(settings),
-        vocabulary=Vocabulary.from_items(served.items).categories,
-        segment_name=segment["name"] if segment else None,
-        attempts=settings.validation_attempts,
-        domain=settings.domain,
-        retry=RetryPolicy(attempts=settings.retries),
-    )
-    fallbacks = sum(r.fallback for r in reasons)
-    if fallbacks:
-        notes.append(f"{fallbacks} of {len(reasons)} reasons are templates (marked)")
-    result = {
-        "user": user_id,
-        "profile": {**profile.model_dump(), "fallback": record.fallback},
-        "segment": segment,
-        "items": [
-            {
-                "item_id": c.item_id,
-                "title": c.title,
-                "score": round(c.score, 4),
-                "signals": {k: round(v, 4) for k, v in c.signals.items()},
-                "reason": r.reason,
-                "reason_fallback": r.fallback,
-            }
-            for c, r in zip(candidates, reasons, strict=True)
-        ],
-    }
-    return result, notes

@@ -173,6 +173,19 @@ MIGRATIONS: list[str] = [
         details TEXT NOT NULL              -- JSON: mechanism, noise scales, what was noised
     );
     """,
+    """
+    CREATE TABLE reasons (
+        key TEXT PRIMARY KEY,              -- sha256 of model, prompt, parameters, messages
+        reason TEXT NOT NULL,              -- JSON of the validated reason
+        created_at TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE chat_sessions (
+        session_id TEXT PRIMARY KEY,
+        state TEXT NOT NULL,               -- JSON: settings, questions asked, answers given
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    """,
 ]
 
 
@@ -704,8 +717,8 @@ class Store:
             self._insert_assignments(run_id, assignments)
 
     def active_run(self) -> RunRecord | None:
-        row = self._db.execute("SELECT value FROM meta WHERE key = 'active_run'").fetchone()
-        return None if row is None else self.run(int(row[0]))
+        run_id = self.active_run_id()
+        return None if run_id is None else self.run(run_id)
 
     def set_active_run(self, run_id: int) -> None:
         if self.run(run_id) is None:
@@ -798,6 +811,54 @@ class Store:
                 "INSERT OR REPLACE INTO rankers VALUES (?, ?, ?, ?)",
                 (data_version, run_id or 0, json.dumps(dict(spec)), _now()),
             )
+
+    def active_run_id(self) -> int | None:
+        """The active run's id alone (one indexed read: cheap enough to poll)."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'active_run'").fetchone()
+        return None if row is None else int(row[0])
+
+    def population(self) -> str:
+        """Every user and interaction, chat-made ones included: the fitted models see them
+        all, so a user saved by `segrec chat` changes this (and not `data_version`)."""
+        users = self._count("users")
+        interactions = self._count("interactions")
+        return f"users={users};interactions={interactions}"
+
+    # ---------------------------------------------------------------- reasons
+
+    def cached_reason(self, key: str) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT reason FROM reasons WHERE key = ?", (key,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def cache_reason(self, key: str, reason: Mapping[str, Any]) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO reasons VALUES (?, ?, ?)",
+                (key, json.dumps(dict(reason), ensure_ascii=False), _now()),
+            )
+
+    # ---------------------------------------------------------------- chat sessions
+
+    def save_chat_session(self, session_id: str, state: Mapping[str, Any]) -> None:
+        now = _now()
+        with self.transaction() as db:
+            db.execute(
+                """INSERT INTO chat_sessions VALUES (?, ?, ?, ?)
+                   ON CONFLICT(session_id) DO UPDATE SET state=excluded.state,
+                     updated_at=excluded.updated_at""",
+                (session_id, json.dumps(dict(state), ensure_ascii=False), now, now),
+            )
+
+    def chat_session(self, session_id: str) -> dict[str, Any] | None:
+        row = self._db.execute(
+            "SELECT state FROM chat_sessions WHERE session_id = ?", (session_id,)
+        ).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def delete_chat_session(self, session_id: str) -> bool:
+        with self.transaction() as db:
+            cursor = db.execute("DELETE FROM chat_sessions WHERE session_id = ?", (session_id,))
+        return cursor.rowcount > 0
 
     # ---------------------------------------------------------------- embeddings
 
