@@ -439,6 +439,7 @@ def _segment_doc(
         contrast=[profiles[u].model_dump() for u in contrast],
         categories={str(c): round(float(v), 4) for c, v in shares.items()},
         top_items=[t["title"] for t in facts.top_items],
+        lift_categories=tuple(c["category"] for c in facts.top_categories),
     )
 
 

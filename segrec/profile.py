@@ -28,6 +28,7 @@ import pandas as pd
 from pydantic import BaseModel, Field
 
 from segrec.errors import LLMError
+from segrec.gates import Lexicon, check_fluent, check_summary_specific
 from segrec.grounding import (
     SENTENCE,
     absent_categories,
@@ -41,7 +42,7 @@ from segrec.store import ProfileRecord, Store
 from segrec.templates import Prompt
 
 # Bumped when the profile schema, compaction or grounding rules change: part of cache keys.
-PROFILE_LOGIC_VERSION = "4"
+PROFILE_LOGIC_VERSION = "5"
 
 SUMMARY_MIN, SUMMARY_MAX = 20, 280
 SUMMARY_PREFIX = "This user "
@@ -439,11 +440,14 @@ def parse_profile(text: str, request: ProfileRequest, vocabulary: Vocabulary) ->
         dislikes.remove(both)
         removed.append(f"dislikes: {both} (also liked)")
     favourites = keep(raw.favourite_items, request.favourite_options, MAX_FAVOURITES, "favourite")
+    own = [*request.history_categories, *(e.title for e in request.history)]
+    lexicon = Lexicon.from_names([*own, *vocabulary.categories])
     themes = []
     for theme in _dedupe(raw.themes)[:MAX_THEMES]:
         if ungrounded_claims(theme, request, vocabulary):
             removed.append(f"theme: {theme}")
         elif re.fullmatch(THEME_PATTERN, theme):  # a phrase, not a list or JSON debris
+            check_fluent(theme, lexicon, names=own, sentence=False)
             themes.append(theme)
     if degenerate(raw.summary):
         raise ValueError("summary repeats itself")
@@ -454,11 +458,13 @@ def parse_profile(text: str, request: ProfileRequest, vocabulary: Vocabulary) ->
             removed.extend(f"summary: {claim}" for claim in bad)
         else:
             sentences.append(sentence)
-    summary = " ".join(sentences)
+    summary = " ".join(sentences)[:SUMMARY_MAX]
     if len(summary) < SUMMARY_MIN:
         raise ValueError("summary is empty or too short once ungrounded sentences are removed")
+    check_fluent(summary, lexicon, names=own)
+    check_summary_specific(summary, own)
     profile = Profile(
-        summary=summary[:SUMMARY_MAX],
+        summary=summary,
         likes=likes,
         dislikes=dislikes,
         favourite_items=favourites,
