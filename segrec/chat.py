@@ -38,7 +38,7 @@ from pydantic import BaseModel
 
 from segrec.embed import Encoder, embed_texts, mix_vectors
 from segrec.errors import InputError, WorkspaceError
-from segrec.gates import Lexicon, check_fluent, check_question_consistent
+from segrec.gates import Lexicon, check_fluent, check_question_consistent, tally_chat
 from segrec.grounding import decode_json, degenerate, join_words, norm
 from segrec.llm.base import LLM, GenerationParams, Message, RetryPolicy, structured_or_why
 from segrec.profile import SUMMARY_MAX, Event, Profile, Vocabulary, user_events
@@ -282,6 +282,7 @@ class Question:
             "options": [o.label for o in self.options],
             "segments": list(self.segments),
             "fallback": self.fallback,
+            "fallback_why": self.fallback_reason,
             "open": self.open,
         }
 
@@ -499,6 +500,7 @@ class ChatResult:
             "items": self.items,
             "notes": self.notes,
             "quit": self.quit,
+            "text": tally_chat(self.questions, self.items).as_json(),
         }
 
 
@@ -907,6 +909,7 @@ class ChatSession:
                 "score": round(c.score, 4),
                 "reason": r.reason,
                 "reason_fallback": r.fallback,
+                "reason_fallback_why": r.fallback_reason,
             }
             for c, r in zip(candidates, written, strict=True)
         ]

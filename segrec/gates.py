@@ -55,8 +55,10 @@ _YEAR = re.compile(r"\s*\(\d{4}\)\s*$")
 _TRAILING_ARTICLE = re.compile(
     r"^(?P<head>.+), (?P<article>The|A|An|Les|La|Le|L'|Il|El|Die|Der|Das)$"
 )
-# A quote mark is stray unless it is an apostrophe inside a word or after a plural's s.
-_STRAY_QUOTE = re.compile(r"''|\"|“|”|‘|(?<![^\W\d_])'|'(?![^\W\d_])(?<!s')")
+# A quote mark is stray unless it closes a quoted phrase, or is an apostrophe inside a word
+# or after a plural's s.
+_QUOTED = re.compile(r"(?<!\w)(?:'[^'\n]{2,60}'|\"[^\"\n]{2,60}\"|“[^”\n]{2,60}”)(?!\w)")
+_STRAY_QUOTE = re.compile(r"\"|“|”|‘|(?<![^\W\d_])'|'(?![^\W\d_])(?<!s')")
 FIRST_PERSON = frozenset({"i", "me", "my", "mine", "myself", "i'm", "i've", "we", "us", "our"})
 _PREFERENCE = frozenset(
     {"like", "likes", "enjoy", "enjoys", "love", "loves", "prefer", "fancy", "want", "into"}
@@ -175,7 +177,7 @@ def check_fluent(
     plain = blank_names(text, names)
     if _URL.search(plain):
         raise GateError("fluent", "url", f"contains a URL or address: {text!r}")
-    if _STRAY_QUOTE.search(plain):
+    if "''" in plain or _STRAY_QUOTE.search(_QUOTED.sub("name", plain)):
         raise GateError("fluent", "stray-quote", f"has a stray quote mark: {text!r}")
     lowered = f" {norm(plain)} "
     for echo in PROMPT_ECHOES:
@@ -240,18 +242,22 @@ def check_reason_specific(
     shared: Iterable[str],
     item_title: str,
     co_watch: bool,
+    similar: bool = False,
 ) -> None:
     """Raise GateError unless the reason says something beyond its anchor.
 
     Enough: a category the item shares with the user's liked history, a co-watch fact
     ("people who liked it also liked this", when a collaborative signal ranked the item),
-    or a word of the item's own title (a theme grounded in the item's text).
+    a content-similarity fact ("close to X", when the content signal ranked it), or a word
+    of the item's own title (a theme grounded in the item's text).
     """
     rest = blank_names(reason, anchors)
     rest = re.sub(r"(?i)^because you (?:liked|loved|enjoyed|rated)\s*", "", rest)
     if mentioned(rest, shared):
         return
     if co_watch and _CO_WATCH.search(rest.lower()):
+        return
+    if similar and re.search(r"(?i)\b(?:close to|similar to)\b", rest):
         return
     title_words = {w for w in words_of(natural_order(item_title)) if len(w) >= 4} - VAGUE
     if title_words & set(words_of(rest)):
@@ -398,3 +404,58 @@ class TextTally:
                 line += f"; {count.replaced} templates ({why})"
             out.append(line)
         return out
+
+
+def tally_items(items: Iterable[Mapping[str, Any]], tally: TextTally | None = None) -> TextTally:
+    """Count the reasons of `explain`/`chat` items (``reason_fallback``, ``…_why``)."""
+    tally = tally if tally is not None else TextTally()
+    for item in items:
+        tally.add(
+            "reason", replaced=bool(item["reason_fallback"]), why=item.get("reason_fallback_why")
+        )
+    return tally
+
+
+def tally_segments(segments: Iterable[Any]) -> TextTally:
+    """Count the labels (name and description, accepted together) of described segments
+    (``SegmentRecord``: ``fallback``, ``described``, ``facts["fallback_reason"]``)."""
+    tally = TextTally()
+    for segment in segments:
+        if segment.described:
+            tally.add(
+                "segment", replaced=segment.fallback, why=segment.facts.get("fallback_reason")
+            )
+    return tally
+
+
+def tally_chat(questions: Iterable[Any], items: Iterable[Mapping[str, Any]]) -> TextTally:
+    """Count a chat's worded questions (not the open favourites one) and its reasons."""
+    tally = TextTally()
+    for question in questions:
+        if not question.open:
+            tally.add("question", replaced=question.fallback, why=question.fallback_reason)
+    return tally_items(items, tally)
+
+
+def record_counts(workspace: Any, command: str, tally: TextTally) -> None:
+    """Store what ``command`` kept and replaced in the workspace (table ``text_counts``)."""
+    from segrec.store import Store
+
+    if tally.kinds:
+        with Store.open(workspace) as store:
+            store.add_text_counts(command, tally.rows())
+
+
+def stored_counts(workspace: Any) -> dict[str, Any]:
+    """Everything the workspace has recorded, per command and in total, as JSON."""
+    from segrec.store import Store
+
+    with Store.open(workspace) as store:
+        per_command = store.text_counts()
+    total = TextTally()
+    out: dict[str, Any] = {}
+    for command, rows in per_command.items():
+        tally = TextTally.from_rows(rows)
+        total.update(tally)
+        out[command] = tally.as_json()
+    return {"commands": out, "total": total.as_json()}

@@ -19,6 +19,7 @@ from segrec.config import Settings
 from segrec.data import IngestReport, ItemColumns, LogColumns, load_dataset
 from segrec.embed import SentenceTransformerEncoder
 from segrec.errors import InputError, WorkspaceError
+from segrec.gates import tally_segments
 from segrec.label import SegmentDoc, label_segments
 from segrec.llm import make_llm
 from segrec.llm.base import LLM, GenerationParams, RetryPolicy
@@ -483,6 +484,7 @@ def segments_report(settings: Settings, run_id: int | None = None) -> dict[str, 
             for s in segments
         ],
         "metrics": run.metrics,
+        "text": tally_segments(segments).as_json(),
     }
 
 

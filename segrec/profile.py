@@ -28,7 +28,7 @@ import pandas as pd
 from pydantic import BaseModel, Field
 
 from segrec.errors import LLMError
-from segrec.gates import Lexicon, check_fluent, check_summary_specific
+from segrec.gates import Lexicon, TextTally, check_fluent, check_summary_specific
 from segrec.grounding import (
     SENTENCE,
     absent_categories,
@@ -574,6 +574,7 @@ class ProfileStats:
     completion_tokens: int = 0
     seconds: float = 0.0
     failures: dict[str, str] = field(default_factory=dict)
+    text: TextTally = field(default_factory=TextTally)
 
     @property
     def done(self) -> int:
@@ -590,6 +591,7 @@ class ProfileStats:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "seconds": round(self.seconds, 3),
+            "text": self.text.as_json(),
         }
 
 
@@ -659,6 +661,7 @@ def profile_users(
             store.save_failure(request.user_id, request.cache_key, str(exc))
         else:
             store.save_profile(result)
+            stats.text.add("summary", replaced=result.fallback, why=result.fallback_reason)
             stats.prompt_tokens += result.prompt_tokens
             stats.completion_tokens += result.completion_tokens
             stats.removed_claims += len(result.removed)
@@ -670,12 +673,16 @@ def profile_users(
         if on_progress:
             on_progress(stats)
 
+    def closed() -> ProfileStats:
+        stats.seconds = time.perf_counter() - start
+        store.add_text_counts("profile", stats.text.rows())  # what the gates kept, and why not
+        return stats
+
     workers = max(1, int(getattr(llm, "concurrency", 1)))
     if workers == 1:  # in-process backends: no thread hop per call
         for request in todo:
             record(request, functools.partial(run, request))
-        stats.seconds = time.perf_counter() - start
-        return stats
+        return closed()
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending: dict[Future[ProfileRecord], ProfileRequest] = {}
         queue = iter(todo)
@@ -694,5 +701,4 @@ def profile_users(
             for future in pending:
                 future.cancel()
             raise
-    stats.seconds = time.perf_counter() - start
-    return stats
+    return closed()

@@ -302,29 +302,33 @@ def template_reason(
 
     It cites a history title only if the user liked it (a ``because`` title, or a liked item
     sharing a category), and a category only if both the candidate and the user's liked
-    history have it; without such facts it says the signal in plain words.
+    history have it; without such facts it says the signal in plain words. Categories the
+    item shares with the liked history are added when the signal's words name none, so a
+    template is as specific as the facts allow ("People who liked Heat (1995) also liked
+    this; it shares Crime and Thriller with your favourites.").
     """
     signal = strongest_signal(candidate)
     if signal is None:
         return NO_SIGNAL
     because = similar_titles(candidate, history)
+    shared = shared_categories(candidate, history)
+    text = SIGNAL_WORDS[signal].removesuffix(".")
     if signal in COLLABORATIVE:
         titles = because or [e.title for e in _liked_sharing(candidate, history)]
         if titles:
-            shared = shared_categories(candidate, history)[:2]
-            also = f"; it shares {join_words(shared)} with your favourites" if shared else ""
-            return f"People who liked {titles[0]} also liked this{also}."
+            text = f"People who liked {titles[0]} also liked this"
     elif signal == "cosine":
-        categories = shared_categories(candidate, history)
-        if because and categories:
-            return f"Close to {because[0]} and your taste for {categories[0]}."
+        if because and shared:
+            return f"Close to {because[0]} and your taste for {shared[0]}."
         if because:
             return f"Close to {because[0]}."
-        if categories:
-            return f"Close to your taste for {categories[0]}."
+        if shared:
+            return f"Close to your taste for {shared[0]}."
     elif signal == "segment_pop" and segment_name and segment_name.strip():
-        return f"Popular in your segment '{' '.join(segment_name.split())}'."
-    return SIGNAL_WORDS[signal]
+        text = f"Popular in your segment '{' '.join(segment_name.split())}'"
+    if shared:
+        text += f"; it shares {join_words(shared[:2])} with your favourites"
+    return text + "."
 
 
 # ------------------------------------------------------------------------------ LLM
@@ -409,6 +413,7 @@ def check_reason_gates(
             shared=shared_categories(candidate, context.history),
             item_title=candidate.title,
             co_watch=co_watched(candidate),
+            similar=candidate.signals.get("cosine", 0.0) > 0,
         )
 
 

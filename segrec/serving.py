@@ -461,6 +461,7 @@ def explain(
                 "signals": {k: round(v, 4) for k, v in c.signals.items()},
                 "reason": r.reason,
                 "reason_fallback": r.fallback,
+                "reason_fallback_why": r.fallback_reason,
             }
             for c, r in zip(candidates, reasons, strict=True)
         ],

@@ -158,7 +158,10 @@ def test_an_llm_error_falls_back_without_raising() -> None:
     [reason] = reasons(llm, [segment], segment_name="Family animation fans")
     assert reason.fallback
     assert reason.fallback_reason == "LLM error: connection refused"
-    assert reason.reason == "Popular in your segment 'Family animation fans'."
+    assert reason.reason == (
+        "Popular in your segment 'Family animation fans'; "
+        "it shares Adventure and Animation with your favourites."
+    )
 
 
 def test_every_candidate_gets_a_reason_in_order() -> None:
@@ -177,7 +180,9 @@ def test_every_candidate_gets_a_reason_in_order() -> None:
     got = reasons(llm, items)
     assert [r.item_id for r in got] == ["10", "11", "12"]
     assert [r.fallback for r in got] == [False, True, False]
-    assert got[1].reason == "Widely popular right now."
+    assert got[1].reason == (
+        "Widely popular right now; it shares Adventure and Animation with your favourites."
+    )
 
 
 def test_attempts_must_be_positive() -> None:
@@ -259,13 +264,17 @@ def test_cosine_names_the_closest_title_and_a_shared_category() -> None:
 
 def test_segment_pop_pop_and_no_signal() -> None:
     segment = candidate({"segment_pop": 0.6, "pop": 0.5})
+    # The categories the item shares with the liked history make each template specific.
+    shares = "; it shares Adventure and Animation with your favourites."
     assert template_reason(segment, HISTORY, segment_name=" Family\nfans ") == (
-        "Popular in your segment 'Family fans'."
+        "Popular in your segment 'Family fans'" + shares
     )
-    assert template_reason(segment, HISTORY) == SIGNAL_WORDS["segment_pop"]
+    assert template_reason(segment, HISTORY) == SIGNAL_WORDS["segment_pop"][:-1] + shares
     assert template_reason(candidate({"pop": 0.1, "ease": -2.0}), HISTORY) == (
-        "Widely popular right now."
+        "Widely popular right now" + shares
     )
+    horror = candidate({"pop": 0.1}, categories=("Horror",))
+    assert template_reason(horror, HISTORY) == SIGNAL_WORDS["pop"]
     assert template_reason(candidate({"ease": -1.0, "other": 5.0}), HISTORY) == NO_SIGNAL
     assert template_reason(candidate({}), HISTORY) == NO_SIGNAL
 
