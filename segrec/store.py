@@ -142,7 +142,7 @@ MIGRATIONS: list[str] = [
         command TEXT NOT NULL,             -- profile, cluster, explain, chat
         kind TEXT NOT NULL,                -- summary, segment, reason, question
         outcome TEXT NOT NULL,             -- kept (the LLM's, passed every gate) or replaced
-        reason TEXT NOT NULL,              -- why replaced (gate/code, llm-error …); '' if kept
+        reason TEXT NOT NULL,              -- why replaced (gate/code, llm-error …), '' if kept
         n INTEGER NOT NULL
     );
     """,
