@@ -37,6 +37,8 @@ from segrec.quality import TEXT_KINDS, text_track  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=12)
+    parser.add_argument("--chats", type=int, default=5)
+    parser.add_argument("--reasons", type=int, default=3, help="reasons per user")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-path", type=Path, action="append", default=[])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "text.md")
@@ -58,6 +60,8 @@ def main() -> None:
                 users=args.users,
                 seed=args.seed,
                 llm=llm,
+                reasons_per_user=args.reasons,
+                chats=args.chats,
                 show_samples=10,
                 stage=lambda s, n=name: print(f"[{n}] {s}", flush=True),
             )
@@ -77,9 +81,11 @@ def render(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
         f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; machine: {platform.machine()}, "
         f"{os.cpu_count()} cores (shared with five other helpers' jobs: absolute times are "
         "loaded, compare the ratio)",
-        f"- command: `python benchmarks/bench_text.py --users {args.users} --seed {args.seed}`",
+        f"- command: `python benchmarks/bench_text.py --users {args.users} --seed {args.seed} "
+        f"--chats {args.chats} --reasons {args.reasons}`",
         f"- data: examples/movielens, a seeded sample of {args.users} users; per model the same "
-        "users, prompts, gates, k=3 segments, 3 reasons per user, 5 simulated chats",
+        f"users, prompts, gates, k=3 segments, {args.reasons} reasons per user, "
+        f"{args.chats} simulated chats",
         "",
         "| model | kind | texts | kept by the gates | replaced (why) | LLM s/text |",
         "|---|---|---|---|---|---|",

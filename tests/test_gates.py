@@ -4,6 +4,7 @@ catalogue names pass, and each stage applies them where it accepts an LLM answer
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -87,7 +88,7 @@ def test_the_reason_stage_rejects_the_quoted_bad_reasons(text: str) -> None:
             drama,
             context,
             Vocabulary(CATEGORIES),
-            anchors(drama, HISTORY) + ["Mystery", "Frost/Nixon (2008)"],
+            [*anchors(drama, HISTORY), "Mystery", "Frost/Nixon (2008)"],
         )
 
 
@@ -282,3 +283,71 @@ def test_failure_codes_and_the_tally_add_up() -> None:
     again = TextTally.from_rows(tally.rows())
     assert again.as_json() == data
     assert tally.lines()[0].startswith("reason: 1/3 written by the LLM and kept")
+
+
+# ------------------------------------------------------------------------------ real model
+
+
+@pytest.mark.slow
+def test_real_model_texts_all_pass_the_gates_and_the_counts_add_up(  # type: ignore[no-untyped-def]
+    local_llm, example_ratings, example_movies, tmp_path
+) -> None:
+    """The text track on the example data with the bundled model: every displayed text
+    (the LLM's and the templates) passes the gates, and kept + replaced = texts."""
+    from segrec.config import Settings
+    from segrec.data import load_dataset
+    from segrec.quality import text_track
+    from segrec.store import Store
+
+    dataset = load_dataset(example_ratings, example_movies)
+    settings = Settings(workspace=tmp_path, domain="movie", threads=2)
+    out = text_track(
+        settings,
+        dataset,
+        users=3,
+        seed=0,
+        llm=local_llm,
+        reasons_per_user=2,
+        chats=1,
+        k=2,
+        show_samples=100,
+    )
+    assert set(out["kinds"]) == {"summary", "segment", "reason", "question"}
+    for kind, m in out["kinds"].items():
+        assert m["texts"] == m["kept"] + m["replaced"] > 0, kind
+        assert sum(m["reasons"].values()) == m["replaced"], kind
+        assert len(m["samples"]["kept"]) == m["kept"]
+        assert len(m["samples"]["replaced"]) == m["replaced"]
+        assert m["seconds_per_text"] >= 0
+    assert out["kinds"]["summary"]["ungrounded_rate"] == 0
+    titles = list(dataset.items["title"])
+    categories = {c for cats in dataset.items["categories"] for c in cats}
+    lexicon = Lexicon.from_names([*titles, *categories])
+    with Store.open(Path(out["workspace"])) as store:
+        interactions = store.interactions_frame()
+        by_user = interactions.groupby("user_id")["item_id"].apply(set)
+        items = store.items_frame().set_index("item_id")
+        for record in store.profiles():
+            summary = record.profile["summary"]
+            own = items.loc[sorted(by_user[record.user_id])]
+            names = [*own["title"], *{c for cats in own["categories"] for c in cats}]
+            check_fluent(summary, lexicon, names=names)
+            check_summary_specific(summary, names)
+    for text in [
+        *out["kinds"]["reason"]["samples"]["kept"],
+        *out["kinds"]["reason"]["samples"]["replaced"],
+    ]:
+        check_fluent(text, lexicon, names=titles)
+    for text in [
+        *out["kinds"]["question"]["samples"]["kept"],
+        *out["kinds"]["question"]["samples"]["replaced"],
+    ]:
+        check_fluent(text, lexicon, names=[*categories])
+        check_question_consistent(text, [*categories, *titles])
+    for text in [
+        *out["kinds"]["segment"]["samples"]["kept"],
+        *out["kinds"]["segment"]["samples"]["replaced"],
+    ]:
+        name, _, description = text.partition(" — ")
+        check_fluent(name, lexicon, names=[*categories, *titles], sentence=False)
+        check_fluent(description, lexicon, names=[*categories, *titles])
