@@ -145,7 +145,10 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON ob
 LlmOpt = Annotated[
     str | None, typer.Option("--llm", help="'local' or 'openai:<model>' [default local].")
 ]
-ModelPathOpt = Annotated[Path | None, typer.Option(help="A GGUF for the local backend.")]
+ModelPathOpt = Annotated[
+    Path | None,
+    typer.Option(help="A GGUF for the local backend; gemma3-270m: the segrec[gemma] extra's."),
+]
 ThreadsOpt = Annotated[int | None, typer.Option(help="llama.cpp threads.")]
 BaseUrlOpt = Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint.")]
 ConcurrencyOpt = Annotated[int | None, typer.Option(help="OpenAI requests in flight.")]

@@ -4,9 +4,11 @@ catalogue names pass, and each stage applies them where it accepts an LLM answer
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import segrec_cmd
 
 from segrec.chat import parse_question
 from segrec.gates import (
@@ -351,3 +353,59 @@ def test_real_model_texts_all_pass_the_gates_and_the_counts_add_up(  # type: ign
         name, _, description = text.partition(" — ")
         check_fluent(name, lexicon, names=[*categories, *titles], sentence=False)
         check_fluent(description, lexicon, names=[*categories, *titles])
+
+
+# ------------------------------------------------------------------------------ commands
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*segrec_cmd(), *args], capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def test_stored_counts_are_summed_per_command_by_segrec_texts(tmp_path: Path) -> None:
+    from segrec.store import Store
+
+    tally = TextTally()
+    tally.add("reason", replaced=False)
+    tally.add("reason", replaced=True, why="LLM error: boom")
+    with Store.open(tmp_path / "ws", create=True) as store:
+        store.add_text_counts("explain", tally.rows())
+        store.add_text_counts("explain", tally.rows())
+        store.add_text_counts("profile", [("summary", "kept", "", 3)])
+    result = _cli("texts", "--workspace", str(tmp_path / "ws"), "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["commands"]["explain"]["reason"]["texts"] == 4
+    assert data["commands"]["explain"]["reason"]["reasons"] == {"llm-error": 2}
+    assert data["total"]["summary"]["kept"] == 3
+
+
+def test_the_text_track_needs_the_llm(example_ratings: Path, example_movies: Path) -> None:
+    result = _cli(
+        "eval",
+        str(example_ratings),
+        "--items",
+        str(example_movies),
+        "--tracks",
+        "text",
+        "--no-llm",
+    )
+    assert result.returncode == 2
+    assert "--tracks text needs the LLM" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_gemma_shortcut_names_the_extra_s_gguf() -> None:
+    from segrec.errors import LLMError
+    from segrec.llm import GEMMA_SHORTCUT, resolve_model_path
+
+    assert resolve_model_path(None) is None
+    assert resolve_model_path(Path("x.gguf")) == Path("x.gguf")
+    try:
+        resolved = resolve_model_path(Path(GEMMA_SHORTCUT))
+    except LLMError as exc:  # the extra is not installed: say what to install
+        assert "segrec[gemma]" in str(exc)
+    else:
+        assert resolved is not None and resolved.name == "gemma-3-270m-q4_k_m.gguf"
