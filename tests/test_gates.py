@@ -409,3 +409,34 @@ def test_the_gemma_shortcut_names_the_extra_s_gguf() -> None:
         assert "segrec[gemma]" in str(exc)
     else:
         assert resolved is not None and resolved.name == "gemma-3-270m-q4_k_m.gguf"
+
+
+def test_fact_and_name_grammars_hold_only_true_clauses_and_convert_for_llama_cpp() -> None:
+    import re
+
+    from segrec.label import label_schema
+    from segrec.reasons import fact_clauses, reason_schema
+
+    facts = fact_clauses(CANDIDATE, HISTORY, domain="movie")
+    assert "Heat (1995)" in facts and "Usual Suspects, The (1995)" in facts
+    pattern = reason_schema(anchors(CANDIDATE, HISTORY), facts)["properties"]["reason"]["pattern"]
+    assert re.fullmatch(pattern, "Because you liked Heat (1995), another Crime and Thriller movie.")
+    assert re.fullmatch(
+        pattern, "Because you liked Heat (1995), and people who liked it also liked this."
+    )
+    # Usual Suspects shares Crime and Thriller, but is not among the items most like Ronin.
+    assert re.fullmatch(
+        pattern, "Because you liked Usual Suspects, The (1995), another Crime movie."
+    )
+    assert not re.fullmatch(
+        pattern,
+        "Because you liked Usual Suspects, The (1995), and people who liked it also liked this.",
+    )
+    assert not re.fullmatch(pattern, "Because you liked Heat (1995), another Drama movie.")
+    assert not re.fullmatch(pattern, "Because you liked Heat (1995), a great one.")
+    name = label_schema(PLANTED)["properties"]["name"]["pattern"]
+    assert re.fullmatch(name, "Comedy & Drama fans") and re.fullmatch(name, "Family comedy lovers")
+    assert not re.fullmatch(name, "Sci-Fi & Drama fans") and not re.fullmatch(name, "Film buffs")
+    llama_cpp = pytest.importorskip("llama_cpp")
+    for schema in (reason_schema(anchors(CANDIDATE, HISTORY), facts), label_schema(PLANTED)):
+        assert llama_cpp.LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
