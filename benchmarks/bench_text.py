@@ -39,6 +39,9 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=12)
     parser.add_argument("--chats", type=int, default=5)
     parser.add_argument("--reasons", type=int, default=3, help="reasons per user")
+    # One thread: on a loaded machine llama.cpp's spinning threads wait on each other (one
+    # thread was 7x faster than two here under load 14).
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-path", type=Path, action="append", default=[])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "text.md")
@@ -52,7 +55,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, path in models.items():
             settings = Settings(workspace=Path(tmp) / name.split()[0], domain="movie")
-            llm = LlamaCppLLM(path, n_threads=os.cpu_count() or 1, n_ctx=settings.n_ctx)
+            llm = LlamaCppLLM(path, n_threads=args.threads, n_ctx=settings.n_ctx)
             start = time.perf_counter()
             out = text_track(
                 settings,
@@ -82,7 +85,7 @@ def render(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
         f"{os.cpu_count()} cores (shared with five other helpers' jobs: absolute times are "
         "loaded, compare the ratio)",
         f"- command: `python benchmarks/bench_text.py --users {args.users} --seed {args.seed} "
-        f"--chats {args.chats} --reasons {args.reasons}`",
+        f"--chats {args.chats} --reasons {args.reasons} --threads {args.threads}`",
         f"- data: examples/movielens, a seeded sample of {args.users} users; per model the same "
         f"users, prompts, gates, k=3 segments, {args.reasons} reasons per user, "
         f"{args.chats} simulated chats",
