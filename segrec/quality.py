@@ -817,7 +817,8 @@ def text_track(
         ungrounded["summary"] += bool(ungrounded_claims(summary, request, vocabulary))
     stage("clustering and naming segments")
     timed.kind = "segment"
-    clustered = run_clustering(local, k=k, llm=timed)
+    # "unnamed": a small sample's tiny segments stay undescribed rather than stop the run.
+    clustered = run_clustering(local, k=min(k, len(picked) - 1), small="unnamed", llm=timed)
     for segment in clustered.segments:
         if segment.described:
             count(
