@@ -185,6 +185,8 @@ def check_fluent(
             raise GateError("fluent", "prompt-echo", f"repeats the prompt's label {echo!r}")
     if re.search(r"[,;:]\s*[,;:.!?]|\s[,;:.!?]|[.!?]\s*[,;:]", plain):
         raise GateError("fluent", "debris", f"has stray punctuation: {text!r}")
+    if re.search(r"\b([A-Z][\w-]+) (?:and|or|&) \1\b", text):  # "Romance and Romance"
+        raise GateError("fluent", "repeat", f"names the same thing twice: {text!r}")
     unknown = [w for w in words_of(plain) if not lexicon.known(w)]
     if unknown:
         raise GateError("fluent", "unknown-word", f"not a word: {', '.join(unknown[:3])}")

@@ -46,8 +46,11 @@ PROFILE_LOGIC_VERSION = "5"
 
 SUMMARY_MIN, SUMMARY_MAX = 20, 280
 SUMMARY_PREFIX = "This user "
-# Any characters but a quote or a backslash, so the grammar closes the string itself.
-SUMMARY_PATTERN = f'^{SUMMARY_PREFIX}[^"\\\\{{}}\\[\\]]{{10,{SUMMARY_MAX - len(SUMMARY_PREFIX)}}}$'
+# Any characters but a quote or a backslash, so the grammar closes the string itself, and a
+# final stop: the quality gates want finished sentences.
+SUMMARY_PATTERN = (
+    f'^{SUMMARY_PREFIX}[^"\\\\{{}}\\[\\]]{{9,{SUMMARY_MAX - len(SUMMARY_PREFIX) - 1}}}[.]$'
+)
 MAX_LIKES, MAX_DISLIKES, MAX_FAVOURITES, MAX_THEMES, THEME_MAX = 3, 2, 3, 3, 40
 # A theme is a short phrase of words: no digits (years), brackets or JSON debris.
 THEME_PATTERN = f"^[A-Za-z][A-Za-z' -]{{2,{THEME_MAX - 1}}}$"

@@ -222,9 +222,12 @@ def fact_clauses(
             continue
         shared = [c for c in candidate.categories if c in set(events[title].categories) & wanted]
         clauses = []
-        if shared:
-            names = "(" + "|".join(_literal(c) for c in shared) + ")"
-            clauses.append(f"another {names}( and {names})? {_literal(domain)}")
+        if shared:  # one category, or two different ones
+            names = [
+                *shared,
+                *(f"{a} and {b}" for i, a in enumerate(shared) for b in shared[i + 1 :]),
+            ]
+            clauses.append(f"another ({'|'.join(_literal(n) for n in names)}) {_literal(domain)}")
         if title in similar and co_watched(candidate):
             clauses.append("and people who liked it also liked this")
         if clauses:

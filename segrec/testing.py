@@ -141,7 +141,7 @@ def _first_reason(pattern: str) -> str:
     body = pattern.removeprefix("^Because you liked (")
     title, sep, rest = body.partition(", (")
     if sep and not title.count("|"):
-        shared = re.match(r"another \(([^|)]*)[^ ]* and \([^)]*\)\)\? ([a-z]+)", rest)
+        shared = re.match(r"another \(([^|)]*)(?:\|[^)]*)?\) ([a-z]+)", rest)
         if rest.startswith("another") and shared:
             clause = f"another {_unescape(shared.group(1))} {shared.group(2)}"
         else:

@@ -440,3 +440,17 @@ def test_fact_and_name_grammars_hold_only_true_clauses_and_convert_for_llama_cpp
     llama_cpp = pytest.importorskip("llama_cpp")
     for schema in (reason_schema(anchors(CANDIDATE, HISTORY), facts), label_schema(PLANTED)):
         assert llama_cpp.LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+
+
+def test_a_name_said_twice_is_refused_and_the_grammar_cannot_say_it() -> None:
+    import re
+
+    from segrec.reasons import fact_clauses, reason_schema
+
+    with pytest.raises(GateError, match="fluent/repeat"):
+        check_fluent("Because you liked Heat (1995), another Romance and Romance movie.", LEXICON)
+    facts = fact_clauses(CANDIDATE, HISTORY, domain="movie")
+    pattern = reason_schema(anchors(CANDIDATE, HISTORY), facts)["properties"]["reason"]["pattern"]
+    assert not re.fullmatch(
+        pattern, "Because you liked Heat (1995), another Crime and Crime movie."
+    )
