@@ -158,7 +158,7 @@ def blank_names(text: str, names: Iterable[str]) -> str:
     the sentence's."""
     forms = {form for name in names for form in (name, natural_order(name)) if len(form) >= 2}
     for form in sorted(forms, key=len, reverse=True):
-        text = re.sub(re.escape(form), "name", text, flags=re.IGNORECASE)
+        text = re.sub(rf"(?<!\w){re.escape(form)}(?!\w)", "name", text, flags=re.IGNORECASE)
     return text
 
 

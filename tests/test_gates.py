@@ -454,3 +454,10 @@ def test_a_name_said_twice_is_refused_and_the_grammar_cannot_say_it() -> None:
     assert not re.fullmatch(
         pattern, "Because you liked Heat (1995), another Crime and Crime movie."
     )
+
+
+def test_a_short_title_is_blanked_only_as_a_whole_word() -> None:
+    # "Her (2013)" is a catalogue title; "another" must not lose its "her".
+    check_fluent(
+        "Because you liked Heat (1995), another Crime movie.", LEXICON, names=["Her (2013)"]
+    )
