@@ -40,6 +40,7 @@ from pydantic import BaseModel
 
 from segrec.embed import Encoder, embed_texts, mix_vectors
 from segrec.errors import InputError
+from segrec.gates import Lexicon, check_fluent, check_question_consistent, tally_chat
 from segrec.grounding import decode_json, degenerate, join_words, norm
 from segrec.llm.base import LLM, GenerationParams, Message, RetryPolicy, structured_or_why
 from segrec.profile import SUMMARY_MAX, Event, Profile, Vocabulary, user_events
@@ -256,6 +257,7 @@ class Question:
             "options": [o.label for o in self.options],
             "segments": list(self.segments),
             "fallback": self.fallback,
+            "fallback_why": self.fallback_reason,
             "open": self.open,
         }
 
@@ -285,11 +287,15 @@ def question_schema(kinds: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def parse_question(text: str, *, kinds: Sequence[str], system: str) -> str:
+def parse_question(
+    text: str, *, kinds: Sequence[str], system: str, choices: Sequence[str] = ()
+) -> str:
     """Decode and check one LLM answer; raise ValueError when it is unusable.
 
-    The pattern is checked again here (a backend may ignore it), and a question that
-    repeats six words of the system prompt is refused: the prompt never leaks.
+    The pattern is checked again here (a backend may ignore it), a question that repeats
+    six words of the system prompt is refused (the prompt never leaks), and the quality
+    gates (:mod:`segrec.gates`) want fluent words and a question to the user about the
+    offered ``choices`` (their labels; ``kinds`` when not given).
     """
     question = " ".join(_Answer.model_validate(decode_json(text)).question.split())
     if len(question) > QUESTION_MAX:
@@ -300,6 +306,9 @@ def parse_question(text: str, *, kinds: Sequence[str], system: str) -> str:
         raise ValueError("question repeats itself")
     if _shares_run(question, system, 6):
         raise ValueError("question repeats the instructions")
+    names = list(choices or kinds)
+    check_fluent(question, Lexicon.from_names(names), names=names)
+    check_question_consistent(question, names)
     return question
 
 
@@ -466,6 +475,7 @@ class ChatResult:
             "items": self.items,
             "notes": self.notes,
             "quit": self.quit,
+            "text": tally_chat(self.questions, self.items).as_json(),
         }
 
 
@@ -588,7 +598,12 @@ class ChatSession:
             why = "no LLM: template question"
         else:
             messages = self.question_messages(options, contenders)
-            parse = partial(parse_question, kinds=kinds, system=messages[0]["content"])
+            parse = partial(
+                parse_question,
+                kinds=kinds,
+                system=messages[0]["content"],
+                choices=[o.label for o in options],
+            )
             value, why = structured_or_why(
                 context.llm,
                 messages,

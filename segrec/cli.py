@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import (
     BarColumn,
@@ -28,6 +29,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from segrec import gates
 from segrec.config import Settings, load_settings
 from segrec.errors import InputError, SegrecError
 
@@ -169,7 +171,10 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON ob
 LlmOpt = Annotated[
     str | None, typer.Option("--llm", help="'local' or 'openai:<model>' [default local].")
 ]
-ModelPathOpt = Annotated[Path | None, typer.Option(help="A GGUF for the local backend.")]
+ModelPathOpt = Annotated[
+    Path | None,
+    typer.Option(help="A GGUF for the local backend; gemma3-270m: the segrec[gemma] extra's."),
+]
 ThreadsOpt = Annotated[int | None, typer.Option(help="llama.cpp threads.")]
 BaseUrlOpt = Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint.")]
 ConcurrencyOpt = Annotated[int | None, typer.Option(help="OpenAI requests in flight.")]
@@ -422,8 +427,10 @@ def _report_ingest(result: Any) -> None:
 def _report_profiles(stats: Any) -> None:
     table = Table(title="segrec profile", show_header=False)
     for key, value in stats.as_json().items():
-        table.add_row(key, str(value))
+        if key != "text":
+            table.add_row(key, str(value))
     out.print(table)
+    _print_text_lines(stats.text)
     if stats.fallback:
         out.print(
             f"{stats.fallback} profile(s) are deterministic fallbacks built from the history "
@@ -568,6 +575,9 @@ def cluster(
             on_stage=lambda stage: status.update(stage),
         )
     report = pipeline.segments_report(settings, result.run.id)
+    text = gates.tally_segments(result.segments)
+    gates.record_counts(settings.workspace, "cluster", text)
+    _print_text_lines(text)
     if as_json:
         _llm_calls(calls, report)
         _emit_json(report)
@@ -1108,6 +1118,10 @@ def explain(
         data, notes = serving.explain(
             settings, user, n=n, filters=filters, on_stage=lambda stage: status.update(stage)
         )
+    text = gates.tally_items(data["items"])
+    gates.record_counts(settings.workspace, "explain", text)
+    data["text"] = text.as_json()
+    _print_text_lines(text)
     if as_json:
         _llm_calls(calls, data)
         _emit_json(data)
@@ -1156,8 +1170,11 @@ def eval_(
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for the sample, folds and clustering.")] = 0,
     tracks: Annotated[
-        str, typer.Option(help="Comma-separated: warm, cold, segments, grounding, chat.")
+        str, typer.Option(help="Comma-separated: warm, cold, segments, grounding, chat, text.")
     ] = "warm,cold,segments,grounding",
+    show_samples: Annotated[
+        int, typer.Option("--show-samples", help="Text track: print N kept and N replaced texts.")
+    ] = 0,
     k: Annotated[int, typer.Option("--k", help="Segments for the segment signal/track.")] = 5,
     no_llm: Annotated[
         bool, typer.Option("--no-llm", help="Leave out the methods that need LLM profiles.")
@@ -1190,6 +1207,9 @@ def eval_(
     """The offline evaluation protocol: baselines and segrec's rankers on the same users.
 
     Example: segrec eval ratings.csv --items movies.csv --users 100 --json eval.json
+
+    Text quality: segrec eval ratings.csv --items movies.csv --tracks text --users 25
+    --show-samples 5
     """
     from segrec import quality
     from segrec.data import ItemColumns, LogColumns
@@ -1228,6 +1248,7 @@ def eval_(
             on_profiles=lambda stats: status.update(
                 f"profiling with the LLM: {stats.done}/{stats.users} (cached {stats.cached})"
             ),
+            show_samples=show_samples,
         )
     if json_out is not None:
         tmp = json_out.with_name(f".{json_out.name}.tmp")
@@ -1240,6 +1261,9 @@ def _print_eval(result: dict[str, Any]) -> None:
     who = f"{result['users']} users" + (
         f" (random sample, seed {result['seed']})" if result["sampled"] else " (all)"
     )
+    text = result["tracks"].get("text")
+    if text:
+        _print_text_track(text)
     for track in ("warm", "cold", "chat"):
         rows = result["tracks"].get(track)
         if not rows:
@@ -1340,7 +1364,9 @@ def chat(
         script = _scripted(answers) if answers is not None else None
         with err.status("loading the ranker and segments", spinner="dots") as status:
             context = ws.recommender(on_stage=status.update).chat_context(ws.llm)
-        result, session = _run_chat(context, script, as_json, max_questions, n)
+        result, session = _run_chat(
+            context, script, as_json, max_questions, n, settings.workspace
+        )
         if save_as is not None and not result.quit:
             session.save_as(ws.store, save_as)
     if result.quit:
@@ -1353,7 +1379,12 @@ def chat(
 
 
 def _run_chat(
-    context: Any, script: Iterator[bytes] | None, as_json: bool, max_questions: int, n: int
+    context: Any,
+    script: Iterator[bytes] | None,
+    as_json: bool,
+    max_questions: int,
+    n: int,
+    workspace: Path,
 ) -> tuple[Any, Any]:
     """Talk on the terminal (or read a script), then print the result."""
     from segrec import chat as chats
@@ -1395,6 +1426,9 @@ def _run_chat(
         err.status("asking and writing reasons", spinner="dots") if quiet else nullcontext(),
     ):
         result = chats.run_chat(session, ask, on_turn=on_turn)
+    text = gates.tally_chat(result.questions, result.items)
+    gates.record_counts(workspace, "chat", text)
+    _print_text_lines(text)
     if as_json:
         data = result.as_json()
         _llm_calls(calls, data)
@@ -1522,3 +1556,58 @@ def main() -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+def _print_text_track(text: dict[str, Any]) -> None:
+    """The text track: per kind of text, kept / replaced and why, seconds; then samples."""
+    table = Table(
+        title=f"text track · {text['users']} users (seed {text['seed']}) · {text['model']}"
+    )
+    for column in ("kind", "texts", "kept", "replaced", "why replaced", "ungrounded", "s/text"):
+        table.add_column(column)
+    for kind, m in text["kinds"].items():
+        table.add_row(
+            kind,
+            str(m["texts"]),
+            f"{m['kept_share']:.0%}",
+            f"{m['replaced_share']:.0%}",
+            ", ".join(f"{k} {n}" for k, n in m["reasons"].items()) or "-",
+            _fmt(m["ungrounded_rate"]),
+            f"{m['seconds_per_text']:.2f}",
+        )
+    out.print(table)
+    for kind, m in text["kinds"].items():
+        for outcome, texts in m.get("samples", {}).items():
+            for sample in texts:
+                out.print(f"[{kind} · {outcome}] {escape(sample)}")
+
+
+def _print_text_lines(tally: Any) -> None:
+    """What the quality gates kept and replaced, one line per kind, on stderr."""
+    for line in tally.lines():
+        err.print(f"texts: {line}", markup=False, highlight=False)
+
+
+@app.command()
+def texts(
+    workspace: WorkspaceOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Texts each command kept (the LLM's, past the quality gates) or replaced, and why.
+
+    Example: segrec texts --json
+    """
+    settings = _settings(config, workspace=workspace)
+    data = gates.stored_counts(settings.workspace)
+    if as_json:
+        _emit_json(data)
+        return
+    table = Table(title="texts shown: written by the LLM and kept, or templates")
+    for column in ("command", "kind", "texts", "kept", "replaced", "why replaced"):
+        table.add_column(column)
+    for command, kinds in [*data["commands"].items(), ("all", data["total"])]:
+        for kind, m in kinds.items():
+            why = ", ".join(f"{k} {n}" for k, n in m["reasons"].items()) or "-"
+            table.add_row(command, kind, str(m["texts"]), str(m["kept"]), str(m["replaced"]), why)
+    out.print(table)

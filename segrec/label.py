@@ -24,6 +24,15 @@ from sklearn.feature_extraction import DictVectorizer
 from sklearn.preprocessing import normalize
 
 from segrec.errors import LLMError
+from segrec.gates import (
+    GateError,
+    Lexicon,
+    allowed_segment_categories,
+    blank_names,
+    check_fluent,
+    check_segment_consistent,
+    mentioned,
+)
 from segrec.grounding import (
     absent_categories,
     check_prose,
@@ -98,18 +107,43 @@ _NUMBERED = re.compile(r"\b(segment|cluster|group)\s*#?\d+\b", re.IGNORECASE)
 _NOT_A_NAME = re.compile(r"[.;:!?*()\[\]{}<>\"]")
 _STEM = 5  # words sharing their first five letters match: romance/romantic, thriller/thrilling
 
-LABEL_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "minLength": 1, "maxLength": NAME_MAX_CHARS},
-        "description": {
-            "type": "string",
-            "minLength": DESCRIPTION_MIN,
-            "maxLength": DESCRIPTION_MAX,
+# Categories safe to put in a grammar pattern verbatim.
+_SAFE_CATEGORY = re.compile(r"^[A-Za-z][A-Za-z' -]*$")
+
+
+def name_pattern(categories: Sequence[str]) -> str | None:
+    """A name that contains one of ``categories`` (the segment's top ones): up to two
+    leading words, the category (or two joined by '&'/'and'), up to three lower-case words.
+    None when no category fits a pattern."""
+    safe = [c for c in categories if _SAFE_CATEGORY.match(c)]
+    if not safe:
+        return None
+    forms = sorted({form for c in safe for form in (c, c.lower())}, key=len, reverse=True)
+    category = "(" + "|".join(forms) + ")"
+    return (
+        f"^([A-Za-z][a-z'-]{{1,14}} ){{0,2}}{category}(( & | and ){category})?"
+        f"( [a-z][a-z'-]{{1,14}}){{0,3}}$"
+    )
+
+
+def label_schema(doc: SegmentDoc) -> dict[str, Any]:
+    """The answer's JSON schema; the name must contain one of the segment's top categories."""
+    name: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": NAME_MAX_CHARS}
+    pattern = name_pattern(doc.allowed_categories)
+    if pattern:
+        name = {"type": "string", "pattern": pattern}
+    return {
+        "type": "object",
+        "properties": {
+            "name": name,
+            "description": {
+                "type": "string",
+                "minLength": DESCRIPTION_MIN,
+                "maxLength": DESCRIPTION_MAX,
+            },
         },
-    },
-    "required": ["name", "description"],
-}
+        "required": ["name", "description"],
+    }
 
 
 @dataclass(frozen=True)
@@ -122,6 +156,12 @@ class SegmentDoc:
     contrast: list[dict[str, Any]]  # the nearest non-members' profiles
     categories: dict[str, float]  # category -> share of the members' interactions
     top_items: list[str]  # titles of the segment's top items by lift
+    lift_categories: tuple[str, ...] = ()  # the segment's top categories by lift
+
+    @property
+    def allowed_categories(self) -> list[str]:
+        """The categories its name and description may name (top by share or by lift)."""
+        return allowed_segment_categories(self.categories, self.lift_categories)
 
 
 class SegmentLabel(BaseModel):
@@ -210,12 +250,19 @@ def fallback_label(
 ) -> SegmentLabel:
     """A deterministic label from the segment's distinctive terms, categories and top items.
 
-    The name joins the top terms ("Animation & Children fans", at most six words) and gets
-    a number appended when an earlier segment already has it.
+    The name joins the top terms ("Animation & Children fans", at most six words), naming
+    only the segment's top categories, and gets a number appended when an earlier segment
+    already has it.
     """
     taken_keys = {_term_key(name) for name in taken}
     top_categories = _top_categories(doc.categories, 3)
-    source = terms or [name for name, _ in top_categories]
+    # Only top categories may be named (the consistency gate): others are dropped, and a
+    # name that would name none starts with the top one.
+    allowed = doc.allowed_categories
+    source = [t for t in terms if t in allowed] + [t for t in terms if t not in doc.categories]
+    if allowed and not any(t in allowed for t in source[:2]):
+        source = [allowed[0], *source]
+    source = source or [name for name, _ in top_categories]
     words = _name_words(source, NAME_MAX_WORDS)
     name = " ".join(words) if words else f"Segment {doc.segment_id}"
     if _term_key(name) in taken_keys:
@@ -336,7 +383,32 @@ def parse_label(
     absent = absent_categories(f"{name}. {description}", doc.categories, vocabulary)
     if absent:
         raise ValueError(f"names categories the members' histories lack: {', '.join(absent)}")
+    check_label_gates(name, description, doc, vocabulary)
     return SegmentLabel(name=name, description=description, raw_output=text)
+
+
+def check_label_gates(
+    name: str, description: str, doc: SegmentDoc, vocabulary: frozenset[str]
+) -> None:
+    """The quality gates on a segment's label (see :mod:`segrec.gates`): fluent words, a name
+    that names one of the top categories, only top categories, and in the description only
+    stored numbers (a name's number tells apart two segments)."""
+    names = [*doc.categories, *doc.top_items]
+    lexicon = Lexicon.from_names([*names, *vocabulary])
+    check_fluent(name, lexicon, names=names, sentence=False)
+    check_fluent(description, lexicon, names=names)
+    allowed = doc.allowed_categories
+    if allowed and not mentioned(name, allowed):
+        raise GateError(
+            "consistent", "name-off-top", f"name {name!r} names none of {', '.join(allowed)}"
+        )
+    check_segment_consistent(name, allowed=allowed, vocabulary=vocabulary, numbers=None)
+    check_segment_consistent(
+        blank_names(description, doc.top_items),
+        allowed=allowed,
+        vocabulary=vocabulary,
+        numbers=[doc.size, *(100 * share for share in doc.categories.values())],
+    )
 
 
 # ------------------------------------------------------------------------------ prompt
@@ -404,7 +476,7 @@ def label_segments(
                 messages,
                 parse=parse,
                 params=params,
-                schema=LABEL_SCHEMA,
+                schema=label_schema(doc),
                 attempts=attempts,
                 policy=retry or RetryPolicy(),
             )

@@ -27,6 +27,7 @@ import pandas as pd
 from pydantic import BaseModel, Field
 
 from segrec.errors import LLMError
+from segrec.gates import Lexicon, TextTally, check_fluent, check_summary_specific
 from segrec.grounding import (
     SENTENCE,
     absent_categories,
@@ -46,12 +47,15 @@ from segrec.store import ProfileRecord, Store
 from segrec.templates import Prompt
 
 # Bumped when the profile schema, compaction or grounding rules change: part of cache keys.
-PROFILE_LOGIC_VERSION = "4"
+PROFILE_LOGIC_VERSION = "5"
 
 SUMMARY_MIN, SUMMARY_MAX = 20, 280
 SUMMARY_PREFIX = "This user "
-# Any characters but a quote or a backslash, so the grammar closes the string itself.
-SUMMARY_PATTERN = f'^{SUMMARY_PREFIX}[^"\\\\{{}}\\[\\]]{{10,{SUMMARY_MAX - len(SUMMARY_PREFIX)}}}$'
+# Any characters but a quote or a backslash, so the grammar closes the string itself, and a
+# final stop: the quality gates want finished sentences.
+SUMMARY_PATTERN = (
+    f'^{SUMMARY_PREFIX}[^"\\\\{{}}\\[\\]]{{9,{SUMMARY_MAX - len(SUMMARY_PREFIX) - 1}}}[.]$'
+)
 MAX_LIKES, MAX_DISLIKES, MAX_FAVOURITES, MAX_THEMES, THEME_MAX = 3, 2, 3, 3, 40
 # A theme is a short phrase of words: no digits (years), brackets or JSON debris.
 THEME_PATTERN = f"^[A-Za-z][A-Za-z' -]{{2,{THEME_MAX - 1}}}$"
@@ -448,11 +452,14 @@ def parse_profile(text: str, request: ProfileRequest, vocabulary: Vocabulary) ->
         dislikes.remove(both)
         removed.append(f"dislikes: {both} (also liked)")
     favourites = keep(raw.favourite_items, request.favourite_options, MAX_FAVOURITES, "favourite")
+    own = [*request.history_categories, *(e.title for e in request.history)]
+    lexicon = Lexicon.from_names([*own, *vocabulary.categories])
     themes = []
     for theme in _dedupe(raw.themes)[:MAX_THEMES]:
         if ungrounded_claims(theme, request, vocabulary):
             removed.append(f"theme: {theme}")
         elif re.fullmatch(THEME_PATTERN, theme):  # a phrase, not a list or JSON debris
+            check_fluent(theme, lexicon, names=own, sentence=False)
             themes.append(theme)
     if degenerate(raw.summary):
         raise ValueError("summary repeats itself")
@@ -463,11 +470,13 @@ def parse_profile(text: str, request: ProfileRequest, vocabulary: Vocabulary) ->
             removed.extend(f"summary: {claim}" for claim in bad)
         else:
             sentences.append(sentence)
-    summary = " ".join(sentences)
+    summary = " ".join(sentences)[:SUMMARY_MAX]
     if len(summary) < SUMMARY_MIN:
         raise ValueError("summary is empty or too short once ungrounded sentences are removed")
+    check_fluent(summary, lexicon, names=own)
+    check_summary_specific(summary, own)
     profile = Profile(
-        summary=summary[:SUMMARY_MAX],
+        summary=summary,
         likes=likes,
         dislikes=dislikes,
         favourite_items=favourites,
@@ -622,6 +631,7 @@ class ProfileStats:
     completion_tokens: int = 0
     seconds: float = 0.0
     failures: dict[str, str] = field(default_factory=dict)
+    text: TextTally = field(default_factory=TextTally)
 
     @property
     def done(self) -> int:
@@ -638,6 +648,7 @@ class ProfileStats:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "seconds": round(self.seconds, 3),
+            "text": self.text.as_json(),
         }
 
 
@@ -704,6 +715,7 @@ def profile_users(
             store.save_failure(request.user_id, request.cache_key, str(exc))
         else:
             store.save_profile(result)
+            stats.text.add("summary", replaced=result.fallback, why=result.fallback_reason)
             stats.prompt_tokens += result.prompt_tokens
             stats.completion_tokens += result.completion_tokens
             stats.removed_claims += len(result.removed)
@@ -723,4 +735,5 @@ def profile_users(
             for request, outcome in finished:
                 record(request, outcome)
     stats.seconds = time.perf_counter() - start
+    store.add_text_counts("profile", stats.text.rows())  # what the gates kept, and why not
     return stats

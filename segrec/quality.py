@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,7 @@ from segrec.recommend import EASE, ItemKNN, MostPop, cosine_scores, tune_ease
 from segrec.store import Store
 from segrec.templates import load_prompt
 
-TRACKS = ("warm", "cold", "segments", "grounding", "chat")
+TRACKS = ("warm", "cold", "segments", "grounding", "chat", "text")
 CHAT_CHECKPOINTS = (1, 3, 5)
 CHAT_TUNE_AT = 3
 COLD_KNOWN = 3
@@ -135,6 +135,7 @@ def run_eval(
     item_columns: ItemColumns = ItemColumns(),
     on_stage: Callable[[str], None] | None = None,
     on_profiles: Callable[[Any], None] | None = None,
+    show_samples: int = 0,
 ) -> dict[str, Any]:
     """Every requested track as the JSON object `segrec eval --json` writes."""
     stage = on_stage or (lambda _: None)
@@ -143,8 +144,35 @@ def run_eval(
         raise InputError(f"--users {users}: must be at least 1")
     if k < 2:
         raise InputError(f"--k {k}: need at least 2 segments")
+    if show_samples < 0:
+        raise InputError(f"--show-samples {show_samples}: must be 0 or more")
     stage("reading the data")
     dataset = load_dataset(ratings, items, log_columns=log_columns, item_columns=item_columns)
+    text: dict[str, Any] | None = None
+    if "text" in tracks:
+        if not use_llm:
+            raise InputError("--tracks text needs the LLM: leave out --no-llm")
+        text = text_track(
+            settings.model_copy(
+                update={"workspace": Path(settings.workspace) / f"{ratings.stem}-text"}
+            ),
+            dataset,
+            users=users or TEXT_USERS,
+            seed=seed,
+            llm=llm if llm is not None else make_llm(settings),
+            show_samples=show_samples,
+            stage=stage,
+        )
+        if list(tracks) == ["text"]:
+            return {
+                "dataset": str(ratings),
+                "users": text["users"],
+                "sampled": True,
+                "seed": seed,
+                "tracks": {"text": text},
+                "notes": [f"text track: a seeded sample of {text['users']} users"],
+                "wall_s": round(time.perf_counter() - started, 1),
+            }
     split = protocol_split(dataset.interactions)
     if not split.users:
         raise InputError(f"{ratings}: no user has a test item left after the split")
@@ -210,6 +238,9 @@ def run_eval(
             notes += chat_notes
             if user_llm is None:
                 notes.append("--no-llm: the chat track ran the rule-based simulated user only")
+    if text is not None:
+        result["tracks"]["text"] = text
+        notes.append(f"text track: a seeded sample of {text['users']} users")
     result["notes"] = notes
     result["wall_s"] = round(time.perf_counter() - started, 1)
     return result
@@ -676,3 +707,161 @@ def _rank_into(scores: np.ndarray, row: int, columns: Sequence[int]) -> None:
     scores[row] = -np.inf
     for rank, col in enumerate(columns):
         scores[row, col] = float(len(columns) - rank)
+
+
+# ------------------------------------------------------------------------------ text track
+
+
+@dataclass
+class _Timed:
+    """Passes calls to the backend and adds each call's seconds to the current kind."""
+
+    llm: LLM
+    kind: str = "summary"
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def model_id(self) -> str:
+        return str(self.llm.model_id)
+
+    @property
+    def concurrency(self) -> int:
+        return int(getattr(self.llm, "concurrency", 1))
+
+    def complete(self, messages: Any, *, params: Any, schema: Any = None) -> Any:
+        start = time.perf_counter()
+        try:
+            return self.llm.complete(messages, params=params, schema=schema)
+        finally:
+            self.seconds[self.kind] = self.seconds.get(self.kind, 0.0) + (
+                time.perf_counter() - start
+            )
+
+
+TEXT_KINDS = ("summary", "segment", "reason", "question")
+TEXT_USERS = 25  # the text track's default sample: every text costs LLM seconds
+
+
+def text_track(
+    settings: Settings,
+    dataset: Dataset,
+    *,
+    users: int = 25,
+    seed: int = 0,
+    llm: LLM,
+    reasons_per_user: int = 3,
+    chats: int = 5,
+    k: int = 3,
+    show_samples: int = 0,
+    stage: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    """Every kind of displayed text, written on a seeded sample of users through the normal
+    stages (profile, cluster, explain, chat) in a workspace of its own, and counted.
+
+    Per kind: texts, share kept (written by the LLM, passed every gate), share replaced by
+    a template and why, the share of displayed texts that still name something ungrounded,
+    and LLM seconds per text. ``show_samples`` adds that many kept and replaced texts.
+    """
+    from segrec.chat import ChatContext, ChatSession
+    from segrec.gates import TextTally
+    from segrec.pipeline import run_clustering, run_profiles
+    from segrec.profile import Vocabulary, ungrounded_claims
+    from segrec.serving import explain
+    from segrec.simulate import RuleBasedUser
+
+    all_users = sorted(dataset.interactions["user_id"].unique())
+    rng = np.random.default_rng(seed)
+    picked = sorted(rng.choice(all_users, size=min(users, len(all_users)), replace=False))
+    rows = dataset.interactions[dataset.interactions["user_id"].isin(set(picked))]
+    used = dataset.items[dataset.items["item_id"].isin(set(rows["item_id"]))]
+    sample = replace(dataset, interactions=rows, items=used.reset_index(drop=True))
+    fingerprint = hashlib.sha256("|".join([*map(str, picked), llm.model_id]).encode()).hexdigest()[
+        :10
+    ]
+    workspace = Path(settings.workspace) / f"text-{fingerprint}"
+    local = settings.model_copy(update={"workspace": workspace})
+    timed = _Timed(llm)
+    tally = TextTally()
+    samples: dict[str, dict[str, list[str]]] = {
+        kind: {"kept": [], "replaced": []} for kind in TEXT_KINDS
+    }
+    ungrounded: dict[str, int] = dict.fromkeys(TEXT_KINDS, 0)
+
+    def count(kind: str, text: str, replaced: bool, why: str | None) -> None:
+        tally.add(kind, replaced=replaced, why=why)
+        samples[kind]["replaced" if replaced else "kept"].append(text)
+
+    with Store.open(workspace, create=True) as store:
+        store.ingest(sample, source={"eval": f"text track, {len(picked)} users, seed {seed}"})
+    stage(f"profiling {len(picked)} users")
+    run_profiles(local, picked, llm=timed)
+    with Store.open(workspace) as store:
+        records = {r.user_id: r for r in store.profiles()}
+        items = store.items_frame()
+        events = user_events(store.interactions_frame(), items, value_scales(rows))
+    vocabulary = Vocabulary.from_items(items)
+    for user in picked:
+        record = records[user]
+        summary = str(record.profile["summary"])
+        count("summary", summary, record.fallback, record.fallback_reason)
+        request = build_request(
+            user,
+            events.get(user, []),
+            prompt=load_prompt("profile"),
+            model_id="-",
+            params=generation_params(local),
+            max_items=local.max_history_items,
+            max_tokens=local.max_history_tokens,
+        )
+        ungrounded["summary"] += bool(ungrounded_claims(summary, request, vocabulary))
+    stage("clustering and naming segments")
+    timed.kind = "segment"
+    # "unnamed": a small sample's tiny segments stay undescribed rather than stop the run.
+    clustered = run_clustering(local, k=min(k, len(picked) - 1), small="unnamed", llm=timed)
+    for segment in clustered.segments:
+        if segment.described:
+            count(
+                "segment",
+                f"{segment.name} — {segment.description}",
+                segment.fallback,
+                segment.facts.get("fallback_reason"),
+            )
+    stage(f"explaining {len(picked)} users")
+    timed.kind = "reason"
+    for user in picked:
+        result, _ = explain(local, user, n=reasons_per_user, llm=timed)
+        for item in result["items"]:
+            count("reason", item["reason"], item["reason_fallback"], item["reason_fallback_why"])
+    stage(f"{min(chats, len(picked))} simulated chats")
+    context = ChatContext.from_workspace(local, llm=timed)
+    for user in picked[:chats]:
+        session = ChatSession(context, max_questions=3, n=reasons_per_user)
+        simulated = RuleBasedUser(events.get(user, []))
+        timed.kind = "question"
+        while (question := session.next_question()) is not None:
+            if not question.open:
+                count("question", question.text, question.fallback, question.fallback_reason)
+            session.answer(simulated.answer(question))
+        timed.kind = "reason"
+        for item in session.finish().items:
+            count("reason", item["reason"], item["reason_fallback"], item["reason_fallback_why"])
+    out: dict[str, Any] = {"users": len(picked), "seed": seed, "model": llm.model_id, "kinds": {}}
+    for kind in TEXT_KINDS:
+        counted = tally.kinds.get(kind)
+        if counted is None:
+            continue
+        entry = counted.as_json()
+        entry["replaced_share"] = round(counted.replaced / counted.texts, 4)
+        entry["ungrounded_rate"] = (
+            round(ungrounded[kind] / counted.texts, 4) if kind == "summary" else None
+        )
+        entry["seconds_per_text"] = round(timed.seconds.get(kind, 0.0) / counted.texts, 3)
+        if show_samples:
+            entry["samples"] = {
+                outcome: texts[:show_samples] for outcome, texts in samples[kind].items()
+            }
+        out["kinds"][kind] = entry
+    shown = sum(c.texts for c in tally.kinds.values())
+    out["kept_share"] = round(sum(c.kept for c in tally.kinds.values()) / shown, 4)
+    out["workspace"] = str(workspace)
+    return out

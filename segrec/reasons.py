@@ -19,14 +19,21 @@ import hashlib
 import json
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-from segrec.grounding import check_prose, decode_json, norm
+from segrec.gates import (
+    DANGLING,
+    FIRST_PERSON,
+    Lexicon,
+    check_fluent,
+    check_reason_specific,
+)
+from segrec.grounding import check_prose, decode_json, join_words, norm
 from segrec.llm.base import (
     LLM,
     GenerationParams,
@@ -48,14 +55,6 @@ _TAIL = "(,? [a-z][a-z ,'-]{{0,{n}}})?[.!]"
 # Anchors with these would need escapes llama.cpp's pattern converter does not read.
 _UNSAFE_ANCHOR = re.compile(r'["\\^${}<>\[\]]')
 _YEAR = re.compile(r"\s*\(\d{4}\)$")
-# A sentence ending on one of these is unfinished (often cut off by the length bound).
-_DANGLING = frozenset(
-    {"a", "about", "an", "and", "are", "as", "at", "be", "because", "but", "by", "for", "from"}
-    | {"has", "have", "in", "is", "it", "its", "it's", "like", "of", "on", "or", "so", "than"}
-    | {"that", "the", "their", "this", "to", "was", "which", "while", "who", "with"}
-)
-# The model speaking as itself ("not a choice for me") instead of to the user.
-_FIRST_PERSON = frozenset({"i", "me", "my", "mine", "myself", "i'm", "i've", "we", "us", "our"})
 _WORD = re.compile(r"[\w'’]+")
 # What the prompt shows: the 135M model reads ~170 tokens/s on two cores.
 PROMPT_HISTORY, PROMPT_HISTORY_TOKENS, PROMPT_BECAUSE = 8, 160, 2
@@ -223,6 +222,52 @@ def anchors(candidate: Candidate, history: Sequence[Event]) -> list[str]:
     return list(dict.fromkeys(usable))[:MAX_ANCHORS]
 
 
+COLLABORATIVE = ("ease", "itemknn")
+
+
+def co_watched(candidate: Candidate) -> bool:
+    """Whether a collaborative signal ranked the item: "people who liked X also liked it"."""
+    return any(candidate.signals.get(name, 0.0) > 0 for name in COLLABORATIVE)
+
+
+def fact_clauses(
+    candidate: Candidate, history: Sequence[Event], *, domain: str = "item"
+) -> dict[str, list[str]]:
+    """For each liked title the reason may start from, the clauses true of it and the item.
+
+    "another Crime and Thriller movie" when the item shares those categories with that
+    title; "and people who liked it also liked this" when a collaborative signal ranked the
+    item and the title is one of the liked items most like it. The reason grammar offers
+    only these, so what the model adds to its anchor is a fact the ranker knows.
+    """
+    wanted = set(candidate.categories)
+    similar = set(similar_titles(candidate, history))
+    out: dict[str, list[str]] = {}
+    titles = [
+        *similar_titles(candidate, history),
+        *(e.title for e in _liked_sharing(candidate, history)),
+    ]
+    events = {e.title: e for e in history if e.strength > 0}
+    for title in dict.fromkeys(titles):
+        if len(title) > ANCHOR_MAX_CHARS or _UNSAFE_ANCHOR.search(title):
+            continue
+        shared = [c for c in candidate.categories if c in set(events[title].categories) & wanted]
+        clauses = []
+        if shared:  # one category, or two different ones
+            names = [
+                *shared,
+                *(f"{a} and {b}" for i, a in enumerate(shared) for b in shared[i + 1 :]),
+            ]
+            clauses.append(f"another ({'|'.join(_literal(n) for n in names)}) {_literal(domain)}")
+        if title in similar and co_watched(candidate):
+            clauses.append("and people who liked it also liked this")
+        if clauses:
+            out[title] = clauses
+        if len(out) >= MAX_ANCHORS:
+            break
+    return out
+
+
 def _literal(text: str) -> str:
     """``text`` as a regex literal that llama.cpp's pattern converter also reads verbatim."""
     return "".join("[.]" if c == "." else "\\" + c if c in "()|*+?" else c for c in text)
@@ -240,9 +285,20 @@ def _reason_pattern(options: Sequence[str], tail: int) -> str:
     return f"^{REASON_PREFIX}{anchor}( and {anchor})?{_TAIL.format(n=tail)}$"
 
 
-def reason_schema(options: Sequence[str]) -> dict[str, Any]:
-    """The JSON schema for one candidate: one sentence that starts from its anchors."""
-    pattern = _reason_pattern(options, _tail_bound(options))
+def _fact_pattern(facts: Mapping[str, Sequence[str]]) -> str:
+    starts = [f"{_literal(title)}, ({'|'.join(clauses)})" for title, clauses in facts.items()]
+    return f"^{REASON_PREFIX}({'|'.join(starts)})[.]$"
+
+
+def reason_schema(
+    options: Sequence[str], facts: Mapping[str, Sequence[str]] | None = None
+) -> dict[str, Any]:
+    """The JSON schema for one candidate: one sentence that starts from its anchors.
+
+    With ``facts`` (:func:`fact_clauses`), the sentence is a liked title and one clause true
+    of it; without, an anchor and a few free lower-case words.
+    """
+    pattern = _fact_pattern(facts) if facts else _reason_pattern(options, _tail_bound(options))
     return {
         "type": "object",
         "properties": {"reason": {"type": "string", "pattern": pattern}},
@@ -280,27 +336,33 @@ def template_reason(
 
     It cites a history title only if the user liked it (a ``because`` title, or a liked item
     sharing a category), and a category only if both the candidate and the user's liked
-    history have it; without such facts it says the signal in plain words.
+    history have it; without such facts it says the signal in plain words. Categories the
+    item shares with the liked history are added when the signal's words name none, so a
+    template is as specific as the facts allow ("People who liked Heat (1995) also liked
+    this; it shares Crime and Thriller with your favourites.").
     """
     signal = strongest_signal(candidate)
     if signal is None:
         return NO_SIGNAL
     because = similar_titles(candidate, history)
-    if signal in ("ease", "itemknn"):
+    shared = shared_categories(candidate, history)
+    text = SIGNAL_WORDS[signal].removesuffix(".")
+    if signal in COLLABORATIVE:
         titles = because or [e.title for e in _liked_sharing(candidate, history)]
         if titles:
-            return f"People who liked {titles[0]} also liked this."
+            text = f"People who liked {titles[0]} also liked this"
     elif signal == "cosine":
-        categories = shared_categories(candidate, history)
-        if because and categories:
-            return f"Close to {because[0]} and your taste for {categories[0]}."
+        if because and shared:
+            return f"Close to {because[0]} and your taste for {shared[0]}."
         if because:
             return f"Close to {because[0]}."
-        if categories:
-            return f"Close to your taste for {categories[0]}."
+        if shared:
+            return f"Close to your taste for {shared[0]}."
     elif signal == "segment_pop" and segment_name and segment_name.strip():
-        return f"Popular in your segment '{' '.join(segment_name.split())}'."
-    return SIGNAL_WORDS[signal]
+        text = f"Popular in your segment '{' '.join(segment_name.split())}'"
+    if shared:
+        text += f"; it shares {join_words(shared[:2])} with your favourites"
+    return text + "."
 
 
 # ------------------------------------------------------------------------------ LLM
@@ -348,9 +410,9 @@ def parse_reason(
         max_sentences=REASON_MAX_SENTENCES,
     )
     words = _WORD.findall(reason.lower())
-    if (words and words[-1] in _DANGLING) or _cut_off(reason, options):
+    if (words and words[-1] in DANGLING) or _cut_off(reason, options):
         raise ValueError("reason is cut off mid-sentence")
-    if _FIRST_PERSON & set(words):
+    if FIRST_PERSON & set(words):
         raise ValueError("speaks in the first person; a reason addresses the user")
     # Sentence by sentence, as the profile stage checks: a capitalised first word is no name.
     claims = [c for s in sentences for c in context.claims(s, candidate, vocabulary)]
@@ -358,7 +420,35 @@ def parse_reason(
         raise ValueError(f"names what the user's history lacks: {', '.join(claims)}")
     if not _cites(reason, options):
         raise ValueError("names none of the liked titles or categories the item shares")
+    check_reason_gates(reason, candidate, context, vocabulary, options)
     return Reason(item_id=candidate.item_id, reason=reason)
+
+
+def check_reason_gates(
+    reason: str,
+    candidate: Candidate,
+    context: ReasonContext,
+    vocabulary: Vocabulary,
+    options: Sequence[str],
+) -> None:
+    """The quality gates on a reason (:mod:`segrec.gates`): fluent, and saying something
+    beyond its anchor — a shared category, a co-watch fact, a word of the item's title.
+
+    A reason for an item that shares nothing with the liked history (no ``options``) can
+    only name its signal, and is held to fluency alone.
+    """
+    names = [candidate.title, *(e.title for e in context.history), *options]
+    lexicon = Lexicon.from_names([*names, *candidate.categories, *vocabulary.categories])
+    check_fluent(reason, lexicon, names=names)
+    if options:
+        check_reason_specific(
+            reason,
+            anchors=[o for o in options if o not in candidate.categories],
+            shared=shared_categories(candidate, context.history),
+            item_title=candidate.title,
+            co_watch=co_watched(candidate),
+            similar=candidate.signals.get("cosine", 0.0) > 0,
+        )
 
 
 def write_reasons(
@@ -374,6 +464,7 @@ def write_reasons(
     prompt: Prompt | None = None,
     retry: RetryPolicy | None = None,
     cache: ReasonCache | None = None,
+    constrain: bool = True,
 ) -> list[Reason]:
     """One reason per candidate, in order: the LLM's when valid, else the template's.
 
@@ -381,9 +472,11 @@ def write_reasons(
     ``vocabulary`` every category in the catalogue. A candidate sharing no liked title or
     category with the history, an answer still invalid after ``attempts`` tries, and an
     LLM error all give :func:`template_reason`, marked as a fallback with the reason why;
-    LLM trouble never raises. With a ``cache``, the outcome of each LLM question is stored
-    by content key and a repeated question is answered from it without calling the LLM;
-    a fallback after an LLM error is not cached, so a later call tries the LLM again.
+    LLM trouble never raises. ``constrain`` (default) lets the grammar offer only clauses
+    true of the item (:func:`fact_clauses`); off, the model writes a few free words. With a
+    ``cache``, the outcome of each LLM question is stored by content key (the messages and
+    the grammar's schema) and a repeated question is answered from it without calling the
+    LLM; a fallback after an LLM error is not cached, so a later call tries the LLM again.
     """
     if attempts < 1:
         raise ValueError("attempts must be at least 1")
@@ -397,7 +490,10 @@ def write_reasons(
             why = "the history has no liked title or category this item shares"
         else:
             messages = render_reason_prompt(candidate, context, prompt=prompt, domain=domain)
-            key = reason_key(llm, prompt, params, messages, options=options, attempts=attempts)
+            schema = reason_schema(
+                options, fact_clauses(candidate, history, domain=domain) if constrain else None
+            )
+            key = reason_key(llm, prompt, params, messages, schema=schema, attempts=attempts)
             if cache is not None and (hit := cache.cached_reason(key)) is not None:
                 return Reason.model_validate(hit)
             parse = partial(
@@ -412,7 +508,7 @@ def write_reasons(
                 messages,
                 parse=parse,
                 params=params,
-                schema=reason_schema(options),
+                schema=schema,
                 attempts=attempts,
                 policy=retry or RetryPolicy(),
             )

@@ -285,6 +285,7 @@ def explained_items(
             "signals": {k: round(v, 4) for k, v in c.signals.items()},
             "reason": r.reason,
             "reason_fallback": r.fallback,
+            "reason_fallback_why": r.fallback_reason,
         }
         for c, r in zip(candidates, reasons, strict=True)
     ]

@@ -186,6 +186,16 @@ MIGRATIONS: list[str] = [
         updated_at TEXT NOT NULL
     );
     """,
+    """
+    CREATE TABLE text_counts (
+        recorded_at TEXT NOT NULL,
+        command TEXT NOT NULL,             -- profile, cluster, explain, chat
+        kind TEXT NOT NULL,                -- summary, segment, reason, question
+        outcome TEXT NOT NULL,             -- kept (the LLM's, passed every gate) or replaced
+        reason TEXT NOT NULL,              -- why replaced (gate/code, llm-error …), '' if kept
+        n INTEGER NOT NULL
+    );
+    """,
 ]
 
 
@@ -592,6 +602,26 @@ class Store:
             )
 
     # ---------------------------------------------------------------- chats
+
+    def add_text_counts(self, command: str, rows: Sequence[tuple[str, str, str, int]]) -> None:
+        """Record how many texts of each kind a command kept or replaced, and why."""
+        now = _now()
+        with self.transaction() as con:
+            con.executemany(
+                "INSERT INTO text_counts VALUES (?, ?, ?, ?, ?, ?)",
+                [(now, command, kind, outcome, why, n) for kind, outcome, why, n in rows],
+            )
+
+    def text_counts(self) -> dict[str, list[tuple[str, str, str, int]]]:
+        """Every recorded count, summed per command: {command: [(kind, outcome, reason, n)]}."""
+        rows = self._db.execute(
+            "SELECT command, kind, outcome, reason, SUM(n) FROM text_counts "
+            "GROUP BY command, kind, outcome, reason ORDER BY command, kind, outcome, reason"
+        ).fetchall()
+        out: dict[str, list[tuple[str, str, str, int]]] = {}
+        for command, kind, outcome, why, n in rows:
+            out.setdefault(command, []).append((kind, outcome, why, int(n)))
+        return out
 
     def save_chat_user(
         self,

@@ -132,11 +132,33 @@ def llama_server(*, threads: int = 2, log: Path | None = None) -> Iterator[str]:
             process.wait()
 
 
+def _unescape(literal: str) -> str:
+    return literal.replace("[.]", ".").replace("\\", "")
+
+
+def _first_reason(pattern: str) -> str:
+    """The first reason a reason grammar allows: its first liked title and that title's
+    first clause (a fact grammar), or its first anchor and a few words (a free one)."""
+    body = pattern.removeprefix("^Because you liked (")
+    title, sep, rest = body.partition(", (")
+    if sep and not title.count("|"):
+        shared = re.match(r"another \(([^|)]*)(?:\|[^)]*)?\) ([a-z]+)", rest)
+        if rest.startswith("another") and shared:
+            clause = f"another {_unescape(shared.group(1))} {shared.group(2)}"
+        else:
+            clause = "and people who liked it also liked this"
+        return f"Because you liked {_unescape(title)}, {clause}."
+    anchor = re.match(r"((?:\\.|[^|)\\])*)", body)
+    if anchor is None:
+        raise ValueError("reason schema without anchors")
+    return f"Because you liked {_unescape(anchor.group(1))}, this fits your taste."
+
+
 def schema_answer(messages: Sequence[Message], schema: dict[str, Any] | None) -> str:
     """A valid answer to any schema segrec sends, for `FakeLLM(default=schema_answer)`.
 
-    Profiles take the first two like options; segment labels a fixed name; reasons name the
-    first anchor their grammar offers.
+    Profiles take the first two like options; segment labels a fixed name; reasons take the
+    first liked title and clause their grammar offers.
     """
     import json
 
@@ -155,11 +177,7 @@ def schema_answer(messages: Sequence[Message], schema: dict[str, Any] | None) ->
             }
         )
     if "reason" in props:
-        anchor = re.match(r"\^Because you liked \(([^|)]*)", props["reason"]["pattern"])
-        if anchor is None:
-            raise ValueError("reason schema without anchors")
-        name = anchor.group(1).replace("[.]", ".").replace("\\", "")
-        return json.dumps({"reason": f"Because you liked {name}, this fits your taste."})
+        return json.dumps({"reason": _first_reason(props["reason"]["pattern"])})
     return json.dumps({"name": "Fans", "description": "Members like films."})
 
 

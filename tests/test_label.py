@@ -9,13 +9,13 @@ import pytest
 
 from segrec.errors import LLMError
 from segrec.label import (
-    LABEL_SCHEMA,
     NAME_MAX_WORDS,
     SegmentDoc,
     SegmentLabel,
     absent_categories,
     distinctive_terms,
     fallback_label,
+    label_schema,
     label_segments,
     parse_label,
     render_label_prompt,
@@ -221,7 +221,7 @@ def test_valid_answers_are_used_largest_segment_first() -> None:
     assert not any(label.fallback for label in labels)
     assert labels[0].raw_output == GOOD[0]
     assert len(llm.calls) == 3
-    assert llm.calls[0]["schema"] == LABEL_SCHEMA
+    assert llm.calls[0]["schema"] == label_schema(DOCS[1])
     assert "Horror (45%)" in user_prompt(llm.calls[0])  # the largest segment went first
 
 
@@ -315,13 +315,13 @@ def test_llm_error_gives_the_fallback_and_the_run_goes_on() -> None:
 
 
 def test_names_stay_distinct_across_segments_even_when_falling_back() -> None:
-    same = answer("Film enthusiasts", "Members watch a lot of Drama and Comedy titles.")
+    same = answer("Drama and Comedy fans", "Members watch a lot of Drama and Comedy titles.")
     llm = FakeLLM(default=same)
     labels = label_segments(DOCS, llm=llm, params=PARAMS, vocabulary=VOCAB)
     names = [label.name.casefold() for label in labels]
     assert len(set(names)) == 3
     # The largest segment (Horror) takes the name; the others cannot reuse it.
-    assert labels[1].name == "Film enthusiasts" and not labels[1].fallback
+    assert labels[1].name == "Drama and Comedy fans" and not labels[1].fallback
     assert labels[0].fallback and labels[2].fallback
     twins = [doc(7, 10, ANIMATION, [], {"Animation": 1.0}, []) for _ in range(2)]
     fallback_names = [
@@ -335,7 +335,8 @@ def test_fallback_names_stay_within_six_words() -> None:
     long_terms = ["A very long and winding title (1999)", "Another one"]
     label = fallback_label(DOCS[0], long_terms, {"A very long and winding fans"})
     assert len(label.name.split()) <= NAME_MAX_WORDS and label.fallback
-    assert label.name == "A very long and fans 2"
+    # Only top categories may be named: a name of other terms starts with the top one.
+    assert label.name == "Animation fans"
 
 
 def test_distinctive_terms_pick_what_sets_each_segment_apart() -> None:

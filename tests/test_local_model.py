@@ -99,8 +99,12 @@ def test_cli_main_job_end_to_end(
         "prompt_tokens",
         "completion_tokens",
         "seconds",
+        "text",
     ]
     assert data["users"] == 10 and data["profiled"] + data["fallback"] == 10
+    summaries = data["text"]["summary"]  # what the quality gates kept, and why not
+    assert summaries["texts"] == 10 and summaries["kept"] == data["profiled"]
+    assert summaries["replaced"] == data["fallback"] == sum(summaries["reasons"].values())
     assert "limited to the first 10 of 36 users" in result.stderr
     shown = run_cli("profile", "--show", "29", "--workspace", ws, "--json")
     assert shown.returncode == 0, shown.stderr

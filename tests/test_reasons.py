@@ -22,6 +22,7 @@ from segrec.reasons import (
     Reason,
     ReasonContext,
     anchors,
+    fact_clauses,
     parse_reason,
     reason_schema,
     render_reason_prompt,
@@ -99,7 +100,8 @@ def test_a_valid_reason_is_used_as_written() -> None:
     [reason] = reasons(llm, [EASE])
     assert reason == Reason(item_id="10", reason=text)
     assert len(llm.calls) == 1
-    assert llm.calls[0]["schema"] == reason_schema(anchors(EASE, HISTORY))
+    facts = fact_clauses(EASE, HISTORY, domain="movie")
+    assert llm.calls[0]["schema"] == reason_schema(anchors(EASE, HISTORY), facts)
 
 
 def test_candidate_title_and_categories_may_be_named() -> None:
@@ -120,7 +122,10 @@ def test_an_absent_genre_is_retried_then_falls_back_with_why() -> None:
     assert (
         reason.reason
         == template_reason(EASE, HISTORY)
-        == ("People who liked Toy Story (1995) also liked this.")
+        == (
+            "People who liked Toy Story (1995) also liked this; "
+            "it shares Adventure and Animation with your favourites."
+        )
     )
     assert reason.fallback_reason is not None
     assert reason.fallback_reason.startswith("invalid after 2 tries:")
@@ -128,7 +133,7 @@ def test_an_absent_genre_is_retried_then_falls_back_with_why() -> None:
 
 
 def test_an_invented_title_is_retried_and_a_valid_retry_is_kept() -> None:
-    good = "Because you rated Heat (1995) and Toy Story highly."
+    good = "Because you rated Heat (1995) and Toy Story highly, another Animation story."
     llm = FakeLLM([answer("Because you liked The Dark Knight Rises."), answer(good)])
     [reason] = reasons(llm, [EASE])
     assert len(llm.calls) == 2
@@ -153,15 +158,18 @@ def test_an_llm_error_falls_back_without_raising() -> None:
     [reason] = reasons(llm, [segment], segment_name="Family animation fans")
     assert reason.fallback
     assert reason.fallback_reason == "LLM error: connection refused"
-    assert reason.reason == "Popular in your segment 'Family animation fans'."
+    assert reason.reason == (
+        "Popular in your segment 'Family animation fans'; "
+        "it shares Adventure and Animation with your favourites."
+    )
 
 
 def test_every_candidate_gets_a_reason_in_order() -> None:
     llm = FakeLLM(
         [
-            answer("Because you loved Toy Story (1995)."),
+            answer("Because you loved Toy Story (1995), another Animation movie."),
             LLMError("boom"),
-            answer("Because you rated Heat (1995) highly."),
+            answer("Because you liked Heat (1995), and people who liked it also liked this."),
         ]
     )
     items = [
@@ -172,7 +180,9 @@ def test_every_candidate_gets_a_reason_in_order() -> None:
     got = reasons(llm, items)
     assert [r.item_id for r in got] == ["10", "11", "12"]
     assert [r.fallback for r in got] == [False, True, False]
-    assert got[1].reason == "Widely popular right now."
+    assert got[1].reason == (
+        "Widely popular right now; it shares Adventure and Animation with your favourites."
+    )
 
 
 def test_attempts_must_be_positive() -> None:
@@ -212,8 +222,8 @@ def test_parse_reason_rejects(text: str, error: str) -> None:
 
 
 def test_parse_reason_accepts_history_facts_and_normalises_space() -> None:
-    reason = parse(answer("Because you  rated\nHeat (1995) and Aladdin highly, and like Crime."))
-    assert reason.reason == "Because you rated Heat (1995) and Aladdin highly, and like Crime."
+    reason = parse(answer("Because you  rated\nHeat (1995) and Aladdin highly, and like Comedy."))
+    assert reason.reason == "Because you rated Heat (1995) and Aladdin highly, and like Comedy."
     assert len(reason.reason) <= REASON_MAX
 
 
@@ -221,10 +231,16 @@ def test_parse_reason_accepts_history_facts_and_normalises_space() -> None:
 
 
 def test_ease_and_itemknn_cite_a_because_title_or_a_liked_item_sharing_a_category() -> None:
-    assert template_reason(EASE, HISTORY) == "People who liked Toy Story (1995) also liked this."
+    assert template_reason(EASE, HISTORY) == (
+        "People who liked Toy Story (1995) also liked this; "
+        "it shares Adventure and Animation with your favourites."
+    )
     # No because: the liked item sharing most categories (Aladdin is liked, Jumanji is not).
     knn = candidate({"itemknn": 0.7}, title="Hercules (1997)", categories=("Animation", "Musical"))
-    assert template_reason(knn, HISTORY) == "People who liked Aladdin (1992) also liked this."
+    assert template_reason(knn, HISTORY) == (
+        "People who liked Aladdin (1992) also liked this; it shares Animation and Musical "
+        "with your favourites."
+    )
 
 
 def test_template_never_cites_what_the_history_lacks_or_the_user_disliked() -> None:
@@ -248,13 +264,17 @@ def test_cosine_names_the_closest_title_and_a_shared_category() -> None:
 
 def test_segment_pop_pop_and_no_signal() -> None:
     segment = candidate({"segment_pop": 0.6, "pop": 0.5})
+    # The categories the item shares with the liked history make each template specific.
+    shares = "; it shares Adventure and Animation with your favourites."
     assert template_reason(segment, HISTORY, segment_name=" Family\nfans ") == (
-        "Popular in your segment 'Family fans'."
+        "Popular in your segment 'Family fans'" + shares
     )
-    assert template_reason(segment, HISTORY) == SIGNAL_WORDS["segment_pop"]
+    assert template_reason(segment, HISTORY) == SIGNAL_WORDS["segment_pop"][:-1] + shares
     assert template_reason(candidate({"pop": 0.1, "ease": -2.0}), HISTORY) == (
-        "Widely popular right now."
+        "Widely popular right now" + shares
     )
+    horror = candidate({"pop": 0.1}, categories=("Horror",))
+    assert template_reason(horror, HISTORY) == SIGNAL_WORDS["pop"]
     assert template_reason(candidate({"ease": -1.0, "other": 5.0}), HISTORY) == NO_SIGNAL
     assert template_reason(candidate({}), HISTORY) == NO_SIGNAL
 
@@ -321,7 +341,7 @@ def test_prompt_renders_and_keeps_injections_inside_the_delimiters() -> None:
 
 
 def test_the_history_part_is_the_same_for_every_candidate_and_comes_first() -> None:
-    llm = FakeLLM(default=answer("Because you loved Toy Story (1995)."))
+    llm = FakeLLM(default=answer("Because you loved Toy Story (1995), another Comedy movie."))
     items = [
         EASE,
         candidate({"cosine": 1.0}, ("Heat (1995)",), item_id="11", title="Ronin (1998)"),

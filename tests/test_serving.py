@@ -241,7 +241,15 @@ def test_explain_json_has_exactly_the_documented_shape(workspace: Settings) -> N
     assert data["profile"]["summary"].startswith("This user")
     assert len(data["items"]) == 4
     for item in data["items"]:
-        assert set(item) == {"item_id", "title", "score", "signals", "reason", "reason_fallback"}
+        assert set(item) == {
+            "item_id",
+            "title",
+            "score",
+            "signals",
+            "reason",
+            "reason_fallback",
+            "reason_fallback_why",
+        }
         assert abs(sum(item["signals"].values()) - item["score"]) < 1e-3
     assert any(not i["reason_fallback"] for i in data["items"])
 

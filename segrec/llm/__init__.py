@@ -5,8 +5,22 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from segrec.config import Settings
     from segrec.llm.base import LLM
+
+
+GEMMA_SHORTCUT = "gemma3-270m"
+
+
+def resolve_model_path(path: Path | None) -> Path | None:
+    """``--model-path gemma3-270m`` names the GGUF of the ``segrec[gemma]`` extra."""
+    if path is not None and str(path) == GEMMA_SHORTCUT:
+        from segrec.llm.llamacpp import gemma_model_path
+
+        return gemma_model_path()
+    return path
 
 
 def make_llm(settings: Settings) -> LLM:
@@ -18,7 +32,11 @@ def make_llm(settings: Settings) -> LLM:
         from segrec.llm.llamacpp import LlamaCppLLM
 
         return counted(
-            LlamaCppLLM(settings.model_path, n_threads=settings.threads, n_ctx=settings.n_ctx)
+            LlamaCppLLM(
+                resolve_model_path(settings.model_path),
+                n_threads=settings.threads,
+                n_ctx=settings.n_ctx,
+            )
         )
     from segrec.llm.openai import OpenAILLM
 

