@@ -1364,9 +1364,7 @@ def chat(
         script = _scripted(answers) if answers is not None else None
         with err.status("loading the ranker and segments", spinner="dots") as status:
             context = ws.recommender(on_stage=status.update).chat_context(ws.llm)
-        result, session = _run_chat(
-            context, script, as_json, max_questions, n, settings.workspace
-        )
+        result, session = _run_chat(context, script, as_json, max_questions, n, settings.workspace)
         if save_as is not None and not result.quit:
             session.save_as(ws.store, save_as)
     if result.quit:
