@@ -762,12 +762,13 @@ def text_track(
     a template and why, the share of displayed texts that still name something ungrounded,
     and LLM seconds per text. ``show_samples`` adds that many kept and replaced texts.
     """
-    from segrec.chat import ChatContext, ChatSession
+    from segrec.chat import ChatSession
     from segrec.gates import TextTally
     from segrec.pipeline import run_clustering, run_profiles
     from segrec.profile import Vocabulary, ungrounded_claims
     from segrec.serving import explain
     from segrec.simulate import RuleBasedUser
+    from segrec.workspace import Workspace
 
     all_users = sorted(dataset.interactions["user_id"].unique())
     rng = np.random.default_rng(seed)
@@ -833,18 +834,20 @@ def text_track(
         for item in result["items"]:
             count("reason", item["reason"], item["reason_fallback"], item["reason_fallback_why"])
     stage(f"{min(chats, len(picked))} simulated chats")
-    context = ChatContext.from_workspace(local, llm=timed)
-    for user in picked[:chats]:
-        session = ChatSession(context, max_questions=3, n=reasons_per_user)
-        simulated = RuleBasedUser(events.get(user, []))
-        timed.kind = "question"
-        while (question := session.next_question()) is not None:
-            if not question.open:
-                count("question", question.text, question.fallback, question.fallback_reason)
-            session.answer(simulated.answer(question))
-        timed.kind = "reason"
-        for item in session.finish().items:
-            count("reason", item["reason"], item["reason_fallback"], item["reason_fallback_why"])
+    with Workspace(local, llm=timed) as ws:
+        context = ws.recommender().chat_context(ws.llm)
+        for user in picked[:chats]:
+            session = ChatSession(context, max_questions=3, n=reasons_per_user)
+            simulated = RuleBasedUser(events.get(user, []))
+            timed.kind = "question"
+            while (question := session.next_question()) is not None:
+                if not question.open:
+                    count("question", question.text, question.fallback, question.fallback_reason)
+                session.answer(simulated.answer(question))
+            timed.kind = "reason"
+            for item in session.finish().items:
+                why = item["reason_fallback_why"]
+                count("reason", item["reason"], item["reason_fallback"], why)
     out: dict[str, Any] = {"users": len(picked), "seed": seed, "model": llm.model_id, "kinds": {}}
     for kind in TEXT_KINDS:
         counted = tally.kinds.get(kind)

@@ -533,7 +533,8 @@ def test_real_model_writes_grounded_reasons_or_marked_fallbacks(local_llm) -> No
             )
             continue
         options = anchors(target, REAL_HISTORY)
-        pattern = reason_schema(options)["properties"]["reason"]["pattern"]
+        facts = fact_clauses(target, REAL_HISTORY, domain="movie")
+        pattern = reason_schema(options, facts)["properties"]["reason"]["pattern"]
         assert re.fullmatch(pattern, reason.reason), reason.reason  # the grammar held
         assert (
             parse_reason(answer(reason.reason), target, context, Vocabulary(vocabulary), options)
