@@ -261,12 +261,12 @@ def test_assign_on_a_profile_run_profiles_that_user_alone(
 def test_cluster_llm_calls_stay_within_k_m_on_the_real_model(
     tmp_path: Path, example_ratings: Path, example_movies: Path
 ) -> None:
-    """The bundled model names 3 segments of a workspace without profiles: it profiles only
+    """The bundled model names 2 segments of a workspace without profiles: it profiles only
     the users shown, and `llm_calls` (also on the terminal) stays within the bound."""
     settings = Settings(workspace=tmp_path / "ws", domain="movie")
     pipeline.ingest(settings, example_ratings, example_movies)
     ws = str(settings.workspace)
-    result = runner.invoke(app, ["cluster", "--k", "3", "--threads", "2", "-w", ws, "--json"])
+    result = runner.invoke(app, ["cluster", "--k", "2", "--threads", "2", "-w", ws, "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     described = sum(s["described"] for s in report["segments"])
