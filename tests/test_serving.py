@@ -353,7 +353,11 @@ def test_explain_on_the_real_model_gives_grounded_reasons(
     )
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
-    assert set(data) == {"user", "profile", "segment", "items"} and data["segment"] is None
+    assert set(data) == {"user", "profile", "segment", "items", "llm_calls", "text"}
+    assert data["segment"] is None
+    # The profile (made now) and the reasons are LLM calls; the gates say what they kept.
+    assert data["llm_calls"] >= 2
+    assert set(data["text"]) >= {"reason"}
     with Store.open(ws) as store:
         history = store.interactions_frame([user])
         items = store.items_frame().set_index("item_id")
