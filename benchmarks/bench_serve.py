@@ -12,7 +12,9 @@ On ml-latest-small (610 users × 9,742 items), in one run:
 4. In-process: `Recommender.recommend` on the same users in this process (one BLAS thread,
    as in the server): p50/p99, and the ratio of HTTP p50 (concurrency 1) to it.
 
-Run: python benchmarks/bench_serve.py [--workspace DIR] [--requests 400]
+Run: python benchmarks/bench_serve.py [--workspace DIR] [--requests 400] [--workers 1,2]
+     (each worker count is a separate server: uvicorn worker processes share the
+     memory-mapped models through the page cache)
      (writes benchmarks/results/serve.md; DIR is ingested from ml-latest-small if missing)
 """
 
@@ -75,12 +77,25 @@ def free_port() -> int:
 
 
 def rss_mb(pid: int) -> tuple[float, float]:
-    """Current and peak resident memory of a process, MB."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        fields[key] = value.strip()
-    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+    """Current and peak resident memory of a process and its children (uvicorn's worker
+    processes), MB. Shared pages (the memory-mapped models) count once per process."""
+    current = peak = 0.0
+    for each in [pid, *children(pid)]:
+        fields = {}
+        for line in Path(f"/proc/{each}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+        current += int(fields["VmRSS"].split()[0]) / 1024
+        peak += int(fields["VmHWM"].split()[0]) / 1024
+    return current, peak
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            found += [int(child), *children(int(child))]
+    return found
 
 
 def percentiles(values: list[float]) -> tuple[float, float]:
@@ -122,12 +137,55 @@ def load(port: int, users: list[str], requests: int, concurrency: int) -> dict[s
     return {"rps": len(latencies) / wall, "p50": p50, "p99": p99, "failures": failures}
 
 
+def serve_under_load(ws: list[str], users: list[str], requests: int, workers: int) -> dict:
+    """Start `segrec serve --workers N`, wait for /readyz, warm up, load it at each
+    concurrency, stop it: start-up time, RSS and the load results."""
+    port = free_port()
+    spawn = time.perf_counter()
+    server = subprocess.Popen(
+        [*segrec_exe(), "serve", "--port", str(port), "--no-access-log", "--reload-interval", "0",
+         "--workers", str(workers), *ws],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        while True:
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                connection.request("GET", "/readyz")
+                if connection.getresponse().status == 200:
+                    break
+            except OSError:
+                time.sleep(0.05)
+            if server.poll() is not None:
+                raise SystemExit("segrec serve exited")
+        startup = time.perf_counter() - spawn
+        rss_start, _ = rss_mb(server.pid)
+        load(port, users, 50 * workers, 4 * workers)  # warm-up: page in the models, every worker
+        results = {c: load(port, users, requests, c) for c in CONCURRENCY}
+        rss_end, rss_peak = rss_mb(server.pid)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return {
+        "startup": startup,
+        "rss_start": rss_start,
+        "rss_end": rss_end,
+        "rss_peak": rss_peak,
+        "results": results,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workspace", type=Path, default=Path("/tmp/segrec-bench-serve"))
     parser.add_argument("--requests", type=int, default=400, help="per concurrency level")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/serve.md")
+    parser.add_argument(
+        "--workers", default="1,2", help="comma-separated `segrec serve --workers` values"
+    )
     args = parser.parse_args()
+    args.workers = [int(w) for w in args.workers.split(",")]
     settings = Settings(workspace=args.workspace, domain="movie")
     if not (args.workspace / "segrec.db").exists():
         pipeline.ingest(settings, DATA / "ratings.csv", DATA / "movies.csv")
@@ -147,35 +205,13 @@ def main() -> None:
         flush=True,
     )
 
-    port = free_port()
-    spawn = time.perf_counter()
-    server = subprocess.Popen(
-        [*segrec_exe(), "serve", "--port", str(port), "--no-access-log", "--reload-interval", "0",
-         *ws],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        while True:
-            try:
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                connection.request("GET", "/readyz")
-                if connection.getresponse().status == 200:
-                    break
-            except OSError:
-                time.sleep(0.05)
-            if server.poll() is not None:
-                raise SystemExit("segrec serve exited")
-        startup = time.perf_counter() - spawn
-        rss_start, _ = rss_mb(server.pid)
-        load(port, users, 50, 4)  # warm-up: page in the memory-mapped models
-        results = {c: load(port, users, args.requests, c) for c in CONCURRENCY}
-        rss_end, rss_peak = rss_mb(server.pid)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-    for c, r in results.items():
-        print(f"c={c}: {r['rps']:.0f} req/s, p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms")
+    servers = {w: serve_under_load(ws, users, args.requests, w) for w in args.workers}
+    for w, run in servers.items():
+        for c, r in run["results"].items():
+            print(
+                f"workers={w} c={c}: {r['rps']:.0f} req/s, p50 {r['p50']:.1f} ms, "
+                f"p99 {r['p99']:.1f} ms"
+            )
 
     # The server runs with one BLAS thread per request (see segrec.http); so does this.
     with Workspace(settings) as workspace, threadpool_limits(limits=1, user_api="blas"):
@@ -189,10 +225,9 @@ def main() -> None:
             recommender.recommend([user], n=N)
             timings.append(time.perf_counter() - start)
     in_p50, in_p99 = percentiles(timings)
-    ratio = results[1]["p50"] / in_p50
+    ratio = servers[args.workers[0]]["results"][1]["p50"] / in_p50
     print(f"in-process p50 {in_p50:.1f} ms p99 {in_p99:.1f} ms; HTTP/in-process p50 {ratio:.2f}")
-    write(args, users, fitted, first, second, startup, rss_start, rss_end, rss_peak, results,
-          (in_p50, in_p99), ratio)  # fmt: skip
+    write(args, users, fitted, first, second, servers, (in_p50, in_p99), ratio)
 
 
 def write(
@@ -201,11 +236,7 @@ def write(
     fitted: bool,
     first: tuple[float, float],
     second: list[tuple[float, float]],
-    startup: float,
-    rss_start: float,
-    rss_end: float,
-    rss_peak: float,
-    results: dict[int, dict[str, float]],
+    servers: dict[int, dict],
     in_process: tuple[float, float],
     ratio: float,
 ) -> None:
@@ -217,7 +248,8 @@ def write(
         f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
         f"- machine: {platform.platform()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}; load average at the end {load_avg}",
-        f"- command: `python benchmarks/bench_serve.py --requests {args.requests}`",
+        f"- command: `python benchmarks/bench_serve.py --requests {args.requests} --workers "
+        f"{','.join(map(str, args.workers))}`",
         f"- data: ml-latest-small, {len(users)} users × 9,742 items; n={N}",
         "",
         "## CLI: `segrec recommend --user ID --n 10 --json` (whole process, wall)",
@@ -232,25 +264,34 @@ def write(
         "",
         "## Server",
         "",
-        f"- start to ready (`segrec serve` spawn → `/readyz` 200, models saved): {startup:.2f} s",
-        f"- RSS: {rss_start:.0f} MB after start, {rss_end:.0f} MB after the load "
-        f"(peak {rss_peak:.0f} MB)",
+        "| workers | start to ready s (spawn → `/readyz` 200, models saved) | RSS after start MB "
+        "| RSS after the load MB (peak) |",
+        "|---|---|---|---|",
+    ]
+    for w, run in servers.items():
+        lines.append(
+            f"| {w} | {run['startup']:.2f} | {run['rss_start']:.0f} | {run['rss_end']:.0f} "
+            f"({run['rss_peak']:.0f}) |"
+        )
+    lines += [
         "",
         f"`GET /v1/users/{{id}}/recommendations?n={N}`, {args.requests} requests per level, one "
         "keep-alive connection per client thread, client and server on the same cores:",
         "",
-        "| concurrency | requests/s | p50 ms | p99 ms | failed |",
-        "|---|---|---|---|---|",
+        "| workers | concurrency | requests/s | p50 ms | p99 ms | failed |",
+        "|---|---|---|---|---|---|",
     ]
-    for c, r in results.items():
-        lines.append(
-            f"| {c} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {int(r['failures'])} |"
-        )
+    for w, run in servers.items():
+        for c, r in run["results"].items():
+            lines.append(
+                f"| {w} | {c} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} "
+                f"| {int(r['failures'])} |"
+            )
     lines += [
-        f"| in-process `Recommender.recommend` (same users) | — | {in_process[0]:.1f} "
+        f"| — | in-process `Recommender.recommend` (same users) | — | {in_process[0]:.1f} "
         f"| {in_process[1]:.1f} | — |",
         "",
-        f"**HTTP p50 (concurrency 1) / in-process p50: {ratio:.2f}**",
+        f"**HTTP p50 (concurrency 1, {args.workers[0]} worker) / in-process p50: {ratio:.2f}**",
         "",
         "CPU s is user + system time of the `segrec` process: what the call costs on an idle "
         "core. On a shared machine (see the load average above) wall times and p99 are "

@@ -1552,10 +1552,6 @@ def main() -> None:
     app(prog_name="segrec")
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
-
-
 def _print_text_track(text: dict[str, Any]) -> None:
     """The text track: per kind of text, kept / replaced and why, seconds; then samples."""
     table = Table(
@@ -1609,3 +1605,7 @@ def texts(
             why = ", ".join(f"{k} {n}" for k, n in m["reasons"].items()) or "-"
             table.add_row(command, kind, str(m["texts"]), str(m["kept"]), str(m["replaced"]), why)
     out.print(table)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -485,16 +485,19 @@ def _routes(app: FastAPI, service: Service) -> None:
             categories=list(category or []),
             exclude=[i.strip() for part in exclude or [] for i in part.split(",") if i.strip()],
         )
-        result = recommender.recommend([user_id], n=n, filters=filters)
-        signals = [c for c in result.table.columns if c in recommender.served.ranker.names]
+        _, recs, _ = recommender.rank([user_id], n=n, filters=filters)
+        served = recommender.served
+        valid = recs.indices[0] >= 0
+        columns, scores = recs.indices[0][valid], recs.scores[0][valid]
+        parts = {name: part[0][valid] for name, part in recs.contributions.items()}
         items = [
             Item(
-                item_id=str(row["item_id"]),
-                title=str(row["title"]),
-                score=round(float(row["score"]), 4),
-                signals={s: round(float(row[s]), 4) for s in signals},
+                item_id=str(served.item_ids[col]),
+                title=str(served.titles[col]),
+                score=round(float(scores[r]), 4),
+                signals={name: round(float(part[r]), 4) for name, part in parts.items()},
             )
-            for row in result.table.to_dict("records")
+            for r, col in enumerate(columns)
         ]
         return Recommendations(
             request_id=uuid.uuid4().hex,

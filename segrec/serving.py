@@ -341,6 +341,15 @@ class Recommender:
     def notes(self) -> list[str]:
         return list(self.served.notes)
 
+    @property
+    def represent(self) -> str:
+        """The user space of the cosine signal: the active run's (what its segments were
+        built on), else the settings' for a workspace without a run."""
+        run = self.served.run
+        if run is not None:
+            return str(run.params.get("represent", "items"))
+        return self.workspace.settings.represent
+
     # ---------------------------------------------------------------- histories
 
     def histories(
@@ -364,8 +373,8 @@ class Recommender:
 
     def _user_vectors(self, X_rows: sp.csr_matrix, user_ids: Sequence[str]) -> np.ndarray | None:
         """The cosine signal's user vectors per ``represent`` (None: the history mean)."""
-        settings = self.workspace.settings
-        if settings.represent == "items":
+        represent = self.represent
+        if represent == "items":
             return None
         from segrec.embed import embed_present, mix_vectors
         from segrec.ranker import history_vectors
@@ -379,7 +388,7 @@ class Recommender:
             texts.append(Profile.model_validate(record.profile).embedding_text() if record else "")
         profile, missing = embed_present(texts, self.workspace.encoder, cache=store)
         profile[missing] = history[missing]
-        if settings.represent == "profile":
+        if represent == "profile":
             return profile
         return mix_vectors(profile, history, MIX_WEIGHT)
 
@@ -397,10 +406,26 @@ class Recommender:
         on_progress: Callable[[int, int], None] | None = None,
     ) -> RecommendResult:
         """Top-n unseen items for known users (None: every user with interactions)."""
+        wanted, recs, notes = self.rank(user_ids, n=n, filters=filters, on_progress=on_progress)
+        return RecommendResult(_table(self.served, wanted, recs), notes, self.served.ranker.spec)
+
+    def rank(
+        self,
+        user_ids: Sequence[str] | None,
+        *,
+        n: int = 10,
+        filters: Filters | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> tuple[list[str], Recommendations, list[str]]:
+        """The users ranked, their top-n as column indices and scores, and notes: what
+        :meth:`recommend` tabulates, without a DataFrame (the server's per-request path)."""
         check_n(n)
         allowed = self.allowed(filters)
         if user_ids is not None:
-            check_users(self.workspace.store, user_ids)
+            # Users the fitted ranker holds need no query; others may have arrived since.
+            unknown = [u for u in user_ids if u not in self.served.user_rows]
+            if unknown:
+                check_users(self.workspace.store, unknown)
         wanted = list(user_ids) if user_ids is not None else self.served.users
         X_rows, labels, vectors = self.histories(wanted)
         done = 0
@@ -422,7 +447,7 @@ class Recommender:
                 f"{short} user(s) with ≤ {ranker.spec.short_history} known items ranked "
                 "with the short-history weights"
             )
-        return RecommendResult(_table(self.served, wanted, recs), notes, ranker.spec)
+        return wanted, recs, notes
 
     # ---------------------------------------------------------------- segments
 

@@ -394,3 +394,27 @@ def test_ranker_tunes_with_segment_labels_once_a_run_exists(
     assert "segment_pop" in spec["validation"]["long"]["single_signals"]
     data, _ = serving.explain(settings, users[0], n=3, llm=FakeLLM(default=schema_answer))
     assert data["segment"]["run"] == run.id and data["segment"]["why"]
+
+
+def test_cosine_user_vectors_follow_the_active_runs_representation(
+    tmp_path: Path, example_ratings: Path, example_movies: Path
+) -> None:
+    """A run built on profile vectors makes the recommender's cosine signal use profile
+    vectors too, whatever the settings of the process reading it say."""
+    from segrec.ranker import history_vectors
+    from segrec.workspace import Workspace
+
+    settings = Settings(workspace=tmp_path / "ws", domain="movie")
+    pipeline.ingest(settings, example_ratings, example_movies)
+    users = pipeline.select_users(settings).user_ids
+    pipeline.run_profiles(settings, users, llm=FakeLLM(default=schema_answer))
+    profiled = settings.model_copy(update={"represent": "profile"})
+    pipeline.run_clustering(profiled, k=3, llm=FakeLLM(default=schema_answer))
+    assert settings.represent == "items"
+    with Workspace(settings) as ws:
+        recommender = ws.recommender()
+        assert recommender.represent == "profile"
+        X_rows, _, vectors = recommender.histories(users[:3])
+        assert vectors is not None
+        history = history_vectors(X_rows, recommender.served.item_vectors)
+        assert not np.allclose(vectors, history)
