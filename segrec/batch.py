@@ -35,6 +35,7 @@ from segrec.embed import SentenceTransformerEncoder
 from segrec.errors import InputError, LLMError, SegrecError
 from segrec.llm import make_llm
 from segrec.llm.base import LLM
+from segrec.llm.counting import calls_so_far, record_calls
 from segrec.profile import Outcome, ProfileJob, ProfileRecord, ProfileRequest
 
 INSTALL_HINT = "pip install 'segrec[ray]'"
@@ -157,7 +158,11 @@ class _ProfileWorker:
 
     def profile(
         self, requests: Sequence[ProfileRequest], job: ProfileJob
-    ) -> list[ProfileRecord | LLMError]:
+    ) -> tuple[list[ProfileRecord | LLMError], int]:
+        """The batch's results and the LLM calls they took (counted in this actor's
+        process; an actor runs one batch at a time, so the difference is this batch's)."""
+        before = calls_so_far()
+
         def one(request: ProfileRequest) -> ProfileRecord | LLMError:
             try:
                 return job.run(request, self.llm)
@@ -166,9 +171,11 @@ class _ProfileWorker:
 
         concurrency = self.describe()[1]
         if concurrency == 1:
-            return [one(request) for request in requests]
-        with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            return list(pool.map(one, requests))
+            results = [one(request) for request in requests]
+        else:
+            with ThreadPoolExecutor(max_workers=concurrency) as pool:
+                results = list(pool.map(one, requests))
+        return results, calls_so_far() - before
 
 
 def _outcome(result: ProfileRecord | LLMError) -> ProfileRecord:
@@ -235,7 +242,8 @@ class RayProfileRunner:
                 [ref], _ = ray.wait(list(pending), num_returns=1)
                 actor, batch = pending.pop(ref)
                 try:
-                    results = ray.get(ref)
+                    results, calls = ray.get(ref)
+                    record_calls(calls)  # the command's LLM-call count includes the actors'
                 except ray.exceptions.RayError as exc:  # the actor died: its users failed
                     lost = f"Ray worker failed: {_gist(exc)}"
                     results = [LLMError(lost)] * len(batch)

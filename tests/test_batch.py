@@ -28,6 +28,7 @@ from segrec.cli import app
 from segrec.config import Settings
 from segrec.embed import MemoryVectorCache, SentenceTransformerEncoder, embed_texts
 from segrec.errors import TransientLLMError
+from segrec.llm.counting import count_calls, counted
 from segrec.store import Store
 from segrec.testing import FakeLLM, schema_answer
 
@@ -57,6 +58,24 @@ def stored(settings: Settings) -> dict[str, tuple[str, dict, bool, str]]:
 
 # Built inside each actor (a partial of importable names travels by reference).
 fake_backend = functools.partial(FakeLLM, default=schema_answer)
+
+
+def test_llm_calls_made_by_ray_actors_count_for_the_command(
+    ray_cluster: object, tmp_path: Path, example_ratings: Path, example_movies: Path
+) -> None:
+    """The actors' calls happen in other processes; the driver's count includes them."""
+    settings = ingested(tmp_path / "ws", example_ratings, example_movies)
+    users = pipeline.select_users(settings).user_ids[:5]
+    # What make_llm builds in an actor: a backend whose calls are counted there (a lambda
+    # travels by value).
+    with (
+        batch.profile_runner(settings, backend=lambda: counted(fake_backend())) as runner,
+        Store.open(settings.workspace) as store,
+        count_calls() as calls,
+    ):
+        stats = pipeline.profile_in(store, settings, users, runner=runner)
+    assert stats.profiled == 5
+    assert calls.calls == 5  # one schema-valid answer per user, no retries
 
 
 def test_ray_runner_matches_in_process_with_fake_llm(

@@ -47,6 +47,14 @@ class CountedLLM:
         return self.inner.complete(messages, params=params, schema=schema)
 
 
+def record_calls(n: int) -> None:
+    """Add ``n`` calls made on this process's behalf elsewhere (by a Ray actor's counted
+    backend, which counts in its own process), so the command's count includes them."""
+    global _total
+    with _lock:
+        _total += n
+
+
 def counted(llm: LLM) -> LLM:
     """``llm`` wrapped in :class:`CountedLLM` (once: an already counted backend is returned)."""
     return llm if isinstance(llm, CountedLLM) else CountedLLM(llm)
