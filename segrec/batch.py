@@ -132,6 +132,36 @@ def _workers(ray: ModuleType, settings: Settings, cpus_per_worker: int) -> int:
     return settings.ray_workers
 
 
+def _start_actors(
+    ray: ModuleType,
+    actor: Any,
+    arg: Any,
+    workers: int,
+    broken: Callable[[str], SegrecError],
+    mixed: Callable[[list[tuple[str, int]]], SegrecError],
+) -> tuple[list[Any], tuple[str, int]]:
+    """``workers`` actors of the remote class ``actor`` built with ``arg``, and what they
+    hold (each one's ``describe()``), once all are up and hold the same thing. On failure
+    the actors are ended and ``broken(why)`` or ``mixed(described)`` is raised."""
+    actors = [actor.remote(arg) for _ in range(workers)]
+    try:
+        described = _started(ray, actors)
+        if len(described) != 1:
+            raise mixed(sorted(described))
+    except SegrecError:
+        _end(ray, actors)
+        raise
+    except ray.exceptions.RayError as exc:
+        _end(ray, actors)
+        raise broken(_gist(exc)) from None
+    return actors, described.pop()
+
+
+def _end(ray: ModuleType, actors: list[Any]) -> None:
+    for actor in actors:
+        ray.kill(actor)
+
+
 def _started(ray: ModuleType, actors: list[Any]) -> set[tuple[str, int]]:
     """Each actor's (backend id, size), once its backend is built; bounded in time, since
     an actor that finds no free CPU would never start."""
@@ -196,23 +226,17 @@ class RayProfileRunner:
         self, ray: ModuleType, backend: Callable[[], LLM], *, workers: int, cpus_per_worker: int
     ) -> None:
         self._ray = ray
-        actor = ray.remote(num_cpus=cpus_per_worker)(_ProfileWorker)
-        self._actors = [actor.remote(backend) for _ in range(workers)]
-        try:
-            described = _started(ray, self._actors)
-        except SegrecError:
-            self.close()
-            raise
-        except ray.exceptions.RayError as exc:
-            self.close()
-            raise LLMError(f"Ray workers could not build their LLM backend: {_gist(exc)}") from None
-        if len(described) != 1:
-            self.close()
-            raise LLMError(
-                f"Ray workers hold different models {sorted(described)} — give every node the "
-                "same model and settings"
-            )
-        self.model_id, self.batch_size = described.pop()
+        self._actors, (self.model_id, self.batch_size) = _start_actors(
+            ray,
+            ray.remote(num_cpus=cpus_per_worker)(_ProfileWorker),
+            backend,
+            workers,
+            lambda why: LLMError(f"Ray workers could not build their LLM backend: {why}"),
+            lambda found: LLMError(
+                f"Ray workers hold different models {found} — give every node the same model "
+                "and settings"
+            ),
+        )
 
     @property
     def actors(self) -> list[Any]:
@@ -258,8 +282,7 @@ class RayProfileRunner:
 
     def close(self) -> None:
         """End the actors (the cluster stays up for the next run in this process)."""
-        for actor in self._actors:
-            self._ray.kill(actor)
+        _end(self._ray, self._actors)
         self._actors = []
 
 
@@ -319,21 +342,14 @@ class RayEncoder:
 
     def __init__(self, ray: ModuleType, path: Path | None, *, workers: int) -> None:
         self._ray = ray
-        actor = ray.remote(num_cpus=1)(_EncodeWorker)
-        self._actors = [actor.remote(path) for _ in range(workers)]
-        try:
-            described = _started(ray, self._actors)
-        except SegrecError:
-            self.close()
-            raise
-        except ray.exceptions.RayError as exc:
-            self.close()
-            reason = _gist(exc)
-            raise InputError(f"Ray workers could not load the encoder: {reason}") from None
-        if len(described) != 1:
-            self.close()
-            raise InputError(f"Ray workers hold different encoders {sorted(described)}")
-        self.encoder_id, self.dim = described.pop()
+        self._actors, (self.encoder_id, self.dim) = _start_actors(
+            ray,
+            ray.remote(num_cpus=1)(_EncodeWorker),
+            path,
+            workers,
+            lambda why: InputError(f"Ray workers could not load the encoder: {why}"),
+            lambda found: InputError(f"Ray workers hold different encoders {found}"),
+        )
 
     def encode_batch(self, texts: Sequence[str]) -> np.ndarray:
         texts = list(texts)
@@ -346,8 +362,7 @@ class RayEncoder:
         return np.concatenate(parts) if parts else np.empty((0, self.dim), dtype=np.float32)
 
     def close(self) -> None:
-        for actor in self._actors:
-            self._ray.kill(actor)
+        _end(self._ray, self._actors)
         self._actors = []
 
 

@@ -127,6 +127,17 @@ def _check_disk_space(workspace: Path, log: Path) -> None:
         )
 
 
+def _named_users(users: Sequence[str], known: Sequence[str]) -> list[str]:
+    """``users`` as a list, once every one is known (else one line naming the first not)."""
+    known_set = set(known)
+    missing = [u for u in users if u not in known_set]
+    if missing:
+        raise InputError(
+            f"--users: unknown user id {missing[0]!r} — list users with `segrec users`"
+        )
+    return list(users)
+
+
 @dataclass(frozen=True)
 class Selection:
     user_ids: list[str]
@@ -155,13 +166,7 @@ def select_users(
             "(name them with --users to re-profile)"
         )
     if users is not None:
-        known_set = set(known)
-        missing = [u for u in users if u not in known_set]
-        if missing:
-            raise InputError(
-                f"--users: unknown user id {missing[0]!r} — list users with `segrec users`"
-            )
-        chosen = list(users)
+        chosen = _named_users(users, known)
     if limit is not None and limit < len(chosen):
         chosen = chosen[:limit]
         notes.append(f"limited to the first {limit} of {len(known)} users (--limit)")
@@ -351,13 +356,7 @@ def _population(
     notes: list[str] = []
     chosen = ingested
     if users is not None:
-        known = set(everyone)
-        missing = [u for u in users if u not in known]
-        if missing:
-            raise InputError(
-                f"--users: unknown user id {missing[0]!r} — list users with `segrec users`"
-            )
-        chosen = list(users)
+        chosen = _named_users(users, everyone)
         notes.append(f"{len(chosen)} of {len(everyone)} users selected (--users)")
     if sample is not None:
         if sample < 3 or sample > len(chosen):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from html import escape
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,12 @@ def test_cli_main_job_end_to_end(
     assert data["user"] == "29" and data["segment"]["id"] in (0, 1)
     assert data["segment"]["name"] == report["segments"][data["segment"]["id"]]["name"]
     assert len(data["items"]) == 3 and all(i["reason"] for i in data["items"])
+
+    # report: the run as one offline HTML page, with the names the real model gave
+    page = Path(ws) / "report.html"
+    written = run_cli("report", "--out", str(page), "--workspace", ws, "--json")
+    assert written.returncode == 0, written.stderr
+    result = json.loads(written.stdout)
+    assert result["segments"] == 2 and result["users"] == 36 and page.is_file()
+    html = page.read_text(encoding="utf-8")
+    assert all(escape(s["name"]) in html for s in report["segments"])
