@@ -76,10 +76,13 @@ def timed(run: Any) -> tuple[float, ProfileStats]:
     return time.perf_counter() - start, stats
 
 
+NICENESS = "RAY_worker_niceness"  # Ray's own (lower-case) name for the workers' nice value
+
+
 def main() -> None:
     # Ray starts its workers at nice 15; the in-process rows run at this process's priority,
     # so on a machine with other work the comparison would favour them.
-    os.environ.setdefault("RAY_worker_niceness", "0")
+    os.environ.setdefault(NICENESS, "0")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
@@ -152,7 +155,7 @@ def main() -> None:
         f"{platform.python_version()}; 1-minute load average {load_start:.1f} at the start, "
         f"{os.getloadavg()[0]:.1f} at the end (other jobs on the machine run at lower "
         "priority when the load is above 2); Ray workers at nice "
-        f"{os.environ['RAY_worker_niceness']}, like this process",
+        f"{os.environ[NICENESS]}, like this process",
         f"- data: ml-latest-small, {args.users} users sampled with seed {args.seed}; bundled "
         "SmolLM2-135M-Instruct Q4_1 (llama.cpp); each row on a fresh workspace (no cache)",
         f"- command: `python benchmarks/bench_ray.py {' '.join(sys.argv[1:])}`",
