@@ -1232,7 +1232,24 @@ def eval_(
     item_columns = ItemColumns(
         item_id_col, title_col, description_col, tuple(category_col) if category_col else None
     )
-    with err.status("evaluating", spinner="dots") as status:
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        disable=not err.is_terminal,
+    )
+    bars: dict[str, Any] = {}
+
+    def track_progress(track: str, done: int, total: int) -> None:
+        if track not in bars:
+            bars[track] = progress.add_task(f"{track} track: users scored", total=total)
+        progress.update(bars[track], completed=done)
+
+    with progress:
+        status = progress.add_task("evaluating", total=None)
         result = quality.run_eval(
             settings,
             ratings,
@@ -1244,11 +1261,14 @@ def eval_(
             use_llm=not no_llm,
             log_columns=log_columns,
             item_columns=item_columns,
-            on_stage=lambda stage: status.update(stage),
-            on_profiles=lambda stats: status.update(
-                f"profiling with the LLM: {stats.done}/{stats.users} (cached {stats.cached})"
+            on_stage=lambda stage: progress.update(status, description=stage),
+            on_profiles=lambda stats: progress.update(
+                status,
+                description=f"profiling with the LLM: {stats.done}/{stats.users} "
+                f"(cached {stats.cached})",
             ),
             show_samples=show_samples,
+            on_progress=track_progress,
         )
     if json_out is not None:
         tmp = json_out.with_name(f".{json_out.name}.tmp")

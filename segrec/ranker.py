@@ -11,6 +11,10 @@ Signals (each a users × items score matrix; see `segrec.recommend` for the mode
 * ``segment_pop`` — popularity among the members of the user's segment.
 * ``pop`` — global popularity, log-scaled (log1p of the counts: after the per-user z-score
   a few blockbusters would otherwise flatten every other item to the same score).
+* ``transition`` — what comes next after the user's latest items (`segrec.recommend.
+  Transitions`, fit on every train history in time order). Scoring reads the users' event
+  times when given; without them (a caller that keeps no order) every known item counts
+  as if it were the latest.
 
 The blend z-scores each signal over each user's row and adds them with weights (see
 `segrec.recommend.Blend`). Two weight sets are tuned: ``long`` for users with more than
@@ -38,8 +42,9 @@ from segrec.errors import ConfigError
 from segrec.evaluate import (
     Split,
     evaluate_scores,
-    fold_scores,
+    fold_rows,
     stacked_cold_split,
+    subsample,
     validation_split,
 )
 from segrec.recommend import (
@@ -47,18 +52,22 @@ from segrec.recommend import (
     EASE_LAMBDAS,
     ItemKNN,
     SegmentPopularity,
+    Transitions,
     cosine_scores,
     recommend_top_n,
     standardise,
     tune_blend,
 )
 
-SIGNALS: tuple[str, ...] = ("ease", "itemknn", "cosine", "segment_pop", "pop")
+SIGNALS: tuple[str, ...] = ("ease", "itemknn", "cosine", "segment_pop", "pop", "transition")
 EASE_MAX_ITEMS = 20_000
 LARGE_NEIGHBOURS = 200
 SHORT_HISTORY = 5
 SHORT_CUTS = (2, 3, 4)  # the short-history weights are tuned on these history lengths
 MIN_TUNING_USERS = 20
+# Weights are tuned on a seeded sample of at most this many validation users: thousands
+# already pin the weights down, and tuning time and memory grow with users × catalogue.
+TUNE_USERS = 2_000
 # Used when there are too few users to tune on (fewer than MIN_TUNING_USERS). They are the
 # weights tuned on ml-latest-small's validation split (benchmarks/quality.md).
 DEFAULT_WEIGHTS: dict[str, dict[str, float]] = {
@@ -177,10 +186,23 @@ class Ranker:
         self.knn: ItemKNN | None = None
         self.counts: np.ndarray | None = None
         self.segments: SegmentPopularity | None = None
+        self.transitions: Transitions | None = None
 
-    def fit(self, X: sp.csr_matrix, labels: np.ndarray | None = None) -> Self:
-        """Fit the models the signals need on the binary history matrix X (users × items)."""
+    def fit(
+        self,
+        X: sp.csr_matrix,
+        labels: np.ndarray | None = None,
+        *,
+        times: sp.csr_matrix | None = None,
+    ) -> Self:
+        """Fit the models the signals need on the binary history matrix X (users × items);
+        ``times`` (same sparsity: when each pair happened) orders histories for
+        ``transition``."""
         X = sp.csr_matrix(X, dtype=np.float32)
+        if "transition" in self.names:
+            if times is None:
+                raise ConfigError("ranker: the transition signal needs the event times")
+            self.transitions = Transitions().fit(times)
         if self.item_vectors is not None and self.item_vectors.shape[0] != X.shape[1]:
             raise ValueError(
                 f"{self.item_vectors.shape[0]} item vectors for {X.shape[1]} catalogue items"
@@ -220,6 +242,14 @@ class Ranker:
                 if labels
                 else np.zeros((0, self.counts.size), dtype=np.float32)
             )
+        if self.transitions is not None and self.transitions.next is not None:
+            T = self.transitions.next
+            out |= {
+                "next_data": T.data,
+                "next_indices": T.indices,
+                "next_indptr": T.indptr,
+                "next_popularity": np.asarray(self.transitions.popularity),
+            }
         return out
 
     @classmethod
@@ -251,6 +281,13 @@ class Ranker:
                     arrays["segment_labels"], arrays["segment_counts"], strict=True
                 )
             }
+        if "transition" in ranker.names:
+            n = ranker.counts.size
+            ranker.transitions = Transitions()
+            ranker.transitions.next = sp.csr_matrix(
+                (arrays["next_data"], arrays["next_indices"], arrays["next_indptr"]), shape=(n, n)
+            )
+            ranker.transitions.popularity = np.asarray(arrays["next_popularity"])
         return ranker
 
     def signals(
@@ -260,8 +297,10 @@ class Ranker:
         labels: np.ndarray | None = None,
         user_vectors: np.ndarray | None = None,
         names: Sequence[str] | None = None,
+        times: sp.csr_matrix | None = None,
     ) -> dict[str, np.ndarray]:
-        """Raw score matrices of the wanted signals for the given users' histories."""
+        """Raw score matrices of the wanted signals for the given users' histories
+        (``times``: when each known item happened, for ``transition``)."""
         if self.counts is None:
             raise RuntimeError("Ranker is not fitted; call fit() first")
         X_users = sp.csr_matrix(X_users, dtype=np.float32)
@@ -287,6 +326,9 @@ class Ranker:
                     else history_vectors(X_users, self.item_vectors)
                 )
                 out[name] = cosine_scores(vectors, self.item_vectors, normalise_items=False)
+            elif name == "transition":
+                assert self.transitions is not None
+                out[name] = self.transitions.score(X_users if times is None else times)
         return out
 
     def groups(self, X_users: sp.csr_matrix) -> np.ndarray:
@@ -324,6 +366,7 @@ class Ranker:
         user_vectors: np.ndarray | None = None,
         allowed: np.ndarray | None = None,
         groups: np.ndarray | None = None,
+        times: sp.csr_matrix | None = None,
         batch: int = 256,
         on_batch: Callable[[int], None] | None = None,
     ) -> Recommendations:
@@ -343,6 +386,7 @@ class Ranker:
                 Xb,
                 labels=None if labels is None else labels[rows],
                 user_vectors=None if user_vectors is None else user_vectors[rows],
+                times=None if times is None else sp.csr_matrix(times)[rows],
             )
             total, parts = self.blend(
                 signals, self.groups(Xb) if groups is None else np.asarray(groups)[rows]
@@ -393,15 +437,21 @@ def split_signals(
             raise ConfigError("ranker: segment_pop needs segment labels")
         fit_labels, user_labels = labels_for(split)
     out: dict[str, np.ndarray] = {}
-    for name in names:
-
-        def score(fit_rows: np.ndarray, user_rows: np.ndarray, name: str = name) -> np.ndarray:
-            ranker = Ranker(spec, item_vectors, names=[name])
-            ranker.fit(split.fit[fit_rows], None if fit_labels is None else fit_labels[fit_rows])
-            rows_labels = None if user_labels is None else user_labels[user_rows]
-            return ranker.signals(split.train[user_rows], labels=rows_labels)[name]
-
-        out[name] = np.asarray(fold_scores(split, score), dtype=np.float32)
+    for fit_rows, user_rows in fold_rows(split):
+        ranker = Ranker(spec, item_vectors, names=names).fit(
+            split.fit[fit_rows],
+            None if fit_labels is None else fit_labels[fit_rows],
+            times=None if split.fit_time is None else split.fit_time[fit_rows],
+        )
+        signals = ranker.signals(
+            split.train[user_rows],
+            labels=None if user_labels is None else user_labels[user_rows],
+            times=None if split.train_time is None else split.train_time[user_rows],
+        )
+        for name, scores in signals.items():
+            if name not in out:
+                out[name] = np.empty((len(split.users), scores.shape[1]), dtype=np.float32)
+            out[name][user_rows] = scores
     return out
 
 
@@ -459,6 +509,8 @@ def tune_ranker(
             f"{LARGE_NEIGHBOURS} neighbours per item"
         )
     validation = validation_split(split)
+    sampled = len(validation.users) > TUNE_USERS
+    validation = subsample(validation, TUNE_USERS, seed=seed)
     vectors = item_vectors_for(validation) if item_vectors_for is not None else None
 
     results: dict[str, Any] = {}
@@ -494,7 +546,9 @@ def tune_ranker(
     spec.tuned = True
     spec.validation = results
     spec.notes.append(
-        f"weights tuned on a validation split of {len(validation.users)} users (last 20% of "
+        f"weights tuned on a validation split of {len(validation.users)} users"
+        + (" (a seeded sample)" if sampled else "")
+        + " (last 20% of "
         "train); short histories on the same users cut to their first "
         f"{', '.join(map(str, SHORT_CUTS))} items"
     )
