@@ -513,6 +513,17 @@ def _binary_matrix(frame: pd.DataFrame, users: pd.Index, items: pd.Index) -> sp.
     return matrix
 
 
+def event_times(
+    interactions: pd.DataFrame, users: Sequence[str], items: Sequence[str]
+) -> sp.csr_matrix:
+    """When each (user, item) pair first happened, on the protocol's clock (see `Split.
+    fit_time`), as a ``len(users) × len(items)`` matrix: what order-aware models fit on
+    outside an evaluation (the serving ranker)."""
+    frame = _protocol_order(_normalise(interactions))
+    shift = int(frame["time"].min()) - 1
+    return _time_matrix(frame, pd.Index(users), pd.Index(items), shift)
+
+
 def _time_matrix(
     frame: pd.DataFrame, users: pd.Index, items: pd.Index, shift: int
 ) -> sp.csr_matrix:
