@@ -227,7 +227,7 @@ def run_eval(
         spec: RankerSpec | None = None
         if ranking:
             stage("tuning the ranker on validation")
-            labels_for = kmeans_labels(ctx.vectors_for, k, seed)
+            labels_for = kmeans_labels(split, ctx.vectors_for, k, seed)
             spec = tune_ranker(
                 split,
                 item_vectors_for=ctx.vectors_for,
@@ -384,9 +384,7 @@ def _ranking_track(
     names = [*names, *(n for n in ("ease", "transition") if n not in names)]
     if spec.ease_lambda is None:
         names.remove("ease")
-    fit_labels = user_labels = None
-    if "segment_pop" in names:
-        fit_labels, user_labels = labels_for(part)
+    fit_labels, user_labels = labels_for(part)
     ids = [f"cold:{u}" for u in part.users] if track == "cold" else list(part.users)
     user_vectors = {
         kind: _profile_vectors(ctx, profiles[kind], ids)[0]
@@ -405,7 +403,7 @@ def _ranking_track(
     for fit_rows, user_rows in fold_rows(part):
         ranker = Ranker(spec, vectors, names=names).fit(
             part.fit[fit_rows],
-            None if fit_labels is None else fit_labels[fit_rows],
+            fit_labels[fit_rows],
             times=part.fit_time[fit_rows] if part.fit_time is not None else None,
         )
         als = ALS(**als_settings, seed=ctx.seed).fit(part.fit[fit_rows])
@@ -414,7 +412,7 @@ def _ranking_track(
             seen = part.train[rows]
             signals = ranker.signals(
                 seen,
-                labels=None if user_labels is None else user_labels[rows],
+                labels=user_labels[rows],
                 times=None if part.train_time is None else part.train_time[rows],
             )
             for method, signal in PEER_SIGNALS.items():
@@ -424,6 +422,8 @@ def _ranking_track(
             groups = ranker.groups(seen)
             own = {n: signals[n] for n in spec.signals}
             keep("segrec", rows, ranker.blend(own, groups)[0], seen)
+            segment_blend = ranker.blend(own, groups, user_labels[rows])[0]
+            keep("segrec:per-segment", rows, segment_blend, seen)
             keep("cosine:items", rows, signals["cosine"], seen)
             for kind, matrix in user_vectors.items():
                 content = cosine_scores(matrix[rows], vectors, normalise_items=False)
@@ -433,7 +433,7 @@ def _ranking_track(
                     keep(f"segrec:{kind}-profile", rows, swapped, seen)
             done += len(rows)
             progress(done, n_users)
-    order = [*PEER_SIGNALS, "ALS", "segrec", "cosine:items"]
+    order = [*PEER_SIGNALS, "ALS", "segrec", "segrec:per-segment", "cosine:items"]
     methods = [m for m in order if m in ranked] + [m for m in ranked if m not in order]
     return {m: _ranked_metrics(ranked[m], part) for m in methods}
 

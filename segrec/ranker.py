@@ -31,7 +31,7 @@ EASE alone.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Self
 
 import numpy as np
@@ -50,6 +50,7 @@ from segrec.evaluate import (
 from segrec.recommend import (
     EASE,
     EASE_LAMBDAS,
+    Blend,
     ItemKNN,
     SegmentPopularity,
     Transitions,
@@ -68,6 +69,8 @@ MIN_TUNING_USERS = 20
 # Weights are tuned on a seeded sample of at most this many validation users: thousands
 # already pin the weights down, and tuning time and memory grow with users × catalogue.
 TUNE_USERS = 2_000
+SEGMENT_MIN_USERS = 30  # a segment with fewer validation users keeps the global weights
+SEGMENT_SHRINK = 100  # pseudo-users of global weight mixed into a segment's own weights
 # Used when there are too few users to tune on (fewer than MIN_TUNING_USERS). They are the
 # weights tuned on ml-latest-small's validation split (benchmarks/quality.md).
 DEFAULT_WEIGHTS: dict[str, dict[str, float]] = {
@@ -91,11 +94,16 @@ class RankerSpec:
     tuned: bool = False
     validation: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    segment_weights: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    """Per history group, per segment label (as text): that segment's own weights, kept
+    only where they beat the group's global weights on the segment's validation users."""
 
     @property
     def signals(self) -> list[str]:
         """Every signal some group gives a non-zero weight, in `SIGNALS` order."""
-        used = {name for group in self.weights.values() for name, w in group.items() if w}
+        sets = [*self.weights.values()]
+        sets += [w for group in self.segment_weights.values() for w in group.values()]
+        used = {name for weights in sets for name, w in weights.items() if w}
         return [name for name in SIGNALS if name in used]
 
     def as_dict(self) -> dict[str, Any]:
@@ -107,6 +115,7 @@ class RankerSpec:
             "tuned": self.tuned,
             "validation": self.validation,
             "notes": self.notes,
+            "segment_weights": self.segment_weights,
         }
 
     @classmethod
@@ -119,6 +128,10 @@ class RankerSpec:
             tuned=bool(data.get("tuned", False)),
             validation=dict(data.get("validation", {})),
             notes=list(data.get("notes", [])),
+            segment_weights={
+                group: {label: dict(w) for label, w in by_label.items()}
+                for group, by_label in data.get("segment_weights", {}).items()
+            },
         )
 
 
@@ -336,18 +349,31 @@ class Ranker:
         known = np.diff(sp.csr_matrix(X_users).indptr)
         return np.where(known <= self.spec.short_history, "short", "long")
 
+    def weights_for(self, group: str, label: int | None = None) -> dict[str, float]:
+        """The weights a user of this history group (and segment) is ranked with: the
+        segment's own where the tuner kept some, else the group's."""
+        if label is not None:
+            own = self.spec.segment_weights.get(group, {}).get(str(int(label)))
+            if own is not None:
+                return own
+        return self.spec.weights.get(group, {})
+
     def blend(
-        self, signals: Mapping[str, np.ndarray], groups: np.ndarray
+        self,
+        signals: Mapping[str, np.ndarray],
+        groups: np.ndarray,
+        labels: np.ndarray | None = None,
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Blended scores (float64) and each signal's weighted part, per the user's group."""
+        """Blended scores (float64) and each signal's weighted part, per the user's group
+        (and, given ``labels``, segment: see `weights_for`)."""
         n_users = len(groups)
         z = {name: standardise(matrix) for name, matrix in signals.items()}
         n_items = next(iter(z.values())).shape[1]
+        keys = list(zip(groups, labels if labels is not None else [None] * n_users, strict=True))
+        sets = {key: self.weights_for(*key) for key in set(keys)}
         parts: dict[str, np.ndarray] = {}
         for name in z:
-            weight = np.array(
-                [self.spec.weights.get(g, {}).get(name, 0.0) for g in groups], dtype=np.float64
-            )
+            weight = np.array([sets[key].get(name, 0.0) for key in keys], dtype=np.float64)
             if np.any(weight):
                 parts[name] = z[name] * weight[:, None]
         if not parts:
@@ -389,7 +415,9 @@ class Ranker:
                 times=None if times is None else sp.csr_matrix(times)[rows],
             )
             total, parts = self.blend(
-                signals, self.groups(Xb) if groups is None else np.asarray(groups)[rows]
+                signals,
+                self.groups(Xb) if groups is None else np.asarray(groups)[rows],
+                None if labels is None else labels[rows],
             )
             mask = allowed
             if allowed is not None and np.ndim(allowed) == 2:
@@ -455,20 +483,26 @@ def split_signals(
     return out
 
 
-def kmeans_labels(item_vectors_for: Callable[[Split], np.ndarray], k: int, seed: int) -> LabelsFor:
-    """Segment labels from k-means on the mean item embedding of every fit row.
+def kmeans_labels(
+    split: Split, item_vectors_for: Callable[[Split], np.ndarray], k: int, seed: int
+) -> LabelsFor:
+    """Segment labels from one k-means on the mean item embedding of every train history of
+    ``split`` (the default ``--represent items`` clustering of `segrec cluster`).
 
-    Evaluated users get the nearest centroid of their known history's vector (on the warm
-    track that is their own cluster). Used by `segrec eval`, where the population is not
-    clustered yet; it is the default ``--represent items`` clustering of `segrec cluster`.
+    For any split cut from it (validation, cold cuts), fit rows keep their user's label and
+    scored users get the centroid nearest their known history, so a label means the same
+    segment on every split, as a workspace's run labels do. Used by `segrec eval`, where the
+    population is not clustered yet; the clustering sees train histories only.
     """
+    fit_vectors = history_vectors(split.fit, item_vectors_for(split))
+    clustering = cluster_vectors(fit_vectors, k=min(k, fit_vectors.shape[0]), seed=seed)
+    label_of = dict(zip(split.fit_users, clustering.labels.astype(np.int64), strict=True))
 
-    def labels_for(split: Split) -> tuple[np.ndarray, np.ndarray]:
-        vectors = item_vectors_for(split)
-        fit_vectors = history_vectors(split.fit, vectors)
-        clustering = cluster_vectors(fit_vectors, k=min(k, fit_vectors.shape[0]), seed=seed)
-        user_labels, _ = assign(history_vectors(split.train, vectors), clustering.centroids)
-        return clustering.labels.astype(np.int64), user_labels
+    def labels_for(part: Split) -> tuple[np.ndarray, np.ndarray]:
+        fit = np.array([label_of.get(u, -1) for u in part.fit_users], dtype=np.int64)
+        known = history_vectors(part.train, item_vectors_for(part))
+        scored, _ = assign(known, clustering.centroids)
+        return fit, np.asarray(scored, dtype=np.int64)
 
     return labels_for
 
@@ -533,6 +567,12 @@ def tune_ranker(
     blend, trace = tune_blend(signals, validation)
     weights = {"long": blend.weights}
     results["long"] = _tuning_summary(trace, signals, len(validation.users))
+    segment_weights: dict[str, dict[str, dict[str, float]]] = {}
+    if labels_for is not None:
+        stage("tuning weights per segment (long histories)")
+        segment_weights["long"], results["segments_long"] = tune_segment_weights(
+            signals, validation, labels_for(validation)[1], blend.weights
+        )
     del signals
 
     stage("tuning weights (short histories)")
@@ -541,6 +581,12 @@ def tune_ranker(
     blend, trace = tune_blend(cold_signals, cold)
     weights["short"] = blend.weights
     results["short"] = _tuning_summary(trace, cold_signals, len(cold.users))
+    if labels_for is not None:
+        stage("tuning weights per segment (short histories)")
+        segment_weights["short"], results["segments_short"] = tune_segment_weights(
+            cold_signals, cold, labels_for(cold)[1], blend.weights
+        )
+    spec.segment_weights = {group: kept for group, kept in segment_weights.items() if kept}
     weights["chat"] = spec.weights["chat"]  # needs simulated chats: `segrec eval` tunes it
     spec.weights = weights
     spec.tuned = True
@@ -553,6 +599,58 @@ def tune_ranker(
         f"{', '.join(map(str, SHORT_CUTS))} items"
     )
     return spec
+
+
+def tune_segment_weights(
+    signals: Mapping[str, np.ndarray],
+    split: Split,
+    labels: np.ndarray,
+    global_weights: Mapping[str, float],
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, Any]]]:
+    """Per segment: weights tuned on that segment's validation users alone, shrunk towards
+    the global weights (a segment with n users keeps n / (n + `SEGMENT_SHRINK`) of its own),
+    and kept only where they beat the global weights on those users.
+
+    Returns the kept weights by label (as text) and, for every segment, its strategy:
+    users, NDCG@10 with the global and its own weights, the gain, and whether it was kept.
+    """
+    kept: dict[str, dict[str, float]] = {}
+    report: dict[str, dict[str, Any]] = {}
+    for label in np.unique(labels[labels >= 0]):
+        rows = np.flatnonzero(labels == label)
+        entry: dict[str, Any] = {"users": int(rows.size)}
+        report[str(int(label))] = entry
+        if rows.size < SEGMENT_MIN_USERS:
+            entry["strategy"] = f"global (fewer than {SEGMENT_MIN_USERS} validation users)"
+            continue
+        part = replace(
+            split,
+            users=[split.users[r] for r in rows],
+            train=split.train[rows],
+            test=[split.test[r] for r in rows],
+        )
+        own = {name: matrix[rows] for name, matrix in signals.items()}
+        tuned, _ = tune_blend(own, part)
+        share = rows.size / (rows.size + SEGMENT_SHRINK)
+        mixed = {
+            name: round(share * tuned.weights.get(name, 0.0) + (1 - share) * w_global, 4)
+            for name in sorted(set(tuned.weights) | set(global_weights))
+            for w_global in [global_weights.get(name, 0.0)]
+        }
+        mixed = {name: w for name, w in mixed.items() if w}
+        before = evaluate_scores(Blend(dict(global_weights)).combine(own), part)["ndcg@10"]
+        after = evaluate_scores(Blend(mixed).combine(own), part)["ndcg@10"]
+        entry |= {
+            "global_ndcg@10": round(before, 4),
+            "segment_ndcg@10": round(after, 4),
+            "gain": round(after - before, 4),
+        }
+        if after > before:
+            kept[str(int(label))] = mixed
+            entry |= {"strategy": "own weights", "weights": mixed}
+        else:
+            entry["strategy"] = "global (own weights did not beat them on validation)"
+    return kept, report
 
 
 def _tuning_summary(

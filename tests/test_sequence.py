@@ -3,6 +3,7 @@ and the leakage guard (no model sees a test interaction)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -177,16 +178,20 @@ def test_no_model_or_signal_sees_a_test_interaction() -> None:
         index = {item: i for i, item in enumerate(base.items)}
         return vectors[[index[i] for i in part.items]]
 
-    labels_for = kmeans_labels(vectors_for, 2, 0)
-    spec = tune_ranker(base, item_vectors_for=vectors_for, labels_for=labels_for)
-    assert (
-        spec.as_dict()
-        == tune_ranker(other, item_vectors_for=vectors_for, labels_for=labels_for).as_dict()
-    )
+    labels = {id(base): kmeans_labels(base, vectors_for, 2, 0)}
+    labels[id(other)] = kmeans_labels(other, vectors_for, 2, 0)
+    spec = tune_ranker(base, item_vectors_for=vectors_for, labels_for=labels[id(base)])
+    again = tune_ranker(other, item_vectors_for=vectors_for, labels_for=labels[id(other)])
+    assert spec.as_dict() == again.as_dict()
+    assert "transition" in spec.signals  # the order signal is among those checked
     for make in (lambda s: s, validation_split, lambda s: cold_split(s, 3)):
         a, b = make(base), make(other)
-        sa = split_signals(a, spec, SIGNALS, item_vectors=vectors_for(a), labels_for=labels_for)
-        sb = split_signals(b, spec, SIGNALS, item_vectors=vectors_for(b), labels_for=labels_for)
+        sa = split_signals(
+            a, spec, SIGNALS, item_vectors=vectors_for(a), labels_for=labels[id(base)]
+        )
+        sb = split_signals(
+            b, spec, SIGNALS, item_vectors=vectors_for(b), labels_for=labels[id(other)]
+        )
         for name in SIGNALS:
             np.testing.assert_array_equal(sa[name], sb[name], err_msg=name)
         als_a = ALS(factors=4, iterations=3).fit(a.fit).score(a.train)
@@ -238,3 +243,44 @@ def test_product_log_has_no_category_and_planted_chains(tmp_path: Path) -> None:
         seed=1,
     )
     assert again.log.read_bytes() == data.log.read_bytes()
+
+
+def test_per_segment_weights_are_never_worse_than_global_on_validation() -> None:
+    from segrec.evaluate import evaluate_scores
+    from segrec.ranker import SEGMENT_MIN_USERS, tune_segment_weights
+    from segrec.recommend import Blend
+
+    split = protocol_split(_log(240))
+    validation = validation_split(split)
+    names = ["pop", "itemknn", "transition", "ease"]
+    signals = split_signals(validation, _spec(), names, item_vectors=None)
+    labels = np.array([int(u[1:]) % 2 for u in validation.users])  # the planted tastes
+    labels[:5] = 2  # a segment too small to tune
+    global_weights = {"pop": 1.0}  # a deliberately poor global set: segments can beat it
+    kept, report = tune_segment_weights(signals, validation, labels, global_weights)
+    assert report["2"]["strategy"].startswith("global") and report["2"]["users"] < SEGMENT_MIN_USERS
+    assert kept, "no segment beat popularity alone"
+    for label, entry in report.items():
+        if "gain" not in entry:
+            continue
+        rows = np.flatnonzero(labels == int(label))
+        part = replace(
+            validation,
+            users=[validation.users[r] for r in rows],
+            train=validation.train[rows],
+            test=[validation.test[r] for r in rows],
+        )
+        own = {n: m[rows] for n, m in signals.items()}
+        base = evaluate_scores(Blend(global_weights).combine(own), part)["ndcg@10"]
+        used = kept.get(label, global_weights)
+        assert evaluate_scores(Blend(used).combine(own), part)["ndcg@10"] >= base
+        assert (label in kept) == (entry["gain"] > 0)
+    # The ranker applies a segment's weights to its members only, given their labels.
+    spec = _spec()
+    spec.weights["long"] = dict(global_weights)
+    spec.segment_weights = {"long": kept}
+    ranker = Ranker(spec, names=names)
+    label = next(iter(kept))
+    assert ranker.weights_for("long", int(label)) == kept[label]
+    assert ranker.weights_for("long", None) == global_weights
+    assert ranker.weights_for("short", int(label)) == spec.weights["short"]
