@@ -267,7 +267,13 @@ def run_eval(
             if use_llm:
                 user_llm = llm if llm is not None else make_llm(settings)
             result["tracks"]["chat"], chat_notes, spec = _chat_track(
-                ctx, spec, k, seed, user_llm, stage
+                ctx,
+                spec,
+                k,
+                seed,
+                user_llm,
+                stage,
+                lambda done, total: progress("chat", done, total),
             )
             result["ranker"] = spec.as_dict()
             notes += chat_notes
@@ -537,6 +543,7 @@ def _simulate_chats(
     simulators: dict[str, Callable[[list[Any]], Any]],
     checkpoints: Sequence[int],
     stage: Callable[[str], None],
+    progress: Callable[[int, int], None] = lambda *_: None,
 ) -> _ChatRun:
     """Run a chat for every evaluated user of ``base`` with each simulated user, recording
     the liked items, segment and draft vector after each checkpoint's answer.
@@ -593,6 +600,7 @@ def _simulate_chats(
     candidates = [n for n in SIGNALS if n != "ease" or spec.ease_lambda is not None]
     all_rows = np.arange(chat.fit.shape[0])
     folds = np.unique(chat.folds)
+    chatted = 0
     for fold in folds:
         members = np.flatnonzero(chat.folds == fold)
         fit_rows = np.setdiff1d(all_rows, members)
@@ -644,6 +652,8 @@ def _simulate_chats(
                     if vector is not None:
                         draft[key][row] = vector
                 run.llm_failures += getattr(sim, "failures", 0)
+            chatted += 1
+            progress(chatted, n_users)
     for key, rows in liked.items():
         indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
         indices = np.array([c for r in rows for c in r], dtype=np.int64)
@@ -740,6 +750,7 @@ def _chat_track(
     seed: int,
     user_llm: LLM | None,
     stage: Callable[[str], None],
+    progress: Callable[[int, int], None],
 ) -> tuple[dict[str, dict[str, float]], list[str], RankerSpec]:
     """PROTOCOL track 3: each evaluated user starts with no history and answers the chat's
     questions as a simulated user who knows only their train history (`segrec.simulate`);
@@ -753,7 +764,9 @@ def _chat_track(
     if user_llm is not None:
         params = generation_params(ctx.settings)
         simulators["llm"] = lambda history: LLMUser(history, user_llm, params, ctx.settings.domain)
-    run = _simulate_chats(ctx, ctx.evaluated, spec, k, seed, simulators, CHAT_CHECKPOINTS, stage)
+    run = _simulate_chats(
+        ctx, ctx.evaluated, spec, k, seed, simulators, CHAT_CHECKPOINTS, stage, progress
+    )
     chat = run.split
     assert chat.folds is not None
     popular = np.full((len(chat.users), 20), -1, dtype=np.int64)

@@ -653,6 +653,23 @@ def tune_segment_weights(
     return kept, report
 
 
+def segment_strategy(spec: RankerSpec | None, segment_id: int) -> dict[str, Any]:
+    """How the ranker treats one segment's members, per history group: its own weights or
+    the global ones, and the validation figures behind the choice (`tune_segment_weights`)."""
+    if spec is None or not spec.tuned:
+        return {"tuned": False}
+    out: dict[str, Any] = {"tuned": True}
+    for group in ("long", "short"):
+        entry = spec.validation.get(f"segments_{group}", {}).get(str(segment_id))
+        own = spec.segment_weights.get(group, {}).get(str(segment_id))
+        out[group] = {
+            "strategy": entry["strategy"] if entry else "global (segment not in the tuning)",
+            "weights": own if own is not None else spec.weights.get(group, {}),
+            **{k: v for k, v in (entry or {}).items() if k not in ("strategy", "weights")},
+        }
+    return out
+
+
 def _tuning_summary(
     trace: Sequence[Mapping[str, Any]], signals: Mapping[str, np.ndarray], users: int
 ) -> dict[str, Any]:
