@@ -65,6 +65,7 @@ EASE_MAX_ITEMS = 20_000
 LARGE_NEIGHBOURS = 200
 SHORT_HISTORY = 5
 SHORT_CUTS = (2, 3, 4)  # the short-history weights are tuned on these history lengths
+SHORT_FOLDS = 2  # tuning's cold cuts: each fit leaves out half the tuning sample, not a fifth
 MIN_TUNING_USERS = 20
 # Weights are tuned on a seeded sample of at most this many validation users: thousands
 # already pin the weights down, and tuning time and memory grow with users × catalogue.
@@ -576,7 +577,7 @@ def tune_ranker(
     del signals
 
     stage("tuning weights (short histories)")
-    cold = stacked_cold_split(validation, SHORT_CUTS, seed=seed)
+    cold = stacked_cold_split(validation, SHORT_CUTS, folds=SHORT_FOLDS, seed=seed)
     cold_signals = split_signals(cold, spec, available, item_vectors=vectors, labels_for=labels_for)
     blend, trace = tune_blend(cold_signals, cold)
     weights["short"] = blend.weights

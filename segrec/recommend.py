@@ -20,7 +20,7 @@ from segrec.evaluate import Split, evaluate_scores, ranking_metrics, top_k, vali
 
 EASE_LAMBDAS = (50.0, 100.0, 200.0, 500.0)
 BLEND_GRID = (0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0)
-TUNE_CANDIDATES = 200  # per signal and user, see `tune_blend`
+TUNE_CANDIDATES = 50  # per signal and user, see `tune_blend`
 
 T = TypeVar("T")
 
@@ -436,7 +436,10 @@ def _candidate_view(
     """Per-user z-scored signals restricted to each signal's best unseen items.
 
     Returns the standardised signals at those columns (users × width), the column indices
-    (sorted per row, so ties still go to the lower column) and a mask of padding cells.
+    (sorted per row, so ties still go to the lower column) and a mask of padding cells. A
+    per-row z-score is increasing, so each signal's best items are picked on its raw
+    scores, and only the picked cells are standardised (with their whole row's mean and
+    spread, as `standardise` would).
     """
     names = sorted(signals)
     n_users, n_items = np.shape(signals[names[0]])
@@ -447,13 +450,19 @@ def _candidate_view(
     else:
         keep = np.zeros((n_users, n_items), dtype=bool)
         for name in names:
-            top = top_k(standardise(signals[name]), max(candidates, 20), seen)
+            top = top_k(signals[name], max(candidates, 20), seen)
             keep[np.arange(n_users)[:, None], np.maximum(top, 0)] |= top >= 0
     keep[seen_rows, seen.indices] = False
     width = max(int(keep.sum(axis=1).max(initial=0)), 1)
     order = np.argsort(~keep, axis=1, kind="stable")[:, :width]
     padding = ~np.take_along_axis(keep, order, axis=1)
-    out = {name: np.take_along_axis(standardise(signals[name]), order, axis=1) for name in names}
+    out = {}
+    for name in names:
+        raw = np.asarray(signals[name])
+        mean = raw.mean(axis=1, keepdims=True, dtype=np.float64)
+        spread = raw.std(axis=1, keepdims=True, dtype=np.float64)
+        picked = np.take_along_axis(raw, order, axis=1).astype(np.float64) - mean
+        out[name] = np.divide(picked, spread, out=np.zeros_like(picked), where=spread > 0)
     return out, order, padding
 
 
