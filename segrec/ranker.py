@@ -15,6 +15,9 @@ Signals (each a users × items score matrix; see `segrec.recommend` for the mode
   Transitions`, fit on every train history in time order). Scoring reads the users' event
   times when given; without them (a caller that keeps no order) every known item counts
   as if it were the latest.
+* ``recent_pop`` — popularity in a window of time ending at the user's latest known event
+  (`segrec.recommend.RecentPopularity`; log-scaled like ``pop``). Without times: the
+  latest window of the data.
 
 The blend z-scores each signal over each user's row and adds them with weights (see
 `segrec.recommend.Blend`). Two weight sets are tuned: ``long`` for users with more than
@@ -52,6 +55,7 @@ from segrec.recommend import (
     EASE_LAMBDAS,
     Blend,
     ItemKNN,
+    RecentPopularity,
     SegmentPopularity,
     Transitions,
     cosine_scores,
@@ -60,7 +64,15 @@ from segrec.recommend import (
     tune_blend,
 )
 
-SIGNALS: tuple[str, ...] = ("ease", "itemknn", "cosine", "segment_pop", "pop", "transition")
+SIGNALS: tuple[str, ...] = (
+    "ease",
+    "itemknn",
+    "cosine",
+    "segment_pop",
+    "pop",
+    "transition",
+    "recent_pop",
+)
 EASE_MAX_ITEMS = 20_000
 LARGE_NEIGHBOURS = 200
 SHORT_HISTORY = 5
@@ -201,6 +213,7 @@ class Ranker:
         self.counts: np.ndarray | None = None
         self.segments: SegmentPopularity | None = None
         self.transitions: Transitions | None = None
+        self.recent: RecentPopularity | None = None
 
     def fit(
         self,
@@ -213,10 +226,13 @@ class Ranker:
         ``times`` (same sparsity: when each pair happened) orders histories for
         ``transition``."""
         X = sp.csr_matrix(X, dtype=np.float32)
+        timed = [name for name in ("transition", "recent_pop") if name in self.names]
+        if timed and times is None:
+            raise ConfigError(f"ranker: the {timed[0]} signal needs the event times")
         if "transition" in self.names:
-            if times is None:
-                raise ConfigError("ranker: the transition signal needs the event times")
             self.transitions = Transitions().fit(times)
+        if "recent_pop" in self.names:
+            self.recent = RecentPopularity().fit(times)
         if self.item_vectors is not None and self.item_vectors.shape[0] != X.shape[1]:
             raise ValueError(
                 f"{self.item_vectors.shape[0]} item vectors for {X.shape[1]} catalogue items"
@@ -264,6 +280,11 @@ class Ranker:
                 "next_indptr": T.indptr,
                 "next_popularity": np.asarray(self.transitions.popularity),
             }
+        if self.recent is not None and self.recent.edges is not None:
+            out |= {
+                "recent_edges": self.recent.edges,
+                "recent_cumulative": np.asarray(self.recent.cumulative),
+            }
         return out
 
     @classmethod
@@ -302,6 +323,10 @@ class Ranker:
                 (arrays["next_data"], arrays["next_indices"], arrays["next_indptr"]), shape=(n, n)
             )
             ranker.transitions.popularity = np.asarray(arrays["next_popularity"])
+        if "recent_pop" in ranker.names:
+            ranker.recent = RecentPopularity()
+            ranker.recent.edges = np.asarray(arrays["recent_edges"])
+            ranker.recent.cumulative = np.asarray(arrays["recent_cumulative"])
         return ranker
 
     def signals(
@@ -343,6 +368,9 @@ class Ranker:
             elif name == "transition":
                 assert self.transitions is not None
                 out[name] = self.transitions.score(X_users if times is None else times)
+            elif name == "recent_pop":
+                assert self.recent is not None
+                out[name] = np.log1p(self.recent.score(times, X_users.shape[0]))
         return out
 
     def groups(self, X_users: sp.csr_matrix) -> np.ndarray:

@@ -189,6 +189,53 @@ class Transitions:
         return scores + 1e-6 * _fitted(self.popularity, self)[None, :]
 
 
+class RecentPopularity:
+    """Popularity in a time window ending at the user's latest known event: what others
+    took up around the time this user was last active.
+
+    Fit events are cut into ``bins`` bins of equal event counts by time; a user is scored
+    with the counts of the ``window`` last bins that end before their latest event (whole
+    bins only, so nothing after that event is ever counted). A user with no known time
+    (a new user in a chat) is scored with the last ``window`` bins of the data: now.
+    """
+
+    name = "recent_pop"
+
+    def __init__(self, window: int = 8, bins: int = 256) -> None:
+        if not 1 <= window <= bins:
+            raise ValueError(f"window must be between 1 and bins ({bins}), got {window}")
+        self.window, self.bins = window, bins
+        self.edges: np.ndarray | None = None
+        self.cumulative: np.ndarray | None = None
+
+    def fit(self, times: sp.csr_matrix) -> Self:
+        times = sp.csr_matrix(times)
+        stamps = times.data.astype(np.float64)
+        if stamps.size == 0:
+            edges = np.zeros(2)
+        else:
+            edges = np.unique(np.quantile(stamps, np.linspace(0.0, 1.0, self.bins + 1)))
+            edges[-1] = np.nextafter(edges[-1], np.inf)  # the last bin holds the latest event
+        which = np.clip(np.searchsorted(edges, stamps, side="right") - 1, 0, len(edges) - 2)
+        counts = np.zeros((len(edges) - 1, times.shape[1]), dtype=np.float32)
+        np.add.at(counts, (which, times.indices), 1.0)
+        self.edges = edges
+        self.cumulative = np.vstack([np.zeros((1, times.shape[1]), np.float32), counts.cumsum(0)])
+        return self
+
+    def score(self, times_users: sp.csr_matrix | None, n_users: int) -> np.ndarray:
+        """Window counts per user; ``times_users`` None (or an empty row): the latest window."""
+        edges, cumulative = _fitted(self.edges, self), _fitted(self.cumulative, self)
+        latest = np.full(n_users, np.inf)
+        if times_users is not None:
+            times_users = sp.csr_matrix(times_users)
+            known = np.diff(times_users.indptr) > 0
+            latest[known] = times_users.max(axis=1).toarray().ravel()[known]
+        complete = np.searchsorted(edges[1:], latest, side="right")  # bins ending at or before
+        start = np.maximum(complete - self.window, 0)
+        return cumulative[complete] - cumulative[start]
+
+
 class ALS:
     """Matrix factorisation for implicit feedback (Hu, Koren & Volinsky 2008), from the
     `implicit` package: the peer most users would try first.

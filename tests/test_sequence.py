@@ -20,7 +20,7 @@ from segrec.evaluate import (
     validation_split,
 )
 from segrec.ranker import SIGNALS, Ranker, kmeans_labels, split_signals, tune_ranker
-from segrec.recommend import ALS, Transitions, recency_weights, tune_blend
+from segrec.recommend import ALS, RecentPopularity, Transitions, recency_weights, tune_blend
 from segrec.synthetic import write_synthetic_log
 
 
@@ -284,3 +284,17 @@ def test_per_segment_weights_are_never_worse_than_global_on_validation() -> None
     assert ranker.weights_for("long", int(label)) == kept[label]
     assert ranker.weights_for("long", None) == global_weights
     assert ranker.weights_for("short", int(label)) == spec.weights["short"]
+
+
+def test_recent_popularity_by_hand_counts_only_whole_bins_before_the_users_latest_event() -> None:
+    # Events: item 0 at t=1, item 1 at t=2 and t=3 (two users), item 2 at t=10.
+    times = sp.csr_matrix(([1.0, 2.0, 3.0, 10.0], ([0, 0, 1, 1], [0, 1, 1, 2])), shape=(2, 3))
+    # 4 bins of one event each: [1, 1.75) [1.75, 2.5) [2.5, 4.75) [4.75, 10].
+    one = RecentPopularity(window=1, bins=4).fit(times)
+    users = sp.csr_matrix(([3.0, 10.0], ([0, 1], [0, 0])), shape=(2, 3))  # latest: 3 and 10
+    # At t=3 the bin holding t=3 is not whole yet: only the t=2 event counts.
+    np.testing.assert_array_equal(one.score(users, 2), [[0, 1, 0], [0, 1, 0]])
+    two = RecentPopularity(window=2, bins=4).fit(times)
+    np.testing.assert_array_equal(two.score(users, 2)[0], [1, 1, 0])
+    # No known time (a new user): the data's latest window.
+    np.testing.assert_array_equal(one.score(None, 1), [[0, 0, 1]])
