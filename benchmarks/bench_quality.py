@@ -246,6 +246,11 @@ def main() -> None:
     parser.add_argument(
         "--reuse", action="store_true", help="rewrite quality.md from the recorded JSON only"
     )
+    parser.add_argument(
+        "--only",
+        choices=("movielens", "product"),
+        help="rerun one dataset; the other's figures come from its recorded JSON",
+    )
     args = parser.parse_args()
     ratings = os.path.relpath(DATA / "ratings.csv", ROOT)
     movies = os.path.relpath(DATA / "movies.csv", ROOT)
@@ -264,10 +269,11 @@ def main() -> None:
             workspace,
         ],
         RESULTS / "quality-all-users.json",
-        reuse=args.reuse,
+        reuse=args.reuse or args.only == "product",
     )
     product = WORKSPACE / "product-10k"
-    if not args.reuse:
+    reuse_product = args.reuse or args.only == "movielens"
+    if not reuse_product:
         from segrec.synthetic import write_synthetic_log
 
         write_synthetic_log(product, **PRODUCT)
@@ -277,12 +283,12 @@ def main() -> None:
         run(
             [log, "--items", catalogue, "--no-llm", "-w", workspace],
             RESULTS / "quality-product.json",
-            reuse=args.reuse,
+            reuse=reuse_product,
         ),
         run(
             [log, "--items", catalogue, "--tracks", "chat", "--no-llm", "-w", workspace],
             RESULTS / "quality-product-chat.json",
-            reuse=args.reuse,
+            reuse=reuse_product,
         ),
     ]
     out = ROOT / "benchmarks" / "quality.md"

@@ -544,13 +544,14 @@ def _simulate_chats(
     checkpoints: Sequence[int],
     stage: Callable[[str], None],
     progress: Callable[[int, int], None] = lambda *_: None,
+    folds: int = 5,
 ) -> _ChatRun:
     """Run a chat for every evaluated user of ``base`` with each simulated user, recording
     the liked items, segment and draft vector after each checkpoint's answer.
 
     Segments come from k-means on every user's mean item embedding in ``base``'s fit (what
-    `segrec cluster` does by default); rankers are fit in 5 folds of users, never on the
-    chatting user's history. Questions use the template wording: the choices, which alone
+    `segrec cluster` does by default); rankers are fit in ``folds`` folds of users (2 when
+    tuning), never on the chatting user's history. Questions use the template wording: the choices, which alone
     matter to the ranking, are the same with or without the LLM.
     """
     from segrec.chat import ChatContext, ChatSession, SegmentCandidate
@@ -558,7 +559,7 @@ def _simulate_chats(
     from segrec.segments import Histories, assign_users, segment_facts
     from segrec.serving import Served
 
-    chat = cold_split(base, 0, seed=seed)
+    chat = cold_split(base, 0, folds=folds, seed=seed)
     assert chat.folds is not None
     vectors = ctx.vectors_for(chat)
     items = ctx.dataset.items.set_index("item_id").loc[chat.items].reset_index()
@@ -702,7 +703,7 @@ def _tune_chat_weights(
 
     validation = subsample(validation_split(ctx.split), TUNE_USERS, seed=seed)
     run = _simulate_chats(
-        ctx, validation, spec, k, seed, {"rule": RuleBasedUser}, CHAT_TUNE_AT, stage
+        ctx, validation, spec, k, seed, {"rule": RuleBasedUser}, CHAT_TUNE_AT, stage, folds=2
     )
     names = [n for n in SIGNALS if n != "ease" or spec.ease_lambda is not None]
     # Chat weights serve users who named or picked an item (the others get the short-history
