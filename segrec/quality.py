@@ -551,8 +551,8 @@ def _simulate_chats(
 
     Segments come from k-means on every user's mean item embedding in ``base``'s fit (what
     `segrec cluster` does by default); rankers are fit in ``folds`` folds of users (2 when
-    tuning), never on the chatting user's history. Questions use the template wording: the choices, which alone
-    matter to the ranking, are the same with or without the LLM.
+    tuning), never on the chatting user's history. Questions use the template wording: the
+    choices, which alone matter to the ranking, are the same with or without the LLM.
     """
     from segrec.chat import ChatContext, ChatSession, SegmentCandidate
     from segrec.ranker import history_vectors
