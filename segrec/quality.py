@@ -66,7 +66,7 @@ from segrec.ranker import (
     kmeans_labels,
     tune_ranker,
 )
-from segrec.recommend import ALS, MostPop, cosine_scores, tune_als
+from segrec.recommend import ALS, MostPop, cosine_scores, reuse_ease_fits, tune_als
 from segrec.store import Store
 from segrec.templates import load_prompt
 
@@ -236,49 +236,52 @@ def run_eval(
                 on_stage=stage,
             )
             result["ranker"] = spec.as_dict()
-        peers: dict[str, Any] = {}
-        if "warm" in tracks or "cold" in tracks:
-            stage("tuning ALS on validation")
-            peers = _tune_peers(split, seed)
-            result["peers"] = peers
-        for track, part in (("warm", evaluated), ("cold", cold)):
-            if part is None or track not in tracks:
-                continue
-            assert spec is not None
-            stage(f"{track} track")
-            result["tracks"][track] = _ranking_track(
-                ctx,
-                part,
-                spec,
-                labels_for,
-                profiles,
-                track,
-                peers["als"],
-                lambda done, total, track=track: progress(track, done, total),
-            )
+        # The chat track runs first: the cold track's folds are its folds, so the cold
+        # track reuses its EASE fits.
+        with reuse_ease_fits():
+            if "chat" in tracks:
+                stage("chat track (simulated users)")
+                user_llm = None
+                if use_llm:
+                    user_llm = llm if llm is not None else make_llm(settings)
+                result["tracks"]["chat"], chat_notes, spec = _chat_track(
+                    ctx,
+                    spec,
+                    k,
+                    seed,
+                    user_llm,
+                    stage,
+                    lambda done, total: progress("chat", done, total),
+                )
+                result["ranker"] = spec.as_dict()
+                notes += chat_notes
+                if user_llm is None:
+                    notes.append("--no-llm: the chat track ran the rule-based simulated user only")
+            peers: dict[str, Any] = {}
+            if "warm" in tracks or "cold" in tracks:
+                stage("tuning ALS on validation")
+                peers = _tune_peers(split, seed)
+                result["peers"] = peers
+            for track, part in (("warm", evaluated), ("cold", cold)):
+                if part is None or track not in tracks:
+                    continue
+                assert spec is not None
+                stage(f"{track} track")
+                result["tracks"][track] = _ranking_track(
+                    ctx,
+                    part,
+                    spec,
+                    labels_for,
+                    profiles,
+                    track,
+                    peers["als"],
+                    lambda done, total, track=track: progress(track, done, total),
+                )
         if "segments" in tracks:
             stage("segments track")
             result["tracks"]["segments"] = _segments_track(ctx, profiles, k, seed)
         if "grounding" in tracks and "llm" in profiles:
             result["tracks"]["grounding"] = _grounding_track(ctx, store)
-        if "chat" in tracks:
-            stage("chat track (simulated users)")
-            user_llm = None
-            if use_llm:
-                user_llm = llm if llm is not None else make_llm(settings)
-            result["tracks"]["chat"], chat_notes, spec = _chat_track(
-                ctx,
-                spec,
-                k,
-                seed,
-                user_llm,
-                stage,
-                lambda done, total: progress("chat", done, total),
-            )
-            result["ranker"] = spec.as_dict()
-            notes += chat_notes
-            if user_llm is None:
-                notes.append("--no-llm: the chat track ran the rule-based simulated user only")
     if text is not None:
         result["tracks"]["text"] = text
         notes.append(f"text track: a seeded sample of {text['users']} users")

@@ -298,3 +298,17 @@ def test_recent_popularity_by_hand_counts_only_whole_bins_before_the_users_lates
     np.testing.assert_array_equal(two.score(users, 2)[0], [1, 1, 0])
     # No known time (a new user): the data's latest window.
     np.testing.assert_array_equal(one.score(None, 1), [[0, 0, 1]])
+
+
+def test_ease_fits_are_reused_only_inside_reuse_ease_fits() -> None:
+    from segrec.recommend import EASE, reuse_ease_fits
+
+    X = sp.csr_matrix((np.random.default_rng(0).random((20, 8)) < 0.4).astype(np.float32))
+    with reuse_ease_fits():
+        first, again = EASE(10.0).fit(X), EASE(10.0).fit(X)
+        assert again.B is first.B
+        assert EASE(20.0).fit(X).B is not first.B  # another λ is another fit
+        assert EASE(10.0).fit(X[:10]).B is not first.B  # another matrix too
+    outside = EASE(10.0).fit(X)
+    assert outside.B is not first.B
+    np.testing.assert_array_equal(outside.B, first.B)
