@@ -8,7 +8,8 @@ Runs, each recorded with its exact command:
 2. a product-style log written by `segrec.synthetic.write_synthetic_log(product=True)`:
    10,000 users, 5,000 items, implicit feedback, long titles, no category column, planted
    segments and item chains; `segrec eval --no-llm` with the default tracks (the "eval that
-   scales" figure: wall and CPU seconds, load average beside them), then the chat track;
+   scales" figure: wall and CPU seconds, load average beside them), and with
+   ``--product-chat`` the chat track;
 3. with ``--sample N``: a seeded sample of N users with every method, LLM profiles included
    (slow on a CPU). Without it, the sample, ablation and text sections already in
    quality.md are kept as they are (they say their own date).
@@ -247,6 +248,11 @@ def main() -> None:
         "--reuse", action="store_true", help="rewrite quality.md from the recorded JSON only"
     )
     parser.add_argument(
+        "--product-chat",
+        action="store_true",
+        help="also run the chat track on the product log (10,000 simulated chats: slow)",
+    )
+    parser.add_argument(
         "--only",
         choices=("movielens", "product"),
         help="rerun one dataset; the other's figures come from its recorded JSON",
@@ -285,12 +291,15 @@ def main() -> None:
             RESULTS / "quality-product.json",
             reuse=reuse_product,
         ),
-        run(
-            [log, "--items", catalogue, "--tracks", "chat", "--no-llm", "-w", workspace],
-            RESULTS / "quality-product-chat.json",
-            reuse=reuse_product,
-        ),
     ]
+    if args.product_chat:
+        product_runs.append(
+            run(
+                [log, "--items", catalogue, "--tracks", "chat", "--no-llm", "-w", workspace],
+                RESULTS / "quality-product-chat.json",
+                reuse=reuse_product,
+            )
+        )
     out = ROOT / "benchmarks" / "quality.md"
     # The sample, ablation and text sections follow the ranking sections; keep them.
     _, _, rest = out.read_text().partition("\n## Sample of")
@@ -343,7 +352,13 @@ def main() -> None:
     print(text)
 
 
-PRODUCT = {"n_users": 10_000, "n_events": 300_000, "n_items": 5_000, "seed": 0}
+PRODUCT: dict[str, Any] = {
+    "n_users": 10_000,
+    "n_events": 300_000,
+    "n_items": 5_000,
+    "seed": 0,
+    "product": True,
+}
 
 
 def sample_section(command: str, sample: dict[str, Any]) -> list[str]:
