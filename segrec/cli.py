@@ -623,6 +623,28 @@ def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
 
 
+def _segment_strategy(settings: Settings, run_id: int, segment_id: int) -> dict[str, Any]:
+    """The ranker's strategy for a segment, from the spec tuned for this data and run."""
+    from segrec.ranker import RankerSpec, segment_strategy
+    from segrec.store import Store
+
+    with Store.open(settings.workspace) as store:
+        stored = store.ranker_spec(store.data_version(), run_id)
+    return segment_strategy(RankerSpec.from_dict(stored) if stored else None, segment_id)
+
+
+def _strategy_lines(strategy: dict[str, Any]) -> list[str]:
+    if not strategy["tuned"]:
+        return ["ranker strategy: not tuned for this run yet (`segrec recommend` tunes it)"]
+    lines = []
+    for group in ("long", "short"):
+        entry = strategy[group]
+        gain = f", validation NDCG@10 gain {entry['gain']:+.4f}" if "gain" in entry else ""
+        weights = " ".join(f"{k} {v:g}" for k, v in entry["weights"].items())
+        lines.append(f"ranker, {group} histories: {entry['strategy']}{gain} · {weights}")
+    return lines
+
+
 segments_app = typer.Typer(help="The segments of the active clustering run.", no_args_is_help=False)
 app.add_typer(segments_app, name="segments")
 
@@ -680,6 +702,7 @@ def segments_show(
     with _counting_llm_calls() as calls, err.status("loading the segment", spinner="dots"):
         run, seg, notes = pipeline.show_segment(settings, segment_id)
     data = segment_json(run, seg)
+    data["strategy"] = _segment_strategy(settings, run.id, seg.segment_id)
     for note in notes:
         err.print(f"note: {note}", markup=False)
     if as_json:
@@ -702,6 +725,7 @@ def segments_show(
         "top items: " + ", ".join(f"{i['title']} ×{i['lift']:.2f}" for i in seg.facts["top_items"])
         or "—"
     )
+    lines += _strategy_lines(data["strategy"])
     lines.append("members nearest the centroid:")
     lines += [f"  {m['user_id']}: {m['summary']}" for m in seg.facts["nearest"]]
     if seg.fallback:
@@ -1232,7 +1256,24 @@ def eval_(
     item_columns = ItemColumns(
         item_id_col, title_col, description_col, tuple(category_col) if category_col else None
     )
-    with err.status("evaluating", spinner="dots") as status:
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        disable=not err.is_terminal,
+    )
+    bars: dict[str, Any] = {}
+
+    def track_progress(track: str, done: int, total: int) -> None:
+        if track not in bars:
+            bars[track] = progress.add_task(f"{track} track: users scored", total=total)
+        progress.update(bars[track], completed=done)
+
+    with progress:
+        status = progress.add_task("evaluating", total=None)
         result = quality.run_eval(
             settings,
             ratings,
@@ -1244,11 +1285,14 @@ def eval_(
             use_llm=not no_llm,
             log_columns=log_columns,
             item_columns=item_columns,
-            on_stage=lambda stage: status.update(stage),
-            on_profiles=lambda stats: status.update(
-                f"profiling with the LLM: {stats.done}/{stats.users} (cached {stats.cached})"
+            on_stage=lambda stage: progress.update(status, description=stage),
+            on_profiles=lambda stats: progress.update(
+                status,
+                description=f"profiling with the LLM: {stats.done}/{stats.users} "
+                f"(cached {stats.cached})",
             ),
             show_samples=show_samples,
+            on_progress=track_progress,
         )
     if json_out is not None:
         tmp = json_out.with_name(f".{json_out.name}.tmp")
@@ -1286,6 +1330,25 @@ def _print_eval(result: dict[str, Any]) -> None:
                 _fmt(m["stability_ari"]),
                 _fmt(m["silhouette"]),
                 str(m["sizes"]),
+            )
+        out.print(table)
+    validation = result.get("ranker", {}).get("validation", {})
+    for group in ("long", "short"):
+        strategies = validation.get(f"segments_{group}")
+        if not strategies:
+            continue
+        table = Table(title=f"per-segment strategies, {group} histories (validation)")
+        for column in ("segment", "users", "strategy", "global NDCG@10", "own", "gain"):
+            table.add_column(column)
+        for label, entry in strategies.items():
+            table.add_row(
+                label,
+                str(entry["users"]),
+                entry["strategy"],
+                *(
+                    f"{entry[key]:.4f}" if key in entry else "—"
+                    for key in ("global_ndcg@10", "segment_ndcg@10", "gain")
+                ),
             )
         out.print(table)
     grounding = result["tracks"].get("grounding")

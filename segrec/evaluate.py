@@ -22,7 +22,7 @@ by 0.0004.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,6 +69,12 @@ class Split:
     """Human-readable facts about how the split was made (for reports)."""
     fit_users: list[str] = field(default_factory=list)
     """The user of each row of ``fit`` (evaluated users first, in ``users`` order)."""
+    fit_time: sp.csr_matrix | None = None
+    """Same sparsity as ``fit``: when each pair first occurred (protocol time: the timestamp,
+    or the line for a user without timestamps; shifted so the earliest event is 1). What
+    order- and time-aware models read; it holds train events only, like ``fit``."""
+    train_time: sp.csr_matrix | None = None
+    """Same for ``train``: the known history's times (its last one is "now" for the user)."""
 
     @property
     def n_users(self) -> int:
@@ -98,6 +104,7 @@ def protocol_split(interactions: pd.DataFrame, *, test_frac: float = 0.2) -> Spl
 
     train = ordered.loc[~is_test]
     test = ordered.loc[is_test]
+    shift = int(train["time"].min()) - 1 if len(train) else 0
     n_candidates = test["user_id"].nunique()
 
     items = sorted(pd.unique(train["item_id"]))
@@ -116,6 +123,7 @@ def protocol_split(interactions: pd.DataFrame, *, test_frac: float = 0.2) -> Spl
     others = [u for u in pd.unique(train["user_id"]) if u not in evaluated]
     user_index = pd.Index(users + others)
     fit = _binary_matrix(train, user_index, item_index)
+    fit_time = _time_matrix(train, user_index, item_index, shift)
 
     notes = [
         f"{len(frame)} interactions, {frame['user_id'].nunique()} users; "
@@ -137,6 +145,8 @@ def protocol_split(interactions: pd.DataFrame, *, test_frac: float = 0.2) -> Spl
         track="warm",
         notes=notes,
         fit_users=list(user_index),
+        fit_time=fit_time,
+        train_time=fit_time[: len(users)],
     )
 
 
@@ -172,6 +182,7 @@ def cold_split(split: Split, known: int = 3, *, folds: int = 5, seed: int = 0) -
     history = split.train_frames.loc[split.train_frames["user_id"].isin(user_index)]
     history = history.drop_duplicates(["user_id", "item_id"])
     history = history.groupby("user_id", sort=False).head(known).reset_index(drop=True)
+    shift = int(split.train_frames["time"].min()) - 1 if len(split.train_frames) else 0
     return Split(
         users=list(split.users),
         items=list(split.items),
@@ -189,6 +200,8 @@ def cold_split(split: Split, known: int = 3, *, folds: int = 5, seed: int = 0) -
             f"{folds} folds of users (seed {seed}), never on the scored user's train",
         ],
         fit_users=list(split.fit_users),
+        fit_time=split.fit_time,
+        train_time=_time_matrix(history, user_index, pd.Index(split.items), shift),
     )
 
 
@@ -218,24 +231,32 @@ def stacked_cold_split(
         folds=np.concatenate([cut.folds for cut in cuts if cut.folds is not None]),
         notes=[*split.notes, f"cold cuts of {', '.join(map(str, knowns))} items stacked"],
         fit_users=list(first.fit_users),
+        fit_time=first.fit_time,
+        train_time=sp.csr_matrix(sp.vstack([cut.train_time for cut in cuts])),
     )
+
+
+def fold_rows(split: Split) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(rows of ``fit`` to fit on, evaluated users to score) pairs: one pair with every row
+    on the warm and validation tracks, one per fold on the cold track (each fold's users
+    left out of its fit)."""
+    fit_rows = np.arange(split.fit.shape[0])
+    user_rows = np.arange(len(split.users))
+    if split.folds is None or not split.users:
+        yield fit_rows, user_rows
+        return
+    for fold in np.unique(split.folds):
+        members = np.flatnonzero(split.folds == fold)
+        yield np.setdiff1d(fit_rows, members), members
 
 
 def fold_scores(split: Split, score: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
     """Scores for every evaluated user from models that never saw that user's hidden history.
 
     ``score(fit_rows, user_rows)`` fits on ``split.fit[fit_rows]`` and returns scores for
-    ``split.train[user_rows]``. Warm and validation tracks call it once with every row; the
-    cold track once per fold, leaving that fold's users out of the fit.
+    ``split.train[user_rows]`` (see `fold_rows`).
     """
-    fit_rows = np.arange(split.fit.shape[0])
-    user_rows = np.arange(len(split.users))
-    if split.folds is None or not split.users:
-        return np.asarray(score(fit_rows, user_rows))
-    parts = []
-    for fold in np.unique(split.folds):
-        members = np.flatnonzero(split.folds == fold)
-        parts.append((members, np.asarray(score(np.setdiff1d(fit_rows, members), members))))
+    parts = [(users, np.asarray(score(fit, users))) for fit, users in fold_rows(split)]
     first = parts[0][1]
     scores = np.empty((len(split.users), first.shape[1]), dtype=first.dtype)
     for members, part in parts:
@@ -251,6 +272,7 @@ def subsample(split: Split, n: int, *, seed: int) -> Split:
         return split
     rows = np.sort(np.random.default_rng(seed).choice(len(split.users), size=n, replace=False))
     rest = np.setdiff1d(np.arange(split.fit.shape[0]), rows)
+    order = np.concatenate([rows, rest])
     users = [split.users[r] for r in rows]
     chosen = pd.Index(users)
     return Split(
@@ -260,14 +282,14 @@ def subsample(split: Split, n: int, *, seed: int) -> Split:
         test=[split.test[r] for r in rows],
         train_frames=split.train_frames,
         test_frames=split.test_frames.loc[split.test_frames["user_id"].isin(chosen)],
-        fit=sp.csr_matrix(split.fit[np.concatenate([rows, rest])]),
+        fit=sp.csr_matrix(split.fit[order]),
         test_frac=split.test_frac,
         track=split.track,
         folds=None if split.folds is None else split.folds[rows],
         notes=[*split.notes, f"random sample of {n} of {len(split.users)} users, seed {seed}"],
-        fit_users=[split.fit_users[i] for i in np.concatenate([rows, rest])]
-        if split.fit_users
-        else [],
+        fit_users=[split.fit_users[i] for i in order] if split.fit_users else [],
+        fit_time=None if split.fit_time is None else sp.csr_matrix(split.fit_time[order]),
+        train_time=None if split.train_time is None else split.train_time[rows],
     )
 
 
@@ -332,13 +354,14 @@ def per_user_metrics(
             f"({len(split.users)}, {len(split.items)})"
         )
     ranked = top_k(scores, 20, split.train if exclude_train else None)
-    return _metrics_from_ranking(ranked, split.test, len(split.items))
+    return ranking_metrics(ranked, split.test, len(split.items))
 
 
-def _metrics_from_ranking(
+def ranking_metrics(
     ranked: np.ndarray, test: Sequence[np.ndarray], n_items: int
 ) -> dict[str, np.ndarray]:
-    """Vectorised NDCG@10 / Recall@20: membership of (user, item) keys in the test pairs."""
+    """Per-user NDCG@10 / Recall@20 of top-20 column rankings (-1 pads), vectorised:
+    membership of (user, item) keys in the test pairs."""
     n_users, depth = ranked.shape
     sizes = np.array([t.size for t in test], dtype=np.int64)
     test_rows = np.repeat(np.arange(n_users, dtype=np.int64), sizes)
@@ -464,7 +487,7 @@ def _protocol_order(frame: pd.DataFrame) -> pd.DataFrame:
         }
     )
     order = keys.sort_values(["u", "t", "i", "line"], kind="stable").index.to_numpy()
-    return frame.iloc[order].reset_index(drop=True)
+    return frame.assign(time=time_key).iloc[order].reset_index(drop=True)
 
 
 def _item_sort_key(item_ids: pd.Series) -> np.ndarray:
@@ -486,6 +509,31 @@ def _binary_matrix(frame: pd.DataFrame, users: pd.Index, items: pd.Index) -> sp.
     )
     matrix.sum_duplicates()
     matrix.data[:] = 1.0
+    matrix.sort_indices()
+    return matrix
+
+
+def event_times(
+    interactions: pd.DataFrame, users: Sequence[str], items: Sequence[str]
+) -> sp.csr_matrix:
+    """When each (user, item) pair first happened, on the protocol's clock (see `Split.
+    fit_time`), as a ``len(users) × len(items)`` matrix: what order-aware models fit on
+    outside an evaluation (the serving ranker)."""
+    frame = _protocol_order(_normalise(interactions))
+    shift = int(frame["time"].min()) - 1
+    return _time_matrix(frame, pd.Index(users), pd.Index(items), shift)
+
+
+def _time_matrix(
+    frame: pd.DataFrame, users: pd.Index, items: pd.Index, shift: int
+) -> sp.csr_matrix:
+    """Float64 user × item matrix of each pair's first protocol time minus ``shift`` (> 0)."""
+    first = frame.drop_duplicates(["user_id", "item_id"])
+    rows = users.get_indexer(first["user_id"])
+    cols = items.get_indexer(first["item_id"])
+    ok = (rows >= 0) & (cols >= 0)
+    times = first["time"].to_numpy(dtype=np.float64)[ok] - shift
+    matrix = sp.csr_matrix((times, (rows[ok], cols[ok])), shape=(len(users), len(items)))
     matrix.sort_indices()
     return matrix
 

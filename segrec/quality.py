@@ -40,9 +40,11 @@ from segrec.evaluate import (
     Split,
     cold_split,
     evaluate_scores,
-    fold_scores,
+    fold_rows,
     protocol_split,
+    ranking_metrics,
     subsample,
+    top_k,
     validation_split,
 )
 from segrec.llm import make_llm
@@ -57,21 +59,26 @@ from segrec.profile import (
 )
 from segrec.ranker import (
     MIN_TUNING_USERS,
+    SIGNALS,
+    TUNE_USERS,
     Ranker,
     RankerSpec,
     kmeans_labels,
-    split_signals,
     tune_ranker,
 )
-from segrec.recommend import EASE, ItemKNN, MostPop, cosine_scores, tune_ease
+from segrec.recommend import ALS, MostPop, cosine_scores, reuse_ease_fits, tune_als
 from segrec.store import Store
 from segrec.templates import load_prompt
 
 TRACKS = ("warm", "cold", "segments", "grounding", "chat", "text")
 CHAT_CHECKPOINTS = (1, 3, 5)
-CHAT_TUNE_AT = 3
+CHAT_TUNE_AT = (1, 3)
 COLD_KNOWN = 3
 LLM_METHODS = ("cosine:llm-profile", "segrec:llm-profile")
+# The PROTOCOL baselines and the sequence-aware peer: the ranker's signals used alone.
+PEER_SIGNALS = {"MostPop": "pop", "ItemKNN": "itemknn", "EASE": "ease", "Transitions": "transition"}
+SCORE_BATCH = 512  # users scored at once: bounds memory at batch × catalogue per signal
+PROFILE_METHOD_USERS = 2_000  # without the LLM, profile methods run up to this many users
 
 
 def parse_tracks(text: str, known: Sequence[str] = TRACKS) -> list[str]:
@@ -115,6 +122,7 @@ class _Context:
         texts = list(items.loc[split.items, "text"])
         self.item_vectors = embed_texts(texts, encoder, cache=store)
         self.position = {item: i for i, item in enumerate(split.items)}
+        self.seed = 0
 
     def vectors_for(self, part: Split) -> np.ndarray:
         return self.item_vectors[[self.position[i] for i in part.items]]
@@ -136,8 +144,11 @@ def run_eval(
     on_stage: Callable[[str], None] | None = None,
     on_profiles: Callable[[Any], None] | None = None,
     show_samples: int = 0,
+    on_progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Every requested track as the JSON object `segrec eval --json` writes."""
+    """Every requested track as the JSON object `segrec eval --json` writes.
+
+    ``on_progress(track, done, total)`` follows the users scored per track."""
     stage = on_stage or (lambda _: None)
     started = time.perf_counter()
     if users is not None and users < 1:
@@ -184,6 +195,15 @@ def run_eval(
         or "segments" in tracks
         or (use_llm and ("warm" in tracks or "cold" in tracks))
     )
+    if need_profiles and not use_llm and len(evaluated.users) > PROFILE_METHOD_USERS:
+        need_profiles = False
+        notes.append(
+            f"deterministic-profile methods left out: {len(evaluated.users)} users > "
+            f"{PROFILE_METHOD_USERS} (embedding a profile per user is the slow part); "
+            "evaluate a sample of users to include them"
+        )
+    progress = on_progress or (lambda *_: None)
+    ranking = [t for t in ("warm", "cold", "chat") if t in tracks]
     workspace = Path(settings.workspace) / f"{ratings.stem}-{_fingerprint(ratings, items)}"
     result: dict[str, Any] = {
         "dataset": str(ratings),
@@ -196,6 +216,7 @@ def run_eval(
         encoder = SentenceTransformerEncoder(settings.encoder)
         stage("embedding items")
         ctx = _Context(settings, dataset, split, evaluated, store, encoder)
+        ctx.seed = seed
         cold = cold_split(evaluated, COLD_KNOWN, seed=seed) if "cold" in tracks else None
         profiles: dict[str, dict[str, Profile]] = {}
         if need_profiles:
@@ -203,41 +224,64 @@ def run_eval(
             profiles = _profiles(ctx, cold, backend, stage, on_profiles)
             if not use_llm:
                 notes.append("--no-llm: methods that need LLM profiles were left out")
-        stage("tuning the ranker on validation")
-        labels_for = kmeans_labels(ctx.vectors_for, k, seed)
-        spec = tune_ranker(
-            split,
-            item_vectors_for=ctx.vectors_for,
-            labels_for=labels_for,
-            seed=seed,
-            on_stage=stage,
-        )
-        result["ranker"] = spec.as_dict()
-        if "warm" in tracks:
-            stage("warm track")
-            result["tracks"]["warm"] = _ranking_track(
-                ctx, evaluated, spec, labels_for, profiles, "warm"
+        spec: RankerSpec | None = None
+        if ranking:
+            stage("tuning the ranker on validation")
+            labels_for = kmeans_labels(split, ctx.vectors_for, k, seed)
+            spec = tune_ranker(
+                split,
+                item_vectors_for=ctx.vectors_for,
+                labels_for=labels_for,
+                seed=seed,
+                on_stage=stage,
             )
-        if cold is not None:
-            stage("cold track")
-            result["tracks"]["cold"] = _ranking_track(ctx, cold, spec, labels_for, profiles, "cold")
+            result["ranker"] = spec.as_dict()
+        # The chat track runs first: the cold track's folds are its folds, so the cold
+        # track reuses its EASE fits.
+        with reuse_ease_fits():
+            if "chat" in tracks:
+                stage("chat track (simulated users)")
+                user_llm = None
+                if use_llm:
+                    user_llm = llm if llm is not None else make_llm(settings)
+                result["tracks"]["chat"], chat_notes, spec = _chat_track(
+                    ctx,
+                    spec,
+                    k,
+                    seed,
+                    user_llm,
+                    stage,
+                    lambda done, total: progress("chat", done, total),
+                )
+                result["ranker"] = spec.as_dict()
+                notes += chat_notes
+                if user_llm is None:
+                    notes.append("--no-llm: the chat track ran the rule-based simulated user only")
+            peers: dict[str, Any] = {}
+            if "warm" in tracks or "cold" in tracks:
+                stage("tuning ALS on validation")
+                peers = _tune_peers(split, seed)
+                result["peers"] = peers
+            for track, part in (("warm", evaluated), ("cold", cold)):
+                if part is None or track not in tracks:
+                    continue
+                assert spec is not None
+                stage(f"{track} track")
+                result["tracks"][track] = _ranking_track(
+                    ctx,
+                    part,
+                    spec,
+                    labels_for,
+                    profiles,
+                    track,
+                    peers["als"],
+                    lambda done, total, track=track: progress(track, done, total),
+                )
         if "segments" in tracks:
             stage("segments track")
             result["tracks"]["segments"] = _segments_track(ctx, profiles, k, seed)
         if "grounding" in tracks and "llm" in profiles:
             result["tracks"]["grounding"] = _grounding_track(ctx, store)
-        if "chat" in tracks:
-            stage("chat track (simulated users)")
-            user_llm = None
-            if use_llm:
-                user_llm = llm if llm is not None else make_llm(settings)
-            result["tracks"]["chat"], chat_notes, spec = _chat_track(
-                ctx, spec, k, seed, user_llm, stage
-            )
-            result["ranker"] = spec.as_dict()
-            notes += chat_notes
-            if user_llm is None:
-                notes.append("--no-llm: the chat track ran the rule-based simulated user only")
     if text is not None:
         result["tracks"]["text"] = text
         notes.append(f"text track: a seeded sample of {text['users']} users")
@@ -321,51 +365,94 @@ def _profile_vectors(
     return vectors, int(missing.sum())
 
 
-def _metrics(scores: np.ndarray, part: Split) -> dict[str, float]:
-    m = evaluate_scores(scores, part)
-    return {"ndcg@10": round(m["ndcg@10"], 4), "recall@20": round(m["recall@20"], 4)}
+def _ranked_metrics(ranked: np.ndarray, part: Split) -> dict[str, float]:
+    """Mean NDCG@10 / Recall@20 of top-20 rankings (rows in ``part.users`` order)."""
+    per_user = ranking_metrics(ranked, part.test, len(part.items))
+    return {m: round(float(v.mean()), 4) if v.size else 0.0 for m, v in per_user.items()}
 
 
 def _ranking_track(
     ctx: _Context,
     part: Split,
-    spec: Any,
+    spec: RankerSpec,
     labels_for: Any,
     profiles: dict[str, dict[str, Profile]],
     track: str,
+    als_settings: dict[str, Any],
+    progress: Callable[[int, int], None],
 ) -> dict[str, dict[str, float]]:
-    """Baselines and segrec's rankers on one track (warm or cold), same users."""
-    table: dict[str, dict[str, float]] = {}
+    """Baselines, peers and segrec's rankers on one track (warm or cold), same users.
 
-    def baseline(make: Callable[[], Any]) -> np.ndarray:
-        return fold_scores(
-            part, lambda fit, rows: make().fit(part.fit[fit]).score(part.train[rows])
-        )
-
-    table["MostPop"] = _metrics(baseline(MostPop), part)
-    table["ItemKNN"] = _metrics(baseline(ItemKNN), part)
-    # tune_ranker chose λ exactly as PROTOCOL's EASE baseline does (same validation, grid).
-    lam = spec.ease_lambda if spec.ease_lambda is not None else tune_ease(ctx.split)[0]
-    table["EASE"] = _metrics(baseline(lambda: EASE(lam)), part)
+    Every model is fit once (warm) or once per fold (cold), then users are scored in
+    batches: each method's top 20 is kept, never a users × catalogue matrix per method.
+    The PROTOCOL baselines and the transition peer are the ranker's own signals alone
+    (MostPop ranks like the log-scaled counts; ItemKNN and EASE with the tuned settings).
+    """
     vectors = ctx.vectors_for(part)
-    signals = split_signals(part, spec, spec.signals, item_vectors=vectors, labels_for=labels_for)
-    ranker = Ranker(spec, vectors)
-    groups = ranker.groups(part.train)
-    blended, _ = ranker.blend(signals, groups)
-    table["segrec"] = _metrics(blended, part)
-    item_mean = split_signals(part, spec, ["cosine"], item_vectors=vectors)["cosine"]
-    table["cosine:items"] = _metrics(item_mean, part)
+    names = [n for n in SIGNALS if n in spec.signals or n in ("pop", "itemknn", "cosine")]
+    names = [*names, *(n for n in ("ease", "transition") if n not in names)]
+    if spec.ease_lambda is None:
+        names.remove("ease")
+    fit_labels, user_labels = labels_for(part)
     ids = [f"cold:{u}" for u in part.users] if track == "cold" else list(part.users)
-    for kind in ("llm", "deterministic"):
-        if kind not in profiles:
-            continue
-        user_vecs, _ = _profile_vectors(ctx, profiles[kind], ids)
-        content = cosine_scores(user_vecs, vectors, normalise_items=False)
-        table[f"cosine:{kind}-profile"] = _metrics(content, part)
-        if "cosine" in signals:
-            swapped, _ = ranker.blend({**signals, "cosine": content}, groups)
-            table[f"segrec:{kind}-profile"] = _metrics(swapped, part)
-    return table
+    user_vectors = {
+        kind: _profile_vectors(ctx, profiles[kind], ids)[0]
+        for kind in ("llm", "deterministic")
+        if kind in profiles
+    }
+    n_users = len(part.users)
+    ranked: dict[str, np.ndarray] = {}
+    done = 0
+
+    def keep(method: str, rows: np.ndarray, scores: np.ndarray, seen: sp.csr_matrix) -> None:
+        if method not in ranked:
+            ranked[method] = np.full((n_users, 20), -1, dtype=np.int64)
+        ranked[method][rows] = top_k(scores, 20, seen)
+
+    for fit_rows, user_rows in fold_rows(part):
+        ranker = Ranker(spec, vectors, names=names).fit(
+            part.fit[fit_rows],
+            fit_labels[fit_rows],
+            times=part.fit_time[fit_rows] if part.fit_time is not None else None,
+        )
+        als = ALS(**als_settings, seed=ctx.seed).fit(part.fit[fit_rows])
+        for start in range(0, len(user_rows), SCORE_BATCH):
+            rows = user_rows[start : start + SCORE_BATCH]
+            seen = part.train[rows]
+            signals = ranker.signals(
+                seen,
+                labels=user_labels[rows],
+                times=None if part.train_time is None else part.train_time[rows],
+            )
+            for method, signal in PEER_SIGNALS.items():
+                if signal in signals:
+                    keep(method, rows, signals[signal], seen)
+            keep("ALS", rows, als.score(seen), seen)
+            groups = ranker.groups(seen)
+            own = {n: signals[n] for n in spec.signals}
+            keep("segrec", rows, ranker.blend(own, groups)[0], seen)
+            segment_blend = ranker.blend(own, groups, user_labels[rows])[0]
+            keep("segrec:per-segment", rows, segment_blend, seen)
+            keep("cosine:items", rows, signals["cosine"], seen)
+            for kind, matrix in user_vectors.items():
+                content = cosine_scores(matrix[rows], vectors, normalise_items=False)
+                keep(f"cosine:{kind}-profile", rows, content, seen)
+                if "cosine" in own:
+                    swapped = ranker.blend({**own, "cosine": content}, groups)[0]
+                    keep(f"segrec:{kind}-profile", rows, swapped, seen)
+            done += len(rows)
+            progress(done, n_users)
+    order = [*PEER_SIGNALS, "ALS", "segrec", "segrec:per-segment", "cosine:items"]
+    methods = [m for m in order if m in ranked] + [m for m in ranked if m not in order]
+    return {m: _ranked_metrics(ranked[m], part) for m in methods}
+
+
+def _tune_peers(split: Split, seed: int) -> dict[str, Any]:
+    """ALS's factors, regularisation and alpha, tuned on the validation split the ranker is
+    tuned on (a seeded sample of at most `TUNE_USERS` users)."""
+    validation = subsample(validation_split(split), TUNE_USERS, seed=seed)
+    settings, tried = tune_als(validation, seed=seed)
+    return {"als": settings, "validation": {"als_ndcg@10": tried, "users": len(validation.users)}}
 
 
 def _segments_track(
@@ -459,21 +546,23 @@ def _simulate_chats(
     simulators: dict[str, Callable[[list[Any]], Any]],
     checkpoints: Sequence[int],
     stage: Callable[[str], None],
+    progress: Callable[[int, int], None] = lambda *_: None,
+    folds: int = 5,
 ) -> _ChatRun:
     """Run a chat for every evaluated user of ``base`` with each simulated user, recording
     the liked items, segment and draft vector after each checkpoint's answer.
 
     Segments come from k-means on every user's mean item embedding in ``base``'s fit (what
-    `segrec cluster` does by default); rankers are fit in 5 folds of users, never on the
-    chatting user's history. Questions use the template wording: the choices, which alone
-    matter to the ranking, are the same with or without the LLM.
+    `segrec cluster` does by default); rankers are fit in ``folds`` folds of users (2 when
+    tuning), never on the chatting user's history. Questions use the template wording: the
+    choices, which alone matter to the ranking, are the same with or without the LLM.
     """
     from segrec.chat import ChatContext, ChatSession, SegmentCandidate
-    from segrec.ranker import SIGNALS, history_vectors
+    from segrec.ranker import history_vectors
     from segrec.segments import Histories, assign_users, segment_facts
     from segrec.serving import Served
 
-    chat = cold_split(base, 0, seed=seed)
+    chat = cold_split(base, 0, folds=folds, seed=seed)
     assert chat.folds is not None
     vectors = ctx.vectors_for(chat)
     items = ctx.dataset.items.set_index("item_id").loc[chat.items].reset_index()
@@ -515,13 +604,16 @@ def _simulate_chats(
     candidates = [n for n in SIGNALS if n != "ease" or spec.ease_lambda is not None]
     all_rows = np.arange(chat.fit.shape[0])
     folds = np.unique(chat.folds)
+    chatted = 0
     for fold in folds:
         members = np.flatnonzero(chat.folds == fold)
         fit_rows = np.setdiff1d(all_rows, members)
         stage(f"simulated chats: fold {int(fold) + 1} of {len(folds)}")
         # Every signal, not only those the spec weights: tuning the chat weights tries them.
         ranker = Ranker(spec, vectors, names=candidates).fit(
-            chat.fit[fit_rows], clustering.labels[fit_rows]
+            chat.fit[fit_rows],
+            clustering.labels[fit_rows],
+            times=None if chat.fit_time is None else chat.fit_time[fit_rows],
         )
         run.rankers[int(fold)] = ranker
         served = Served(
@@ -564,6 +656,8 @@ def _simulate_chats(
                     if vector is not None:
                         draft[key][row] = vector
                 run.llm_failures += getattr(sim, "failures", 0)
+            chatted += 1
+            progress(chatted, n_users)
     for key, rows in liked.items():
         indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
         indices = np.array([c for r in rows for c in r], dtype=np.int64)
@@ -604,43 +698,51 @@ def _tune_chat_weights(
     ctx: _Context, spec: RankerSpec, k: int, seed: int, stage: Callable[[str], None]
 ) -> RankerSpec:
     """The "chat" weights, tuned like the others on the validation split: simulated chats
-    (rule-based user, 3 answers) of the validation users, scored on their validation items."""
-    from segrec.ranker import SIGNALS
+    (rule-based user) of the validation users (a seeded sample of at most `TUNE_USERS`),
+    scored on their validation items after 1 and after 3 answers, stacked, so that the
+    first answer's picks already move the ranking."""
     from segrec.recommend import tune_blend
     from segrec.simulate import RuleBasedUser
 
-    validation = validation_split(ctx.split)
+    validation = subsample(validation_split(ctx.split), TUNE_USERS, seed=seed)
     run = _simulate_chats(
-        ctx, validation, spec, k, seed, {"rule": RuleBasedUser}, (CHAT_TUNE_AT,), stage
+        ctx, validation, spec, k, seed, {"rule": RuleBasedUser}, CHAT_TUNE_AT, stage, folds=2
     )
-    names = [n for n in SIGNALS if n in spec.signals or n in ("segment_pop", "cosine")]
-    names = [n for n in names if n != "ease" or spec.ease_lambda is not None]
-    X, _, _ = run.states[("rule", CHAT_TUNE_AT)]
+    names = [n for n in SIGNALS if n != "ease" or spec.ease_lambda is not None]
     # Chat weights serve users who named or picked an item (the others get the short-history
     # weights), so they are tuned on those; liked items are never recommended.
-    rows = np.flatnonzero(np.diff(X.indptr) > 0)
-    if rows.size < MIN_TUNING_USERS:
+    parts = []
+    for checkpoint in CHAT_TUNE_AT:
+        X = run.states[("rule", checkpoint)][0]
+        rows = np.flatnonzero(np.diff(X.indptr) > 0)
+        signals = _chat_signals(run, ("rule", checkpoint), names)
+        parts.append((rows, X[rows], {n: m[rows] for n, m in signals.items()}))
+    n_rows = sum(len(rows) for rows, _, _ in parts)
+    if n_rows < MIN_TUNING_USERS:
         spec = RankerSpec.from_dict(spec.as_dict())
-        spec.notes.append(f"chat weights not tuned: {rows.size} simulated chats named an item")
+        spec.notes.append(f"chat weights not tuned: {n_rows} simulated chats named an item")
         return spec
     scored = replace(
         run.split,
-        users=[run.split.users[r] for r in rows],
-        train=X[rows],
-        test=[run.split.test[r] for r in rows],
+        users=[run.split.users[r] for rows, _, _ in parts for r in rows],
+        train=sp.csr_matrix(sp.vstack([X for _, X, _ in parts])),
+        test=[run.split.test[r] for rows, _, _ in parts for r in rows],
     )
     stage("tuning chat weights")
-    signals = _chat_signals(run, ("rule", CHAT_TUNE_AT), names)
-    blend, trace = tune_blend({n: m[rows] for n, m in signals.items()}, scored)
+    stacked = {n: np.concatenate([signals[n] for _, _, signals in parts]) for n in names}
+    blend, trace = tune_blend(stacked, scored)
     spec = RankerSpec.from_dict(spec.as_dict())
     spec.weights["chat"] = blend.weights
     spec.validation["chat"] = {
-        "users": len(scored.users),
-        "answers": CHAT_TUNE_AT,
+        "users": len(validation.users),
+        "rows": n_rows,
+        "answers": list(CHAT_TUNE_AT),
         "ndcg@10": round(max(float(t["ndcg@10"]) for t in trace), 4),
     }
     spec.notes.append(
-        f"chat weights tuned on simulated chats ({CHAT_TUNE_AT} answers) of the validation users"
+        "chat weights tuned on simulated chats of the validation users after "
+        + " and ".join(map(str, CHAT_TUNE_AT))
+        + " answers, stacked"
     )
     return spec
 
@@ -652,6 +754,7 @@ def _chat_track(
     seed: int,
     user_llm: LLM | None,
     stage: Callable[[str], None],
+    progress: Callable[[int, int], None],
 ) -> tuple[dict[str, dict[str, float]], list[str], RankerSpec]:
     """PROTOCOL track 3: each evaluated user starts with no history and answers the chat's
     questions as a simulated user who knows only their train history (`segrec.simulate`);
@@ -665,30 +768,30 @@ def _chat_track(
     if user_llm is not None:
         params = generation_params(ctx.settings)
         simulators["llm"] = lambda history: LLMUser(history, user_llm, params, ctx.settings.domain)
-    run = _simulate_chats(ctx, ctx.evaluated, spec, k, seed, simulators, CHAT_CHECKPOINTS, stage)
+    run = _simulate_chats(
+        ctx, ctx.evaluated, spec, k, seed, simulators, CHAT_CHECKPOINTS, stage, progress
+    )
     chat = run.split
-    table = {
-        "MostPop": _metrics(
-            fold_scores(chat, lambda f, r: MostPop().fit(chat.fit[f]).score(chat.train[r])), chat
-        )
-    }
     assert chat.folds is not None
+    popular = np.full((len(chat.users), 20), -1, dtype=np.int64)
+    for fit_rows, members in fold_rows(chat):
+        counts = MostPop().fit(chat.fit[fit_rows]).score(chat.train[:1])
+        popular[members] = top_k(counts, 20)[0]
+    table = {"MostPop": _ranked_metrics(popular, chat)}
     for (who, checkpoint), (X, labels, vectors) in run.states.items():
-        scores = np.full(X.shape, -np.inf)
+        ranked = np.full((len(chat.users), 20), -1, dtype=np.int64)
         for fold, ranker in run.rankers.items():
             members = np.flatnonzero(chat.folds == fold)
             named = np.diff(X[members].indptr) > 0  # as `ChatSession.group` decides
-            recs = ranker.recommend(
+            ranked[members] = ranker.recommend(
                 X[members],
                 20,
                 labels=labels[members],
                 user_vectors=vectors[members],
                 groups=np.where(named, "chat", "short"),
-            )
-            for i, row in enumerate(members):
-                _rank_into(scores, row, [c for c in recs.indices[i] if c >= 0])
+            ).indices
         suffix = "" if who == "rule" else ":llm-user"
-        table[f"segrec@{checkpoint}{suffix}"] = _metrics(scores, chat)
+        table[f"segrec@{checkpoint}{suffix}"] = _ranked_metrics(ranked, chat)
     notes = [
         f"chat track: {run.segments} segments from k-means on every train user's mean item "
         f"embedding; chats stop early at margin ≥ {run.sure:.3f} (the median member margin); "
@@ -700,13 +803,6 @@ def _chat_track(
             "(counted as an empty answer)"
         )
     return table, notes, spec
-
-
-def _rank_into(scores: np.ndarray, row: int, columns: Sequence[int]) -> None:
-    """Write a ranking into a score matrix row: higher for earlier, -inf for the rest."""
-    scores[row] = -np.inf
-    for rank, col in enumerate(columns):
-        scores[row, col] = float(len(columns) - rank)
 
 
 # ------------------------------------------------------------------------------ text track

@@ -11,6 +11,13 @@ Signals (each a users × items score matrix; see `segrec.recommend` for the mode
 * ``segment_pop`` — popularity among the members of the user's segment.
 * ``pop`` — global popularity, log-scaled (log1p of the counts: after the per-user z-score
   a few blockbusters would otherwise flatten every other item to the same score).
+* ``transition`` — what comes next after the user's latest items (`segrec.recommend.
+  Transitions`, fit on every train history in time order). Scoring reads the users' event
+  times when given; without them (a caller that keeps no order) every known item counts
+  as if it were the latest.
+* ``recent_pop`` — popularity in a window of time ending at the user's latest known event
+  (`segrec.recommend.RecentPopularity`; log-scaled like ``pop``). Without times: the
+  latest window of the data.
 
 The blend z-scores each signal over each user's row and adds them with weights (see
 `segrec.recommend.Blend`). Two weight sets are tuned: ``long`` for users with more than
@@ -27,7 +34,7 @@ EASE alone.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Self
 
 import numpy as np
@@ -38,27 +45,45 @@ from segrec.errors import ConfigError
 from segrec.evaluate import (
     Split,
     evaluate_scores,
-    fold_scores,
+    fold_rows,
     stacked_cold_split,
+    subsample,
     validation_split,
 )
 from segrec.recommend import (
     EASE,
     EASE_LAMBDAS,
+    Blend,
     ItemKNN,
+    RecentPopularity,
     SegmentPopularity,
+    Transitions,
     cosine_scores,
     recommend_top_n,
     standardise,
     tune_blend,
 )
 
-SIGNALS: tuple[str, ...] = ("ease", "itemknn", "cosine", "segment_pop", "pop")
+SIGNALS: tuple[str, ...] = (
+    "ease",
+    "itemknn",
+    "cosine",
+    "segment_pop",
+    "pop",
+    "transition",
+    "recent_pop",
+)
 EASE_MAX_ITEMS = 20_000
 LARGE_NEIGHBOURS = 200
 SHORT_HISTORY = 5
 SHORT_CUTS = (2, 3, 4)  # the short-history weights are tuned on these history lengths
+SHORT_FOLDS = 2  # tuning's cold cuts: each fit leaves out half the tuning sample, not a fifth
 MIN_TUNING_USERS = 20
+# Weights are tuned on a seeded sample of at most this many validation users: thousands
+# already pin the weights down, and tuning time and memory grow with users × catalogue.
+TUNE_USERS = 2_000
+SEGMENT_MIN_USERS = 30  # a segment with fewer validation users keeps the global weights
+SEGMENT_SHRINK = 100  # pseudo-users of global weight mixed into a segment's own weights
 # Used when there are too few users to tune on (fewer than MIN_TUNING_USERS). They are the
 # weights tuned on ml-latest-small's validation split (benchmarks/quality.md).
 DEFAULT_WEIGHTS: dict[str, dict[str, float]] = {
@@ -82,11 +107,16 @@ class RankerSpec:
     tuned: bool = False
     validation: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    segment_weights: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    """Per history group, per segment label (as text): that segment's own weights, kept
+    only where they beat the group's global weights on the segment's validation users."""
 
     @property
     def signals(self) -> list[str]:
         """Every signal some group gives a non-zero weight, in `SIGNALS` order."""
-        used = {name for group in self.weights.values() for name, w in group.items() if w}
+        sets = [*self.weights.values()]
+        sets += [w for group in self.segment_weights.values() for w in group.values()]
+        used = {name for weights in sets for name, w in weights.items() if w}
         return [name for name in SIGNALS if name in used]
 
     def as_dict(self) -> dict[str, Any]:
@@ -98,6 +128,7 @@ class RankerSpec:
             "tuned": self.tuned,
             "validation": self.validation,
             "notes": self.notes,
+            "segment_weights": self.segment_weights,
         }
 
     @classmethod
@@ -110,6 +141,10 @@ class RankerSpec:
             tuned=bool(data.get("tuned", False)),
             validation=dict(data.get("validation", {})),
             notes=list(data.get("notes", [])),
+            segment_weights={
+                group: {label: dict(w) for label, w in by_label.items()}
+                for group, by_label in data.get("segment_weights", {}).items()
+            },
         )
 
 
@@ -177,10 +212,27 @@ class Ranker:
         self.knn: ItemKNN | None = None
         self.counts: np.ndarray | None = None
         self.segments: SegmentPopularity | None = None
+        self.transitions: Transitions | None = None
+        self.recent: RecentPopularity | None = None
 
-    def fit(self, X: sp.csr_matrix, labels: np.ndarray | None = None) -> Self:
-        """Fit the models the signals need on the binary history matrix X (users × items)."""
+    def fit(
+        self,
+        X: sp.csr_matrix,
+        labels: np.ndarray | None = None,
+        *,
+        times: sp.csr_matrix | None = None,
+    ) -> Self:
+        """Fit the models the signals need on the binary history matrix X (users × items);
+        ``times`` (same sparsity: when each pair happened) orders histories for
+        ``transition``."""
         X = sp.csr_matrix(X, dtype=np.float32)
+        timed = [name for name in ("transition", "recent_pop") if name in self.names]
+        if timed and times is None:
+            raise ConfigError(f"ranker: the {timed[0]} signal needs the event times")
+        if "transition" in self.names:
+            self.transitions = Transitions().fit(times)
+        if "recent_pop" in self.names:
+            self.recent = RecentPopularity().fit(times)
         if self.item_vectors is not None and self.item_vectors.shape[0] != X.shape[1]:
             raise ValueError(
                 f"{self.item_vectors.shape[0]} item vectors for {X.shape[1]} catalogue items"
@@ -220,6 +272,19 @@ class Ranker:
                 if labels
                 else np.zeros((0, self.counts.size), dtype=np.float32)
             )
+        if self.transitions is not None and self.transitions.next is not None:
+            T = self.transitions.next
+            out |= {
+                "next_data": T.data,
+                "next_indices": T.indices,
+                "next_indptr": T.indptr,
+                "next_popularity": np.asarray(self.transitions.popularity),
+            }
+        if self.recent is not None and self.recent.edges is not None:
+            out |= {
+                "recent_edges": self.recent.edges,
+                "recent_cumulative": np.asarray(self.recent.cumulative),
+            }
         return out
 
     @classmethod
@@ -251,6 +316,17 @@ class Ranker:
                     arrays["segment_labels"], arrays["segment_counts"], strict=True
                 )
             }
+        if "transition" in ranker.names:
+            n = ranker.counts.size
+            ranker.transitions = Transitions()
+            ranker.transitions.next = sp.csr_matrix(
+                (arrays["next_data"], arrays["next_indices"], arrays["next_indptr"]), shape=(n, n)
+            )
+            ranker.transitions.popularity = np.asarray(arrays["next_popularity"])
+        if "recent_pop" in ranker.names:
+            ranker.recent = RecentPopularity()
+            ranker.recent.edges = np.asarray(arrays["recent_edges"])
+            ranker.recent.cumulative = np.asarray(arrays["recent_cumulative"])
         return ranker
 
     def signals(
@@ -260,8 +336,10 @@ class Ranker:
         labels: np.ndarray | None = None,
         user_vectors: np.ndarray | None = None,
         names: Sequence[str] | None = None,
+        times: sp.csr_matrix | None = None,
     ) -> dict[str, np.ndarray]:
-        """Raw score matrices of the wanted signals for the given users' histories."""
+        """Raw score matrices of the wanted signals for the given users' histories
+        (``times``: when each known item happened, for ``transition``)."""
         if self.counts is None:
             raise RuntimeError("Ranker is not fitted; call fit() first")
         X_users = sp.csr_matrix(X_users, dtype=np.float32)
@@ -287,6 +365,12 @@ class Ranker:
                     else history_vectors(X_users, self.item_vectors)
                 )
                 out[name] = cosine_scores(vectors, self.item_vectors, normalise_items=False)
+            elif name == "transition":
+                assert self.transitions is not None
+                out[name] = self.transitions.score(X_users if times is None else times)
+            elif name == "recent_pop":
+                assert self.recent is not None
+                out[name] = np.log1p(self.recent.score(times, X_users.shape[0]))
         return out
 
     def groups(self, X_users: sp.csr_matrix) -> np.ndarray:
@@ -294,18 +378,31 @@ class Ranker:
         known = np.diff(sp.csr_matrix(X_users).indptr)
         return np.where(known <= self.spec.short_history, "short", "long")
 
+    def weights_for(self, group: str, label: int | None = None) -> dict[str, float]:
+        """The weights a user of this history group (and segment) is ranked with: the
+        segment's own where the tuner kept some, else the group's."""
+        if label is not None:
+            own = self.spec.segment_weights.get(group, {}).get(str(int(label)))
+            if own is not None:
+                return own
+        return self.spec.weights.get(group, {})
+
     def blend(
-        self, signals: Mapping[str, np.ndarray], groups: np.ndarray
+        self,
+        signals: Mapping[str, np.ndarray],
+        groups: np.ndarray,
+        labels: np.ndarray | None = None,
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Blended scores (float64) and each signal's weighted part, per the user's group."""
+        """Blended scores (float64) and each signal's weighted part, per the user's group
+        (and, given ``labels``, segment: see `weights_for`)."""
         n_users = len(groups)
         z = {name: standardise(matrix) for name, matrix in signals.items()}
         n_items = next(iter(z.values())).shape[1]
+        keys = list(zip(groups, labels if labels is not None else [None] * n_users, strict=True))
+        sets = {key: self.weights_for(*key) for key in set(keys)}
         parts: dict[str, np.ndarray] = {}
         for name in z:
-            weight = np.array(
-                [self.spec.weights.get(g, {}).get(name, 0.0) for g in groups], dtype=np.float64
-            )
+            weight = np.array([sets[key].get(name, 0.0) for key in keys], dtype=np.float64)
             if np.any(weight):
                 parts[name] = z[name] * weight[:, None]
         if not parts:
@@ -324,6 +421,7 @@ class Ranker:
         user_vectors: np.ndarray | None = None,
         allowed: np.ndarray | None = None,
         groups: np.ndarray | None = None,
+        times: sp.csr_matrix | None = None,
         batch: int = 256,
         on_batch: Callable[[int], None] | None = None,
     ) -> Recommendations:
@@ -343,9 +441,12 @@ class Ranker:
                 Xb,
                 labels=None if labels is None else labels[rows],
                 user_vectors=None if user_vectors is None else user_vectors[rows],
+                times=None if times is None else sp.csr_matrix(times)[rows],
             )
             total, parts = self.blend(
-                signals, self.groups(Xb) if groups is None else np.asarray(groups)[rows]
+                signals,
+                self.groups(Xb) if groups is None else np.asarray(groups)[rows],
+                None if labels is None else labels[rows],
             )
             mask = allowed
             if allowed is not None and np.ndim(allowed) == 2:
@@ -393,32 +494,44 @@ def split_signals(
             raise ConfigError("ranker: segment_pop needs segment labels")
         fit_labels, user_labels = labels_for(split)
     out: dict[str, np.ndarray] = {}
-    for name in names:
-
-        def score(fit_rows: np.ndarray, user_rows: np.ndarray, name: str = name) -> np.ndarray:
-            ranker = Ranker(spec, item_vectors, names=[name])
-            ranker.fit(split.fit[fit_rows], None if fit_labels is None else fit_labels[fit_rows])
-            rows_labels = None if user_labels is None else user_labels[user_rows]
-            return ranker.signals(split.train[user_rows], labels=rows_labels)[name]
-
-        out[name] = np.asarray(fold_scores(split, score), dtype=np.float32)
+    for fit_rows, user_rows in fold_rows(split):
+        ranker = Ranker(spec, item_vectors, names=names).fit(
+            split.fit[fit_rows],
+            None if fit_labels is None else fit_labels[fit_rows],
+            times=None if split.fit_time is None else split.fit_time[fit_rows],
+        )
+        signals = ranker.signals(
+            split.train[user_rows],
+            labels=None if user_labels is None else user_labels[user_rows],
+            times=None if split.train_time is None else split.train_time[user_rows],
+        )
+        for name, scores in signals.items():
+            if name not in out:
+                out[name] = np.empty((len(split.users), scores.shape[1]), dtype=np.float32)
+            out[name][user_rows] = scores
     return out
 
 
-def kmeans_labels(item_vectors_for: Callable[[Split], np.ndarray], k: int, seed: int) -> LabelsFor:
-    """Segment labels from k-means on the mean item embedding of every fit row.
+def kmeans_labels(
+    split: Split, item_vectors_for: Callable[[Split], np.ndarray], k: int, seed: int
+) -> LabelsFor:
+    """Segment labels from one k-means on the mean item embedding of every train history of
+    ``split`` (the default ``--represent items`` clustering of `segrec cluster`).
 
-    Evaluated users get the nearest centroid of their known history's vector (on the warm
-    track that is their own cluster). Used by `segrec eval`, where the population is not
-    clustered yet; it is the default ``--represent items`` clustering of `segrec cluster`.
+    For any split cut from it (validation, cold cuts), fit rows keep their user's label and
+    scored users get the centroid nearest their known history, so a label means the same
+    segment on every split, as a workspace's run labels do. Used by `segrec eval`, where the
+    population is not clustered yet; the clustering sees train histories only.
     """
+    fit_vectors = history_vectors(split.fit, item_vectors_for(split))
+    clustering = cluster_vectors(fit_vectors, k=min(k, fit_vectors.shape[0]), seed=seed)
+    label_of = dict(zip(split.fit_users, clustering.labels.astype(np.int64), strict=True))
 
-    def labels_for(split: Split) -> tuple[np.ndarray, np.ndarray]:
-        vectors = item_vectors_for(split)
-        fit_vectors = history_vectors(split.fit, vectors)
-        clustering = cluster_vectors(fit_vectors, k=min(k, fit_vectors.shape[0]), seed=seed)
-        user_labels, _ = assign(history_vectors(split.train, vectors), clustering.centroids)
-        return clustering.labels.astype(np.int64), user_labels
+    def labels_for(part: Split) -> tuple[np.ndarray, np.ndarray]:
+        fit = np.array([label_of.get(u, -1) for u in part.fit_users], dtype=np.int64)
+        known = history_vectors(part.train, item_vectors_for(part))
+        scored, _ = assign(known, clustering.centroids)
+        return fit, np.asarray(scored, dtype=np.int64)
 
     return labels_for
 
@@ -459,6 +572,8 @@ def tune_ranker(
             f"{LARGE_NEIGHBOURS} neighbours per item"
         )
     validation = validation_split(split)
+    sampled = len(validation.users) > TUNE_USERS
+    validation = subsample(validation, TUNE_USERS, seed=seed)
     vectors = item_vectors_for(validation) if item_vectors_for is not None else None
 
     results: dict[str, Any] = {}
@@ -481,24 +596,107 @@ def tune_ranker(
     blend, trace = tune_blend(signals, validation)
     weights = {"long": blend.weights}
     results["long"] = _tuning_summary(trace, signals, len(validation.users))
+    segment_weights: dict[str, dict[str, dict[str, float]]] = {}
+    if labels_for is not None:
+        stage("tuning weights per segment (long histories)")
+        segment_weights["long"], results["segments_long"] = tune_segment_weights(
+            signals, validation, labels_for(validation)[1], blend.weights
+        )
     del signals
 
     stage("tuning weights (short histories)")
-    cold = stacked_cold_split(validation, SHORT_CUTS, seed=seed)
+    cold = stacked_cold_split(validation, SHORT_CUTS, folds=SHORT_FOLDS, seed=seed)
     cold_signals = split_signals(cold, spec, available, item_vectors=vectors, labels_for=labels_for)
     blend, trace = tune_blend(cold_signals, cold)
     weights["short"] = blend.weights
     results["short"] = _tuning_summary(trace, cold_signals, len(cold.users))
+    if labels_for is not None:
+        stage("tuning weights per segment (short histories)")
+        segment_weights["short"], results["segments_short"] = tune_segment_weights(
+            cold_signals, cold, labels_for(cold)[1], blend.weights
+        )
+    spec.segment_weights = {group: kept for group, kept in segment_weights.items() if kept}
     weights["chat"] = spec.weights["chat"]  # needs simulated chats: `segrec eval` tunes it
     spec.weights = weights
     spec.tuned = True
     spec.validation = results
     spec.notes.append(
-        f"weights tuned on a validation split of {len(validation.users)} users (last 20% of "
+        f"weights tuned on a validation split of {len(validation.users)} users"
+        + (" (a seeded sample)" if sampled else "")
+        + " (last 20% of "
         "train); short histories on the same users cut to their first "
         f"{', '.join(map(str, SHORT_CUTS))} items"
     )
     return spec
+
+
+def tune_segment_weights(
+    signals: Mapping[str, np.ndarray],
+    split: Split,
+    labels: np.ndarray,
+    global_weights: Mapping[str, float],
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, Any]]]:
+    """Per segment: weights tuned on that segment's validation users alone, shrunk towards
+    the global weights (a segment with n users keeps n / (n + `SEGMENT_SHRINK`) of its own),
+    and kept only where they beat the global weights on those users.
+
+    Returns the kept weights by label (as text) and, for every segment, its strategy:
+    users, NDCG@10 with the global and its own weights, the gain, and whether it was kept.
+    """
+    kept: dict[str, dict[str, float]] = {}
+    report: dict[str, dict[str, Any]] = {}
+    for label in np.unique(labels[labels >= 0]):
+        rows = np.flatnonzero(labels == label)
+        entry: dict[str, Any] = {"users": int(rows.size)}
+        report[str(int(label))] = entry
+        if rows.size < SEGMENT_MIN_USERS:
+            entry["strategy"] = f"global (fewer than {SEGMENT_MIN_USERS} validation users)"
+            continue
+        part = replace(
+            split,
+            users=[split.users[r] for r in rows],
+            train=split.train[rows],
+            test=[split.test[r] for r in rows],
+        )
+        own = {name: matrix[rows] for name, matrix in signals.items()}
+        tuned, _ = tune_blend(own, part)
+        share = rows.size / (rows.size + SEGMENT_SHRINK)
+        mixed = {
+            name: round(share * tuned.weights.get(name, 0.0) + (1 - share) * w_global, 4)
+            for name in sorted(set(tuned.weights) | set(global_weights))
+            for w_global in [global_weights.get(name, 0.0)]
+        }
+        mixed = {name: w for name, w in mixed.items() if w}
+        before = evaluate_scores(Blend(dict(global_weights)).combine(own), part)["ndcg@10"]
+        after = evaluate_scores(Blend(mixed).combine(own), part)["ndcg@10"]
+        entry |= {
+            "global_ndcg@10": round(before, 4),
+            "segment_ndcg@10": round(after, 4),
+            "gain": round(after - before, 4),
+        }
+        if after > before:
+            kept[str(int(label))] = mixed
+            entry |= {"strategy": "own weights", "weights": mixed}
+        else:
+            entry["strategy"] = "global (own weights did not beat them on validation)"
+    return kept, report
+
+
+def segment_strategy(spec: RankerSpec | None, segment_id: int) -> dict[str, Any]:
+    """How the ranker treats one segment's members, per history group: its own weights or
+    the global ones, and the validation figures behind the choice (`tune_segment_weights`)."""
+    if spec is None or not spec.tuned:
+        return {"tuned": False}
+    out: dict[str, Any] = {"tuned": True}
+    for group in ("long", "short"):
+        entry = spec.validation.get(f"segments_{group}", {}).get(str(segment_id))
+        own = spec.segment_weights.get(group, {}).get(str(segment_id))
+        out[group] = {
+            "strategy": entry["strategy"] if entry else "global (segment not in the tuning)",
+            "weights": own if own is not None else spec.weights.get(group, {}),
+            **{k: v for k, v in (entry or {}).items() if k not in ("strategy", "weights")},
+        }
+    return out
 
 
 def _tuning_summary(

@@ -7,8 +7,12 @@ tuned on a validation split. Pure numpy/scipy: no workspace, no LLM, no printing
 
 from __future__ import annotations
 
+import hashlib
 import itertools
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Protocol, Self, TypeVar
 
@@ -16,10 +20,11 @@ import numpy as np
 import scipy.sparse as sp
 
 from segrec.errors import ConfigError
-from segrec.evaluate import Split, evaluate_scores, top_k, validation_split
+from segrec.evaluate import Split, evaluate_scores, ranking_metrics, top_k, validation_split
 
 EASE_LAMBDAS = (50.0, 100.0, 200.0, 500.0)
 BLEND_GRID = (0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0)
+TUNE_CANDIDATES = 50  # per signal and user, see `tune_blend`
 
 T = TypeVar("T")
 
@@ -104,17 +109,249 @@ class EASE:
 
     def fit(self, X: sp.csr_matrix) -> Self:
         X = sp.csr_matrix(X, dtype=np.float32)
+        X.sort_indices()
+        fits = _EASE_FITS.get()
+        key = _matrix_key(X, self.lam) if fits is not None else None
+        if fits is not None and key in fits:
+            fits.move_to_end(key)
+            self.B = fits[key]
+            return self
         gram = (X.T @ X).toarray()
         gram[np.diag_indices_from(gram)] += self.lam
         P = _spd_inverse(gram)
         B = P / (-np.diag(P))[None, :]
         B[np.diag_indices_from(B)] = 0.0
         self.B = B.astype(np.float32, copy=False)
+        if fits is not None:
+            fits[key] = self.B
+            while sum(b.nbytes for b in fits.values()) > EASE_CACHE_BYTES:
+                fits.popitem(last=False)
         return self
 
     def score(self, X_users: sp.csr_matrix) -> np.ndarray:
         B = _fitted(self.B, self)
         return np.asarray(sp.csr_matrix(X_users, dtype=np.float32) @ B)
+
+
+def recency_weights(times: sp.csr_matrix, last: int, decay: float) -> sp.csr_matrix:
+    """Each user's ``last`` most recent items weighted ``decay``**k (k = 0: the latest).
+
+    ``times`` holds when each (user, item) pair happened (see `segrec.evaluate.Split`);
+    ties in time go to the higher column as the later one.
+    """
+    times = sp.csr_matrix(times)
+    lengths = np.diff(times.indptr)
+    rows = np.repeat(np.arange(times.shape[0]), lengths)
+    order = np.lexsort((times.indices, times.data, rows))
+    back = times.indptr[rows + 1] - 1 - np.arange(times.nnz)  # 0 for the latest of a row
+    keep = back < last
+    return sp.csr_matrix(
+        (decay ** back[keep].astype(np.float32), (rows[keep], times.indices[order][keep])),
+        shape=times.shape,
+        dtype=np.float32,
+    )
+
+
+class Transitions:
+    """Sequence-aware baseline: which item comes next after the user's latest items.
+
+    Fit counts, over every train history in time order, each pair (a, b) where b follows a
+    within ``gap`` steps (weight 1/distance); a row-normalised count is P(next = b | a).
+    A user's score is Σ decay**k · P(· | k-th latest item) over their ``last`` items, plus a
+    popularity term a million times smaller that only breaks ties (a chain that never saw
+    an item falls back to the most popular items rather than to column order).
+    """
+
+    name = "transition"
+
+    def __init__(self, last: int = 3, decay: float = 0.5, gap: int = 2) -> None:
+        if last < 1 or gap < 1 or not 0.0 < decay <= 1.0:
+            raise ValueError("Transitions needs last >= 1, gap >= 1 and 0 < decay <= 1")
+        self.last, self.decay, self.gap = last, decay, gap
+        self.next: sp.csr_matrix | None = None
+        self.popularity: np.ndarray | None = None
+
+    def fit(self, times: sp.csr_matrix) -> Self:
+        times = sp.csr_matrix(times)
+        n_items = times.shape[1]
+        rows = np.repeat(np.arange(times.shape[0]), np.diff(times.indptr))
+        order = np.lexsort((times.indices, times.data, rows))
+        rows, cols = rows[order], times.indices[order]
+        sources, targets, weights = [], [], []
+        for distance in range(1, self.gap + 1):
+            same = rows[distance:] == rows[:-distance]
+            sources.append(cols[:-distance][same])
+            targets.append(cols[distance:][same])
+            weights.append(np.full(int(same.sum()), 1.0 / distance, dtype=np.float32))
+        counts = sp.csr_matrix(
+            (np.concatenate(weights), (np.concatenate(sources), np.concatenate(targets))),
+            shape=(n_items, n_items),
+            dtype=np.float32,
+        )
+        counts.sum_duplicates()
+        out = np.asarray(counts.sum(axis=1)).ravel()
+        inverse = np.divide(1.0, out, out=np.zeros_like(out), where=out > 0)
+        self.next = sp.csr_matrix(sp.diags(inverse.astype(np.float32)) @ counts)
+        users = np.bincount(times.indices, minlength=n_items).astype(np.float32)
+        self.popularity = users / max(float(users.max(initial=0.0)), 1.0)
+        return self
+
+    def score(self, times_users: sp.csr_matrix) -> np.ndarray:
+        """Scores from the users' time matrix (a binary matrix weights every item alike)."""
+        following = _fitted(self.next, self)
+        recent = recency_weights(times_users, self.last, self.decay)
+        scores = np.asarray((recent @ following).toarray(), dtype=np.float32)
+        return scores + 1e-6 * _fitted(self.popularity, self)[None, :]
+
+
+class RecentPopularity:
+    """Popularity in a time window ending at the user's latest known event: what others
+    took up around the time this user was last active.
+
+    Fit events are cut into ``bins`` bins of equal event counts by time; a user is scored
+    with the counts of the ``window`` last bins that end before their latest event (whole
+    bins only, so nothing after that event is ever counted). A user with no known time
+    (a new user in a chat) is scored with the last ``window`` bins of the data: now.
+    """
+
+    name = "recent_pop"
+
+    def __init__(self, window: int = 8, bins: int = 256) -> None:
+        if not 1 <= window <= bins:
+            raise ValueError(f"window must be between 1 and bins ({bins}), got {window}")
+        self.window, self.bins = window, bins
+        self.edges: np.ndarray | None = None
+        self.cumulative: np.ndarray | None = None
+
+    def fit(self, times: sp.csr_matrix) -> Self:
+        times = sp.csr_matrix(times)
+        stamps = times.data.astype(np.float64)
+        if stamps.size == 0:
+            edges = np.zeros(2)
+        else:
+            edges = np.unique(np.quantile(stamps, np.linspace(0.0, 1.0, self.bins + 1)))
+            edges[-1] = np.nextafter(edges[-1], np.inf)  # the last bin holds the latest event
+        which = np.clip(np.searchsorted(edges, stamps, side="right") - 1, 0, len(edges) - 2)
+        counts = np.zeros((len(edges) - 1, times.shape[1]), dtype=np.float32)
+        np.add.at(counts, (which, times.indices), 1.0)
+        self.edges = edges
+        self.cumulative = np.vstack([np.zeros((1, times.shape[1]), np.float32), counts.cumsum(0)])
+        return self
+
+    def score(self, times_users: sp.csr_matrix | None, n_users: int) -> np.ndarray:
+        """Window counts per user; ``times_users`` None (or an empty row): the latest window."""
+        edges, cumulative = _fitted(self.edges, self), _fitted(self.cumulative, self)
+        latest = np.full(n_users, np.inf)
+        if times_users is not None:
+            times_users = sp.csr_matrix(times_users)
+            known = np.diff(times_users.indptr) > 0
+            latest[known] = times_users.max(axis=1).toarray().ravel()[known]
+        complete = np.searchsorted(edges[1:], latest, side="right")  # bins ending at or before
+        start = np.maximum(complete - self.window, 0)
+        return cumulative[complete] - cumulative[start]
+
+
+class ALS:
+    """Matrix factorisation for implicit feedback (Hu, Koren & Volinsky 2008), from the
+    `implicit` package: the peer most users would try first.
+
+    Confidence is ``alpha`` on an interaction and 1 elsewhere (implicit's convention).
+    Users are scored from their history with the item factors held fixed (implicit's
+    batched ``recalculate_user``), so a user the model never saw is scored the same way as
+    one it did. One BLAS thread: `implicit`
+    runs its own threads and warns (and slows down) when BLAS runs more.
+    """
+
+    name = "als"
+
+    def __init__(
+        self,
+        factors: int = 64,
+        regularization: float = 0.1,
+        alpha: float = 1.0,
+        *,
+        iterations: int = 15,
+        seed: int = 0,
+    ) -> None:
+        self.factors, self.regularization, self.alpha = factors, regularization, alpha
+        self.iterations, self.seed = iterations, seed
+        self.model: object | None = None
+
+    def fit(self, X: sp.csr_matrix) -> Self:
+        from implicit.cpu.als import AlternatingLeastSquares
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(1, "blas"):
+            model = AlternatingLeastSquares(
+                factors=self.factors,
+                regularization=self.regularization,
+                alpha=self.alpha,
+                iterations=self.iterations,
+                random_state=self.seed,
+            )
+            model.fit(sp.csr_matrix(X, dtype=np.float32), show_progress=False)
+        self.model = model
+        return self
+
+    def score(self, X_users: sp.csr_matrix) -> np.ndarray:
+        from threadpoolctl import threadpool_limits
+
+        model = _fitted(self.model, self)
+        X_users = sp.csr_matrix(X_users, dtype=np.float32)
+        with threadpool_limits(1, "blas"):
+            users = model.recalculate_user(np.arange(X_users.shape[0]), X_users)  # type: ignore[attr-defined]
+        return np.asarray(users @ model.item_factors.T, dtype=np.float32)  # type: ignore[attr-defined]
+
+
+ALS_GRID = {"factors": (32, 64, 128), "regularization": (0.01, 0.1, 1.0), "alpha": (1.0, 10.0)}
+
+
+def tune_als(validation: Split, *, seed: int = 0) -> tuple[dict[str, float], dict[str, float]]:
+    """ALS settings with the best validation NDCG@10: factors × regularisation on the grid
+    (alpha 1), then alpha at the best pair. Returns the settings and every tried one's
+    NDCG@10 (keyed "factors/regularization/alpha")."""
+    tried: dict[str, float] = {}
+
+    def run(factors: int, reg: float, alpha: float) -> float:
+        model = ALS(factors, reg, alpha, seed=seed).fit(validation.fit)
+        value = evaluate_scores(model.score(validation.train), validation)["ndcg@10"]
+        tried[f"{factors}/{reg:g}/{alpha:g}"] = round(value, 4)
+        return value
+
+    pairs = [(f, r) for f in ALS_GRID["factors"] for r in ALS_GRID["regularization"]]
+    values = {(f, r, 1.0): run(f, r, 1.0) for f, r in pairs}
+    factors, reg, _ = max(values, key=lambda key: values[key])
+    for alpha in ALS_GRID["alpha"]:
+        if (factors, reg, alpha) not in values:
+            values[(factors, reg, alpha)] = run(factors, reg, alpha)
+    factors, reg, alpha = max(values, key=lambda key: values[key])
+    return {"factors": factors, "regularization": reg, "alpha": alpha}, tried
+
+
+EASE_CACHE_BYTES = 2 * 1024**3
+_EASE_FITS: ContextVar[OrderedDict[tuple[object, ...], np.ndarray] | None] = ContextVar(
+    "ease_fits", default=None
+)
+
+
+@contextmanager
+def reuse_ease_fits() -> Iterator[None]:
+    """Within the block, an EASE fit on the same (λ, history matrix) as a recent one reuses
+    its B (the last few, up to `EASE_CACHE_BYTES`): `segrec eval` fits the same folds for
+    its chat and cold tracks, and each fit of a 9k-item catalogue takes a minute on 2
+    cores. Off elsewhere, so a long-lived server never holds stale matrices."""
+    token = _EASE_FITS.set(OrderedDict())
+    try:
+        yield
+    finally:
+        _EASE_FITS.reset(token)
+
+
+def _matrix_key(X: sp.csr_matrix, lam: float) -> tuple[object, ...]:
+    digest = hashlib.sha256(X.indptr.tobytes())
+    digest.update(X.indices.tobytes())
+    digest.update(X.data.tobytes())
+    return (float(lam), X.shape, digest.hexdigest())
 
 
 def tune_ease(
@@ -226,6 +463,7 @@ def tune_blend(
     *,
     grid: Sequence[float] = BLEND_GRID,
     rounds: int = 3,
+    candidates: int | None = TUNE_CANDIDATES,
 ) -> tuple[Blend, list[dict[str, object]]]:
     """Blend weights by coordinate ascent on validation NDCG@10.
 
@@ -234,20 +472,34 @@ def tune_blend(
     round changes nothing. Since every single signal is a candidate, the result is never
     worse on validation than the best of them (e.g. EASE alone). Returns the blend and the
     trace: one entry per evaluated weight vector.
+
+    Each weight vector is scored on each user's ``candidates`` best unseen items of every
+    signal only (z-scored over the whole catalogue first, as the blend does): hundreds of
+    evaluations then cost what a handful over the catalogue would. A single signal's top 20
+    is always among them (at least 20 are kept, ties go to the lower column as in `top_k`),
+    so its figure is exact; a blend's could only differ if an item
+    outside every signal's top ``candidates`` reached its top 20. ``None`` ranks the whole
+    catalogue.
     """
     names = sorted(signals_val)
     if not names:
         raise ValueError("tune_blend needs at least one signal")
-    standardised = {name: standardise(signals_val[name]) for name in names}
+    standardised, columns, padding = _candidate_view(signals_val, split_val, candidates)
+    n_items = len(split_val.items)
     trace: list[dict[str, object]] = []
     cache: dict[tuple[float, ...], float] = {}
 
     def evaluate(weights: dict[str, float]) -> float:
         key = tuple(weights[n] for n in names)
         if key not in cache:
-            metrics = evaluate_scores(_weighted_sum(standardised, weights), split_val)
+            total = _weighted_sum(standardised, weights)
+            total[padding] = -np.inf
+            best = top_k(total, 20)
+            ranked = np.where(best >= 0, np.take_along_axis(columns, np.maximum(best, 0), 1), -1)
+            per_user = ranking_metrics(ranked, split_val.test, n_items)
+            metrics = {m: float(v.mean()) if v.size else 0.0 for m, v in per_user.items()}
             cache[key] = metrics["ndcg@10"]
-            trace.append({"weights": dict(weights), **metrics})
+            trace.append({"weights": dict(weights), **metrics, "users": float(len(ranked))})
         return cache[key]
 
     singles = [{n: float(n == anchor) for n in names} for anchor in names]
@@ -264,6 +516,42 @@ def tune_blend(
         if not improved:
             break
     return Blend({n: w for n, w in best.items() if w != 0.0}), trace
+
+
+def _candidate_view(
+    signals: Mapping[str, np.ndarray], split: Split, candidates: int | None
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Per-user z-scored signals restricted to each signal's best unseen items.
+
+    Returns the standardised signals at those columns (users × width), the column indices
+    (sorted per row, so ties still go to the lower column) and a mask of padding cells. A
+    per-row z-score is increasing, so each signal's best items are picked on its raw
+    scores, and only the picked cells are standardised (with their whole row's mean and
+    spread, as `standardise` would).
+    """
+    names = sorted(signals)
+    n_users, n_items = np.shape(signals[names[0]])
+    seen = sp.csr_matrix(split.train)
+    seen_rows = np.repeat(np.arange(n_users), np.diff(seen.indptr))
+    if candidates is None or n_items <= 4 * max(candidates, 20):
+        keep = np.ones((n_users, n_items), dtype=bool)
+    else:
+        keep = np.zeros((n_users, n_items), dtype=bool)
+        for name in names:
+            top = top_k(signals[name], max(candidates, 20), seen)
+            keep[np.arange(n_users)[:, None], np.maximum(top, 0)] |= top >= 0
+    keep[seen_rows, seen.indices] = False
+    width = max(int(keep.sum(axis=1).max(initial=0)), 1)
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :width]
+    padding = ~np.take_along_axis(keep, order, axis=1)
+    out = {}
+    for name in names:
+        raw = np.asarray(signals[name])
+        mean = raw.mean(axis=1, keepdims=True, dtype=np.float64)
+        spread = raw.std(axis=1, keepdims=True, dtype=np.float64)
+        picked = np.take_along_axis(raw, order, axis=1).astype(np.float64) - mean
+        out[name] = np.divide(picked, spread, out=np.zeros_like(picked), where=spread > 0)
+    return out, order, padding
 
 
 def recommend_top_n(

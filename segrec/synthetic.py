@@ -13,6 +13,18 @@ The generator (seeded; the same arguments give the same files):
   are very popular and most are rare. Timestamps increase strictly within a user, so no
   two events of a user repeat (user, item, behavior, timestamp).
 
+With ``product=True`` the log looks like a shop's implicit feedback rather than a
+catalogue with categories (`segrec eval`'s "not tuned to movies" check):
+
+- **Titles** are long product names ("Nordic compact tent with backpack, trail edition,
+  2-pack, graphite — #17"), and ``items.csv`` has **no category column**: the theme is
+  only in the words.
+- **Sequences.** Each segment owns ``chains`` item chains of ``chain_length`` items of its
+  theme (drawn uniformly, so they are not just the popular items). At each own-theme event
+  a user starts one of their segment's chains with probability ``chain_start`` and then
+  follows it in order over their next events (timestamps increasing), so the next item
+  after a chain item is predictable from order alone.
+
 The planted segment of every user is returned, to score recovered segments against
 (adjusted Rand index).
 """
@@ -41,6 +53,9 @@ THEMES: dict[str, list[str]] = {
     "Fishing": ["fishing rod", "reel", "fishing lure", "tackle box", "bait", "wader"],
 }
 BRANDS = ["Acme", "Nordic", "Zen", "Apex", "Blue", "Prime", "Vista", "Nova", "Orbit", "Terra"]
+ADJECTIVES = ["compact", "deluxe", "lightweight", "heavy-duty", "classic", "pro", "eco", "smart"]
+EDITIONS = ["everyday", "travel", "family", "starter", "expert", "limited", "outdoor", "home"]
+COLOURS = ["graphite", "ivory", "forest green", "navy", "sand", "crimson", "slate", "teal"]
 
 
 @dataclass(frozen=True)
@@ -64,9 +79,14 @@ def write_synthetic_log(
     zipf: float = 1.05,
     affinity: float = 0.85,
     min_events: int = 3,
+    product: bool = False,
+    chains: int = 40,
+    chain_length: int = 4,
+    chain_start: float = 0.15,
 ) -> SyntheticLog:
     """Write ``log.csv`` (user_id, item_id, behavior, timestamp) and ``items.csv``
-    (item_id, title, category) under ``folder``; see the module docstring for the model."""
+    (item_id, title, category; no category when ``product``) under ``folder``; see the
+    module docstring for the model. Chains are planted only when ``product``."""
     if not 2 <= n_segments <= len(THEMES):
         raise ValueError(f"n_segments={n_segments}: between 2 and {len(THEMES)}")
     if n_items < n_segments or n_users < n_segments:
@@ -82,18 +102,23 @@ def write_synthetic_log(
         vocabulary = words[item_theme[i]]
         a, b = rng.choice(len(vocabulary), size=2, replace=False)
         brand = BRANDS[int(rng.integers(len(BRANDS)))]
-        titles.append(f"{brand} {vocabulary[a]} {vocabulary[b]} #{i}")
+        if product:
+            adjective, edition, colour = (
+                options[int(rng.integers(len(options)))]
+                for options in (ADJECTIVES, EDITIONS, COLOURS)
+            )
+            pack = int(rng.choice([1, 2, 3, 6]))
+            titles.append(
+                f"{brand} {adjective} {vocabulary[a]} with {vocabulary[b]}, {edition} "
+                f"edition, {pack}-pack, {colour} — #{i}"
+            )
+        else:
+            titles.append(f"{brand} {vocabulary[a]} {vocabulary[b]} #{i}")
+    columns = {"item_id": pa.array([f"i{i}" for i in range(n_items)]), "title": pa.array(titles)}
+    if not product:
+        columns["category"] = pa.array([themes[t] for t in item_theme])
     items_path = folder / "items.csv"
-    pa_csv.write_csv(
-        pa.table(
-            {
-                "item_id": pa.array([f"i{i}" for i in range(n_items)]),
-                "title": pa.array(titles),
-                "category": pa.array([themes[t] for t in item_theme]),
-            }
-        ),
-        items_path,
-    )
+    pa_csv.write_csv(pa.table(columns), items_path)
 
     weights = rng.permutation(np.arange(1, n_segments + 1)).astype(float)
     planted = rng.choice(n_segments, size=n_users, p=weights / weights.sum())
@@ -119,6 +144,10 @@ def write_synthetic_log(
         items[rows] = theme_items[j][zipf_draw(len(theme_items[j]), rows.size)]
 
     starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    if product:
+        _plant_chains(
+            rng, items, own, planted, starts, counts, theme_items, chains, chain_length, chain_start
+        )
     gaps = rng.integers(1, 86_400, size=total)
     clock = np.cumsum(gaps)
     base = 1_600_000_000 + rng.integers(0, 10**7, size=n_users)
@@ -152,3 +181,36 @@ def write_synthetic_log(
                 )
             )
     return SyntheticLog(log=log_path, items=items_path, planted=planted, n_events=total)
+
+
+def _plant_chains(
+    rng: np.random.Generator,
+    items: np.ndarray,
+    own: np.ndarray,
+    planted: np.ndarray,
+    starts: np.ndarray,
+    counts: np.ndarray,
+    theme_items: list[np.ndarray],
+    chains: int,
+    length: int,
+    start_p: float,
+) -> None:
+    """Overwrite runs of each user's events (in time order) with their segment's chains."""
+    if chains < 1 or length < 2:
+        raise ValueError("chains must be >= 1 and chain_length >= 2")
+    table = [
+        np.stack([rng.choice(pool, size=length, replace=pool.size < length) for _ in range(chains)])
+        for pool in theme_items
+    ]
+    begins = rng.random(items.size) < start_p
+    which = rng.integers(chains, size=items.size)
+    for user, (start, count) in enumerate(zip(starts, counts, strict=True)):
+        position, end = int(start), int(start + count)
+        while position < end:
+            if own[position] and begins[position]:
+                chain = table[planted[user]][which[position]]
+                run = min(length, end - position)
+                items[position : position + run] = chain[:run]
+                position += run
+            else:
+                position += 1

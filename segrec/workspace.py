@@ -27,6 +27,7 @@ import scipy.sparse as sp
 
 from segrec.config import Settings
 from segrec.errors import WorkspaceError
+from segrec.evaluate import event_times
 from segrec.ranker import Ranker, RankerSpec
 from segrec.serving import ModelVersion, Recommender, Served
 from segrec.store import Assignment, RunRecord, Store
@@ -177,7 +178,8 @@ class Workspace:
             )
             store.save_ranker_spec(version.data_version, version.run_id, spec.as_dict())
         stage("fitting the ranker")
-        ranker = Ranker(spec, item_vectors).fit(X, labels)
+        times = event_times(interactions.rename(columns={"seq": "line"}), users, items["item_id"])
+        ranker = Ranker(spec, item_vectors).fit(X, labels, times=times)
         served = Served(ranker, items, item_vectors, X, users, labels, run, notes + spec.notes)
         key = artifact_key(version, population, spec, encoder_id)
         save_models(self.models_dir, key, served, version)

@@ -100,7 +100,7 @@ def test_tuned_blend_is_never_worse_than_its_best_signal_on_validation() -> None
     spec = tune_ranker(split, item_vectors_for=None)
     assert spec.tuned and set(spec.weights) == {"long", "short", "chat"}
     validation = validation_split(split)
-    names = ["ease", "itemknn", "pop"]
+    names = ["ease", "itemknn", "pop", "transition"]
     signals = split_signals(validation, spec, names, item_vectors=None)
     ranker = Ranker(spec)
     blended, _ = ranker.blend(signals, np.full(len(validation.users), "long"))
