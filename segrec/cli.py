@@ -798,6 +798,9 @@ def hierarchy(
         record = make_hierarchy(
             settings, run_id=run, levels=levels, on_stage=lambda stage: status.update(stage)
         )
+    text = gates.tally_segments(record.parents, kind="parent")
+    gates.record_counts(settings.workspace, "hierarchy", text)
+    _print_text_lines(text)
     report = pipeline.segments_report(settings, record.run_id)
     if as_json:
         _llm_calls(calls, report)

@@ -157,10 +157,16 @@ class SegmentDoc:
     categories: dict[str, float]  # category -> share of the members' interactions
     top_items: list[str]  # titles of the segment's top items by lift
     lift_categories: tuple[str, ...] = ()  # the segment's top categories by lift
+    # The top categories printed beside the label, when the caller prints its own (a
+    # parent's): then the only ones the label may name.
+    shown_categories: tuple[str, ...] = ()
 
     @property
     def allowed_categories(self) -> list[str]:
-        """The categories its name and description may name (top by share or by lift)."""
+        """The categories its name and description may name: those shown beside it, else
+        its top ones by share or by lift."""
+        if self.shown_categories:
+            return list(self.shown_categories)
         return allowed_segment_categories(self.categories, self.lift_categories)
 
 
