@@ -1564,7 +1564,8 @@ def _print_text_track(text: dict[str, Any]) -> None:
     table = Table(
         title=f"text track · {text['users']} users (seed {text['seed']}) · {text['model']}"
     )
-    for column in ("kind", "texts", "kept", "replaced", "why replaced", "ungrounded", "s/text"):
+    columns = ("kind", "texts", "kept", "replaced", "why replaced", "shown pass", "ungrounded")
+    for column in (*columns, "s/text"):
         table.add_column(column)
     for kind, m in text["kinds"].items():
         table.add_row(
@@ -1573,10 +1574,15 @@ def _print_text_track(text: dict[str, Any]) -> None:
             f"{m['kept_share']:.0%}",
             f"{m['replaced_share']:.0%}",
             ", ".join(f"{k} {n}" for k, n in m["reasons"].items()) or "-",
+            f"{m['displayed_pass_share']:.0%}",
             _fmt(m["ungrounded_rate"]),
             f"{m['seconds_per_text']:.2f}",
         )
     out.print(table)
+    out.print(
+        f"{text['texts_shown']} texts shown: {text['kept_share']:.0%} the LLM's, "
+        f"{text['displayed_pass_share']:.0%} pass the gates checked again"
+    )
     for kind, m in text["kinds"].items():
         for outcome, texts in m.get("samples", {}).items():
             for sample in texts:
