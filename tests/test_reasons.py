@@ -273,8 +273,9 @@ def test_segment_pop_pop_and_no_signal() -> None:
     assert template_reason(candidate({"pop": 0.1, "ease": -2.0}), HISTORY) == (
         "Widely popular right now" + shares
     )
+    # nothing shared: the item's own categories say what is popular
     horror = candidate({"pop": 0.1}, categories=("Horror",))
-    assert template_reason(horror, HISTORY) == SIGNAL_WORDS["pop"]
+    assert template_reason(horror, HISTORY) == "Widely popular right now, in Horror."
     assert template_reason(candidate({"ease": -1.0, "other": 5.0}), HISTORY) == NO_SIGNAL
     assert template_reason(candidate({}), HISTORY) == NO_SIGNAL
 
