@@ -500,6 +500,7 @@ def run_clustering(
                 ),
                 top_items=[t["title"] for t in facts[j].top_items],
                 lift_categories=tuple(c["category"] for c in facts[j].top_categories),
+                shown_categories=tuple(c["category"] for c in facts[j].top_categories),
             )
             for j in described
         ]
