@@ -157,6 +157,18 @@ def test_hierarchy_on_the_bundled_model(clustered: Settings, local_llm: Any) -> 
             assert 1 <= len(parent.name.split()) <= 6
     fallbacks = sum(p.fallback for p in record.parents)
     assert (fallbacks > 0) == any("fallback" in note for note in record.notes)
+    # the gates: every parent label names only the top categories stored beside it
+    from segrec.gates import mentioned, tally_segments
+    from segrec.profile import Vocabulary
+
+    with Store.open(clustered.workspace) as store:
+        vocabulary = Vocabulary.from_items(store.items_frame()).categories
+    for parent in record.parents:
+        shown = [t["category"] for t in parent.facts["top_categories"]]
+        named = mentioned(f"{parent.name}. {parent.description}", sorted(vocabulary))
+        assert set(named) <= set(shown), (parent.name, parent.description, shown)
+    counted = tally_segments(record.parents, kind="parent").kinds["parent"]
+    assert counted.texts == len(record.parents) and counted.replaced == fallbacks
 
 
 # ------------------------------------------------------------------------------ gates
