@@ -490,6 +490,7 @@ def write_reasons(
     def explain(candidate: Candidate) -> Reason:
         options = anchors(candidate, history)
         facts = fact_clauses(candidate, history, domain=domain) if constrain else None
+        key = None  # the cache key, once the LLM is asked
         if not options:
             why = "the history has no liked title or category this item shares"
         elif constrain and not facts:
@@ -529,7 +530,7 @@ def write_reasons(
             fallback_reason=why,
         )
         # The same question gets the same invalid answers (fixed seeds); an LLM error may not.
-        if options and cache is not None and not str(why).startswith("LLM error"):
+        if key is not None and cache is not None and not str(why).startswith("LLM error"):
             cache.cache_reason(key, reason.model_dump())
         return reason
 
