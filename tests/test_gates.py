@@ -291,6 +291,7 @@ def test_failure_codes_and_the_tally_add_up() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # every kind of text, retried, on a busy 2-core machine
 def test_real_model_texts_all_pass_the_gates_and_the_counts_add_up(  # type: ignore[no-untyped-def]
     local_llm, example_ratings, example_movies, tmp_path
 ) -> None:
