@@ -322,7 +322,7 @@ def template_question(options: Sequence[Option], domain: str) -> str:
     kinds = [o.label for o in options if o.kind == "category"]
     if kinds:
         return f"Which of these kinds of {domain} do you enjoy: {join_words(kinds[:3])}?"
-    return f"Which of these {domain}s do you like?"
+    return f"Which of these {domain}s do you enjoy most?"
 
 
 # ------------------------------------------------------------------------------ answers

@@ -822,6 +822,9 @@ def hierarchy(
         record = make_hierarchy(
             settings, run_id=run, levels=levels, on_stage=lambda stage: status.update(stage)
         )
+    text = gates.tally_segments(record.parents, kind="parent")
+    gates.record_counts(settings.workspace, "hierarchy", text)
+    _print_text_lines(text)
     report = pipeline.segments_report(settings, record.run_id)
     if as_json:
         _llm_calls(calls, report)
@@ -1620,7 +1623,8 @@ def _print_text_track(text: dict[str, Any]) -> None:
     table = Table(
         title=f"text track · {text['users']} users (seed {text['seed']}) · {text['model']}"
     )
-    for column in ("kind", "texts", "kept", "replaced", "why replaced", "ungrounded", "s/text"):
+    columns = ("kind", "texts", "kept", "replaced", "why replaced", "shown pass", "ungrounded")
+    for column in (*columns, "s/text"):
         table.add_column(column)
     for kind, m in text["kinds"].items():
         table.add_row(
@@ -1629,10 +1633,15 @@ def _print_text_track(text: dict[str, Any]) -> None:
             f"{m['kept_share']:.0%}",
             f"{m['replaced_share']:.0%}",
             ", ".join(f"{k} {n}" for k, n in m["reasons"].items()) or "-",
+            f"{m['displayed_pass_share']:.0%}",
             _fmt(m["ungrounded_rate"]),
             f"{m['seconds_per_text']:.2f}",
         )
     out.print(table)
+    out.print(
+        f"{text['texts_shown']} texts shown: {text['kept_share']:.0%} the LLM's, "
+        f"{text['displayed_pass_share']:.0%} pass the gates checked again"
+    )
     for kind, m in text["kinds"].items():
         for outcome, texts in m.get("samples", {}).items():
             for sample in texts:

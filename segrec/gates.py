@@ -30,7 +30,7 @@ from segrec.grounding import SENTENCE, norm
 # Zipf 1.0 is about once per 100 million words: below it are typos and debris ("httpsa" 0,
 # "xtraordinary" 0), above it every dictionary word we have seen in a profile or reason.
 MIN_ZIPF = 1.0
-KINDS = ("summary", "theme", "segment_name", "segment_description", "reason", "question")
+KINDS = ("summary", "theme", "segment", "parent", "reason", "question")
 
 # Words that end no finished English sentence (often cut off by a length bound).
 DANGLING = frozenset(
@@ -418,15 +418,14 @@ def tally_items(items: Iterable[Mapping[str, Any]], tally: TextTally | None = No
     return tally
 
 
-def tally_segments(segments: Iterable[Any]) -> TextTally:
-    """Count the labels (name and description, accepted together) of described segments
-    (``SegmentRecord``: ``fallback``, ``described``, ``facts["fallback_reason"]``)."""
+def tally_segments(segments: Iterable[Any], kind: str = "segment") -> TextTally:
+    """Count the labels (name and description, accepted together) of described segments or
+    parents (``SegmentRecord``/``ParentRecord``: ``fallback``, ``described``,
+    ``facts["fallback_reason"]``) as texts of ``kind``."""
     tally = TextTally()
     for segment in segments:
         if segment.described:
-            tally.add(
-                "segment", replaced=segment.fallback, why=segment.facts.get("fallback_reason")
-            )
+            tally.add(kind, replaced=segment.fallback, why=segment.facts.get("fallback_reason"))
     return tally
 
 

@@ -4,8 +4,9 @@ As in Anthropic's Clio, the hierarchy is built bottom-up from the fine clusters:
 centroids are clustered (k-means weighted by segment size, so a parent's centroid is the
 mean of its users), and every parent is named by the LLM from its children's names and
 facts, contrasted with the nearest children of *other* parents. Naming reuses the label
-stage (its validation, distinct names and deterministic fallback, marked as such) with its
-own prompt, ``prompts/parent.jinja``.
+stage (its validation, the quality gates, distinct names and deterministic fallback, marked
+as such) with its own prompt, ``prompts/parent.jinja``; a parent's name and description may
+name only the top categories stored and printed beside it (the consistency gate).
 
 Level sizes shrink geometrically, as in Clio: with ``k`` segments and ``L`` levels in all
 (the segments are level 0), level ``l`` has ``round(k ** ((L - l) / L))`` parents, e.g.
@@ -114,6 +115,7 @@ def _doc(
     others: list[_Node],
     centroid: np.ndarray,
     categories: Sequence[str],
+    shown: Sequence[str],
 ) -> SegmentDoc:
     def near(nodes: list[_Node]) -> list[_Node]:
         return sorted(nodes, key=lambda n: float(np.linalg.norm(n.centroid - centroid)))
@@ -128,6 +130,7 @@ def _doc(
         contrast=[_line(o) for o in near([o for o in others if o.described])[:PROMPT_OTHERS]],
         categories=_shares(counts, categories),
         top_items=list(dict.fromkeys(items))[:5],
+        shown_categories=tuple(shown),
     )
 
 
@@ -194,8 +197,20 @@ def build_hierarchy(
         centroids = [
             np.average([m.centroid for m in g], axis=0, weights=[m.size for m in g]) for g in groups
         ]
+        group_counts = [np.sum([m.categories for m in g], axis=0) for g in groups]
+        tops = [
+            _top_categories(c, population, categories, sum(m.size for m in g), total_users)
+            for c, g in zip(group_counts, groups, strict=True)
+        ]
         docs = [
-            _doc(next_id + j, g, [o for o in nodes if o not in g], centroids[j], categories)
+            _doc(
+                next_id + j,
+                g,
+                [o for o in nodes if o not in g],
+                centroids[j],
+                categories,
+                [t["category"] for t in tops[j]],
+            )
             for j, g in enumerate(groups)
         ]
         described = [d for d in docs if d.size >= min_size]
@@ -232,8 +247,7 @@ def build_hierarchy(
                 if label
                 else f"Fewer than {min_size} users: not described (privacy threshold)."
             )
-            counts_ = np.sum([m.categories for m in members], axis=0)
-            top = _top_categories(counts_, population, categories, doc.size, total_users)
+            top = tops[j]
             level_records.append(
                 ParentRecord(
                     parent_id=doc.segment_id,
@@ -260,7 +274,7 @@ def build_hierarchy(
                     described=label is not None,
                     size=doc.size,
                     centroid=centroids[j],
-                    categories=counts_,
+                    categories=group_counts[j],
                     top_categories=[t["category"] for t in top],
                     top_items=doc.top_items,
                 )

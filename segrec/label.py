@@ -102,6 +102,7 @@ GENERIC_WORDS = frozenset(
         "all",
     ]
 )
+_GROUP_WORDS = frozenset({"group", "groups", "segment", "segments", "cluster", "clusters"})
 _NUMBERED = re.compile(r"\b(segment|cluster|group)\s*#?\d+\b", re.IGNORECASE)
 # Sentence punctuation or markup inside a name means the model wrote something else.
 _NOT_A_NAME = re.compile(r"[.;:!?*()\[\]{}<>\"]")
@@ -157,10 +158,16 @@ class SegmentDoc:
     categories: dict[str, float]  # category -> share of the members' interactions
     top_items: list[str]  # titles of the segment's top items by lift
     lift_categories: tuple[str, ...] = ()  # the segment's top categories by lift
+    # The top categories printed beside the label, when the caller prints its own (a
+    # parent's): then the only ones the label may name.
+    shown_categories: tuple[str, ...] = ()
 
     @property
     def allowed_categories(self) -> list[str]:
-        """The categories its name and description may name (top by share or by lift)."""
+        """The categories its name and description may name: those shown beside it, else
+        its top ones by share or by lift."""
+        if self.shown_categories:
+            return list(self.shown_categories)
         return allowed_segment_categories(self.categories, self.lift_categories)
 
 
@@ -272,6 +279,8 @@ def fallback_label(
             number += 1
         name = f"{base} {number}"
     parts = [f"{doc.size} users"]
+    # the shares it quotes are of categories it may name (those shown beside it)
+    top_categories = [(c, share) for c, share in top_categories if c in allowed] or top_categories
     if top_categories:
         shares = [f"{name_} ({share:.0%})" for name_, share in top_categories]
         parts[0] += " whose histories centre on " + join_words(shares) + "."
@@ -396,6 +405,9 @@ def check_label_gates(
     names = [*doc.categories, *doc.top_items]
     lexicon = Lexicon.from_names([*names, *vocabulary])
     check_fluent(name, lexicon, names=names, sentence=False)
+    words = norm(name).split()
+    if words[0] in {"the", "a", "an"} or set(words) & _GROUP_WORDS:  # "The Group Drama"
+        raise GateError("fluent", "not-a-name", f"{name!r} reads as a phrase about a group")
     check_fluent(description, lexicon, names=names)
     allowed = doc.allowed_categories
     if allowed and not mentioned(name, allowed):

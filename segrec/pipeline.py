@@ -33,7 +33,7 @@ from segrec.config import Settings
 from segrec.data import CHUNK_BYTES, IngestReport, ItemColumns, LogColumns, load_dataset
 from segrec.embed import Encoder, SentenceTransformerEncoder, embed_texts
 from segrec.errors import InputError, WorkspaceError
-from segrec.gates import tally_segments
+from segrec.gates import TextTally, tally_segments
 from segrec.label import SegmentDoc, label_segments
 from segrec.llm import make_llm
 from segrec.llm.base import LLM, GenerationParams, RetryPolicy
@@ -499,6 +499,7 @@ def run_clustering(
                 ),
                 top_items=[t["title"] for t in facts[j].top_items],
                 lift_categories=tuple(c["category"] for c in facts[j].top_categories),
+                shown_categories=tuple(c["category"] for c in facts[j].top_categories),
             )
             for j in described
         ]
@@ -648,8 +649,15 @@ def segments_report(settings: Settings, run_id: int | None = None) -> dict[str, 
         ],
         "hierarchy": {"params": hierarchy.params, "notes": hierarchy.notes} if hierarchy else None,
         "metrics": run.metrics,
-        "text": tally_segments(segments).as_json(),
+        "text": _label_tally(segments, parents).as_json(),
     }
+
+
+def _label_tally(segments: list[SegmentRecord], parents: list[Any]) -> TextTally:
+    """The segment labels and parent names of a run, counted by kind."""
+    tally = tally_segments(segments)
+    tally.update(tally_segments(parents, kind="parent"))
+    return tally
 
 
 def list_runs(settings: Settings, *, activate: int | None = None) -> list[dict[str, Any]]:

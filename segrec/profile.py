@@ -473,8 +473,7 @@ def parse_profile(text: str, request: ProfileRequest, vocabulary: Vocabulary) ->
     summary = " ".join(sentences)[:SUMMARY_MAX]
     if len(summary) < SUMMARY_MIN:
         raise ValueError("summary is empty or too short once ungrounded sentences are removed")
-    check_fluent(summary, lexicon, names=own)
-    check_summary_specific(summary, own)
+    check_summary_gates(summary, request, vocabulary)
     profile = Profile(
         summary=summary,
         likes=likes,
@@ -483,6 +482,14 @@ def parse_profile(text: str, request: ProfileRequest, vocabulary: Vocabulary) ->
         themes=themes,
     )
     return Grounded(profile=profile, removed=removed)
+
+
+def check_summary_gates(summary: str, request: ProfileRequest, vocabulary: Vocabulary) -> None:
+    """The quality gates on a summary (:mod:`segrec.gates`): fluent words and sentences, and
+    at least one of the user's own categories or titles named."""
+    own = [*request.history_categories, *(e.title for e in request.history)]
+    check_fluent(summary, Lexicon.from_names([*own, *vocabulary.categories]), names=own)
+    check_summary_specific(summary, own)
 
 
 def fallback_profile(request: ProfileRequest) -> Profile:

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -810,10 +812,15 @@ def _chat_track(
 
 @dataclass
 class _Timed:
-    """Passes calls to the backend and adds each call's seconds to the current kind."""
+    """Passes calls to the backend and adds each call's seconds to the current kind.
+
+    ``plain``: every schema loses its patterns and enums (:func:`plain_schema`), so the
+    same prompts run under a plain JSON grammar — what the constraints buy, measured.
+    """
 
     llm: LLM
     kind: str = "summary"
+    plain: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -825,6 +832,8 @@ class _Timed:
         return int(getattr(self.llm, "concurrency", 1))
 
     def complete(self, messages: Any, *, params: Any, schema: Any = None) -> Any:
+        if self.plain and schema is not None:
+            schema = plain_schema(schema)
         start = time.perf_counter()
         try:
             return self.llm.complete(messages, params=params, schema=schema)
@@ -834,8 +843,183 @@ class _Timed:
             )
 
 
-TEXT_KINDS = ("summary", "segment", "reason", "question")
+def plain_schema(schema: Any) -> Any:
+    """``schema`` without its ``pattern`` and ``enum`` constraints: the same fields, types
+    and lengths, as a plain JSON grammar enforces them."""
+    if isinstance(schema, dict):
+        return {k: plain_schema(v) for k, v in schema.items() if k not in ("pattern", "enum")}
+    if isinstance(schema, list):
+        return [plain_schema(v) for v in schema]
+    return schema
+
+
+TEXT_KINDS = ("summary", "segment", "parent", "reason", "question")
 TEXT_USERS = 25  # the text track's default sample: every text costs LLM seconds
+
+
+@dataclass
+class _Shown:
+    """Every displayed text of the text track: what it says, who wrote it, what the gates
+    say of it now, and the facts a reader sees beside it."""
+
+    tally: Any
+    texts: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(
+        self,
+        kind: str,
+        text: str,
+        *,
+        replaced: bool,
+        why: str | None,
+        check: Callable[[], object],
+        facts: str,
+        ungrounded: bool | None = None,
+    ) -> None:
+        from segrec.gates import GateError
+
+        self.tally.add(kind, replaced=replaced, why=why)
+        try:
+            check()
+        except GateError as exc:
+            failure: str | None = f"{exc.gate}/{exc.code}"
+        else:
+            failure = None
+        self.texts.append(
+            {
+                "kind": kind,
+                "text": text,
+                "template": replaced,
+                "gate_failure": failure,
+                "ungrounded": ungrounded,
+                "facts": facts,
+            }
+        )
+
+
+def _segment_check(
+    store: Store, run_id: int, segment: Any, vocabulary: Any
+) -> tuple[Callable[[], None], bool, str]:
+    """The label gates on a stored segment, against facts rebuilt from the store (category
+    shares of its members' interactions, its stored top items and top categories), whether
+    it names a category the members lack, and the facts shown beside it."""
+    from segrec.grounding import absent_categories
+    from segrec.label import SegmentDoc, check_label_gates
+
+    members = [
+        u for u, a in store.assignments(run_id).items() if a.segment_id == segment.segment_id
+    ]
+    seen = store.interactions_frame(members).drop_duplicates(["user_id", "item_id"])
+    item_categories = store.items_frame().set_index("item_id")["categories"]
+    counts = seen["item_id"].map(item_categories).explode().dropna().value_counts()
+    shares = {str(c): round(float(n / counts.sum()), 4) for c, n in counts.items()}
+    top_categories = [c["category"] for c in segment.facts.get("top_categories", [])]
+    top_items = [t["title"] for t in segment.facts.get("top_items", [])]
+    doc = SegmentDoc(
+        segment_id=segment.segment_id,
+        size=segment.size,
+        members=[],
+        contrast=[],
+        categories=shares,
+        top_items=top_items,
+        lift_categories=tuple(top_categories),
+    )
+    categories = vocabulary.categories
+    absent = absent_categories(f"{segment.name}. {segment.description}", shares, categories)
+    facts = (
+        f"{segment.size} users; top categories: {', '.join(top_categories)}; "
+        f"top items: {'; '.join(top_items[:3])}"
+    )
+    return (
+        lambda: check_label_gates(segment.name, segment.description, doc, categories),
+        bool(absent),
+        facts,
+    )
+
+
+def _reason_check(
+    item: dict[str, Any],
+    history: Sequence[Any],
+    categories: dict[str, tuple[str, ...]],
+    vocabulary: Any,
+) -> tuple[Callable[[], None], bool, str]:
+    """The reason gates on a displayed reason (its candidate rebuilt from the shown item:
+    title, categories, signals; ``because`` the liked titles it cites), whether it names
+    what the history lacks, and the facts shown beside it."""
+    from segrec.gates import mentioned
+    from segrec.grounding import SENTENCE
+    from segrec.reasons import (
+        Candidate,
+        ReasonContext,
+        anchors,
+        check_reason_gates,
+        shared_categories,
+    )
+
+    liked = [e.title for e in history if e.strength > 0]
+    reason = str(item["reason"])
+    candidate = Candidate(
+        item_id=str(item["item_id"]),
+        title=str(item["title"]),
+        categories=tuple(categories.get(str(item["item_id"]), ())),
+        score=float(item["score"]),
+        signals=dict(item["signals"]),
+        because=tuple(mentioned(reason, liked)),
+    )
+    context = ReasonContext.build(history)
+    options = anchors(candidate, history)
+    claims = [c for s in SENTENCE.split(reason) for c in context.claims(s, candidate, vocabulary)]
+    signals = ", ".join(k for k, v in candidate.signals.items() if v > 0) or "none"
+    facts = (
+        f"item: {candidate.title} [{', '.join(candidate.categories)}]; shares with the "
+        f"user's likes: {', '.join(shared_categories(candidate, history)[:3]) or 'nothing'}; "
+        f"liked: {'; '.join(liked[-3:])}; signals: {signals}"
+    )
+    return (
+        lambda: check_reason_gates(reason, candidate, context, vocabulary, options),
+        bool(claims),
+        facts,
+    )
+
+
+def _parent_check(
+    parent: Any, segments: Sequence[Any], vocabulary: Any
+) -> tuple[Callable[[], None], str]:
+    """The label gates on a stored level-1 parent, against the top categories stored beside
+    it (and its children's top items, which its prompt and template quote)."""
+    from segrec.label import SegmentDoc, check_label_gates
+
+    top = {t["category"]: t["share"] for t in parent.facts.get("top_categories", [])}
+    children = sorted(
+        (s for s in segments if s.segment_id in parent.children), key=lambda s: -s.size
+    )
+    items = [t["title"] for child in children for t in child.facts.get("top_items", [])]
+    doc = SegmentDoc(
+        segment_id=parent.parent_id,
+        size=parent.size,
+        members=[],
+        contrast=[],
+        categories=top,
+        top_items=list(dict.fromkeys(items))[:5],
+        shown_categories=tuple(top),
+    )
+    facts = f"{parent.size} users; top categories: {', '.join(top)}"
+    return (
+        lambda: check_label_gates(parent.name, parent.description, doc, vocabulary.categories),
+        facts,
+    )
+
+
+def _question_check(question: Any) -> tuple[Callable[[], None], str]:
+    from segrec.gates import Lexicon, check_fluent, check_question_consistent
+
+    labels = [o.label for o in question.options]
+
+    def check() -> None:
+        check_fluent(question.text, Lexicon.from_names(labels), names=labels)
+        check_question_consistent(question.text, labels)
+
+    return check, "choices: " + "; ".join(labels)
 
 
 def text_track(
@@ -849,19 +1033,25 @@ def text_track(
     chats: int = 5,
     k: int = 3,
     show_samples: int = 0,
+    constrained: bool = True,
     stage: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
     """Every kind of displayed text, written on a seeded sample of users through the normal
     stages (profile, cluster, explain, chat) in a workspace of its own, and counted.
 
     Per kind: texts, share kept (written by the LLM, passed every gate), share replaced by
-    a template and why, the share of displayed texts that still name something ungrounded,
-    and LLM seconds per text. ``show_samples`` adds that many kept and replaced texts.
+    a template and why, the share of displayed texts (kept and templates) that pass the
+    gates when checked again, the share that name something ungrounded, and LLM seconds per
+    text. ``texts`` lists every displayed text with the facts shown beside it;
+    ``show_samples`` adds that many kept and replaced texts per kind. ``constrained=False``
+    runs the same prompts under a plain JSON grammar (no patterns, no enums).
     """
     from segrec.chat import ChatSession
     from segrec.gates import TextTally
+    from segrec.grounding import SENTENCE
+    from segrec.hierarchy import build_hierarchy
     from segrec.pipeline import run_clustering, run_profiles
-    from segrec.profile import Vocabulary, ungrounded_claims
+    from segrec.profile import Vocabulary, check_summary_gates, ungrounded_claims
     from segrec.serving import explain
     from segrec.simulate import RuleBasedUser
     from segrec.workspace import Workspace
@@ -872,21 +1062,12 @@ def text_track(
     rows = dataset.interactions[dataset.interactions["user_id"].isin(set(picked))]
     used = dataset.items[dataset.items["item_id"].isin(set(rows["item_id"]))]
     sample = replace(dataset, interactions=rows, items=used.reset_index(drop=True))
-    fingerprint = hashlib.sha256("|".join([*map(str, picked), llm.model_id]).encode()).hexdigest()[
-        :10
-    ]
-    workspace = Path(settings.workspace) / f"text-{fingerprint}"
+    key = "|".join([*map(str, picked), llm.model_id, "" if constrained else "plain"])
+    workspace = Path(settings.workspace) / f"text-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
     local = settings.model_copy(update={"workspace": workspace})
-    timed = _Timed(llm)
+    timed = _Timed(llm, plain=not constrained)
     tally = TextTally()
-    samples: dict[str, dict[str, list[str]]] = {
-        kind: {"kept": [], "replaced": []} for kind in TEXT_KINDS
-    }
-    ungrounded: dict[str, int] = dict.fromkeys(TEXT_KINDS, 0)
-
-    def count(kind: str, text: str, replaced: bool, why: str | None) -> None:
-        tally.add(kind, replaced=replaced, why=why)
-        samples[kind]["replaced" if replaced else "kept"].append(text)
+    shown = _Shown(tally)
 
     with Store.open(workspace, create=True) as store:
         store.ingest(sample, source={"eval": f"text track, {len(picked)} users, seed {seed}"})
@@ -897,10 +1078,12 @@ def text_track(
         items = store.items_frame()
         events = user_events(store.interactions_frame(), items, value_scales(rows))
     vocabulary = Vocabulary.from_items(items)
+    item_categories = {
+        str(i): tuple(c) for i, c in zip(items["item_id"], items["categories"], strict=True)
+    }
     for user in picked:
         record = records[user]
         summary = str(record.profile["summary"])
-        count("summary", summary, record.fallback, record.fallback_reason)
         request = build_request(
             user,
             events.get(user, []),
@@ -910,25 +1093,70 @@ def text_track(
             max_items=local.max_history_items,
             max_tokens=local.max_history_tokens,
         )
-        ungrounded["summary"] += bool(ungrounded_claims(summary, request, vocabulary))
+        shown.add(
+            "summary",
+            summary,
+            replaced=record.fallback,
+            why=record.fallback_reason,
+            check=partial(check_summary_gates, summary, request, vocabulary),
+            # sentence by sentence, as the profile stage checks
+            ungrounded=any(
+                ungrounded_claims(part, request, vocabulary) for part in SENTENCE.split(summary)
+            ),
+            facts=f"likes: {', '.join(request.like_options[:3])}; favourites: "
+            f"{'; '.join(request.favourite_options[:3])}",
+        )
     stage("clustering and naming segments")
     timed.kind = "segment"
     # "unnamed": a small sample's tiny segments stay undescribed rather than stop the run.
     clustered = run_clustering(local, k=min(k, len(picked) - 1), small="unnamed", llm=timed)
-    for segment in clustered.segments:
-        if segment.described:
-            count(
-                "segment",
-                f"{segment.name} — {segment.description}",
-                segment.fallback,
-                segment.facts.get("fallback_reason"),
+    with Store.open(workspace) as store:
+        for segment in clustered.segments:
+            if segment.described:
+                check, absent, facts = _segment_check(store, clustered.run.id, segment, vocabulary)
+                shown.add(
+                    "segment",
+                    f"{segment.name} — {segment.description}",
+                    replaced=segment.fallback,
+                    why=segment.facts.get("fallback_reason"),
+                    check=check,
+                    ungrounded=absent,
+                    facts=facts,
+                )
+        if sum(s.described for s in clustered.segments) >= 3:  # a hierarchy needs 3
+            stage("naming parent segments")
+            timed.kind = "parent"
+            tree = build_hierarchy(store, clustered.run, levels=2, llm=timed, settings=local)
+            for parent in tree.parents:
+                if parent.described:
+                    check, facts = _parent_check(parent, clustered.segments, vocabulary)
+                    shown.add(
+                        "parent",
+                        f"{parent.name} — {parent.description}",
+                        replaced=parent.fallback,
+                        why=parent.facts.get("fallback_reason"),
+                        check=check,
+                        facts=facts,
+                    )
+
+    def add_reasons(found: Sequence[dict[str, Any]], history: Sequence[Any]) -> None:
+        for item in found:
+            check, claims, facts = _reason_check(item, history, item_categories, vocabulary)
+            shown.add(
+                "reason",
+                item["reason"],
+                replaced=item["reason_fallback"],
+                why=item["reason_fallback_why"],
+                check=check,
+                ungrounded=claims,
+                facts=facts,
             )
+
     stage(f"explaining {len(picked)} users")
     timed.kind = "reason"
     for user in picked:
         result, _ = explain(local, user, n=reasons_per_user, llm=timed)
-        for item in result["items"]:
-            count("reason", item["reason"], item["reason_fallback"], item["reason_fallback_why"])
+        add_reasons(result["items"], events.get(user, []))
     stage(f"{min(chats, len(picked))} simulated chats")
     with Workspace(local, llm=timed) as ws:
         context = ws.recommender().chat_context(ws.llm)
@@ -938,29 +1166,76 @@ def text_track(
             timed.kind = "question"
             while (question := session.next_question()) is not None:
                 if not question.open:
-                    count("question", question.text, question.fallback, question.fallback_reason)
+                    check, facts = _question_check(question)
+                    shown.add(
+                        "question",
+                        question.text,
+                        replaced=question.fallback,
+                        why=question.fallback_reason,
+                        check=check,
+                        facts=facts,
+                    )
                 session.answer(simulated.answer(question))
             timed.kind = "reason"
-            for item in session.finish().items:
-                why = item["reason_fallback_why"]
-                count("reason", item["reason"], item["reason_fallback"], why)
-    out: dict[str, Any] = {"users": len(picked), "seed": seed, "model": llm.model_id, "kinds": {}}
+            add_reasons(session.finish().items, session.history())
+    return _text_summary(
+        shown,
+        timed,
+        users=len(picked),
+        seed=seed,
+        model=llm.model_id,
+        constrained=constrained,
+        show_samples=show_samples,
+        workspace=workspace,
+    )
+
+
+def _text_summary(
+    shown: _Shown,
+    timed: _Timed,
+    *,
+    users: int,
+    seed: int,
+    model: str,
+    constrained: bool,
+    show_samples: int,
+    workspace: Path,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "users": users,
+        "seed": seed,
+        "model": model,
+        "constrained": constrained,
+        "kinds": {},
+    }
     for kind in TEXT_KINDS:
-        counted = tally.kinds.get(kind)
+        counted = shown.tally.kinds.get(kind)
         if counted is None:
             continue
+        texts = [t for t in shown.texts if t["kind"] == kind]
+        failures = Counter(t["gate_failure"] for t in texts if t["gate_failure"])
         entry = counted.as_json()
         entry["replaced_share"] = round(counted.replaced / counted.texts, 4)
-        entry["ungrounded_rate"] = (
-            round(ungrounded[kind] / counted.texts, 4) if kind == "summary" else None
-        )
+        checked = [t["ungrounded"] for t in texts if t["ungrounded"] is not None]
+        entry["ungrounded"] = sum(checked) if checked else None
+        entry["ungrounded_rate"] = round(sum(checked) / len(checked), 4) if checked else None
+        entry["displayed_pass_share"] = round(1 - sum(failures.values()) / len(texts), 4)
+        entry["displayed_failures"] = dict(sorted(failures.items()))
         entry["seconds_per_text"] = round(timed.seconds.get(kind, 0.0) / counted.texts, 3)
         if show_samples:
             entry["samples"] = {
-                outcome: texts[:show_samples] for outcome, texts in samples[kind].items()
+                outcome: [t["text"] for t in texts if t["template"] == (outcome == "replaced")][
+                    :show_samples
+                ]
+                for outcome in ("kept", "replaced")
             }
         out["kinds"][kind] = entry
-    shown = sum(c.texts for c in tally.kinds.values())
-    out["kept_share"] = round(sum(c.kept for c in tally.kinds.values()) / shown, 4)
+    total = len(shown.texts)
+    out["texts_shown"] = total
+    out["kept_share"] = round(sum(not t["template"] for t in shown.texts) / total, 4)
+    out["displayed_pass_share"] = round(
+        sum(t["gate_failure"] is None for t in shown.texts) / total, 4
+    )
+    out["texts"] = shown.texts
     out["workspace"] = str(workspace)
     return out

@@ -362,6 +362,9 @@ def template_reason(
         text = f"Popular in your segment '{' '.join(segment_name.split())}'"
     if shared:
         text += f"; it shares {join_words(shared[:2])} with your favourites"
+    elif signal in ("pop", "segment_pop") and candidate.categories:
+        # What is popular, at least: "Widely popular right now, in Comedy and Romance."
+        text += f", in {join_words(list(candidate.categories[:2]))}"
     return text + "."
 
 
@@ -486,13 +489,17 @@ def write_reasons(
 
     def explain(candidate: Candidate) -> Reason:
         options = anchors(candidate, history)
+        facts = fact_clauses(candidate, history, domain=domain) if constrain else None
+        key = None  # the cache key, once the LLM is asked
         if not options:
             why = "the history has no liked title or category this item shares"
+        elif constrain and not facts:
+            # Free words after an anchor were the blind read's untrue reasons ("and most of
+            # you enjoyed a great blue whisk mixer"): without a fact, the template speaks.
+            why = "no liked title shares a category or a co-watch with this item: no fact to add"
         else:
             messages = render_reason_prompt(candidate, context, prompt=prompt, domain=domain)
-            schema = reason_schema(
-                options, fact_clauses(candidate, history, domain=domain) if constrain else None
-            )
+            schema = reason_schema(options, facts)
             key = reason_key(llm, prompt, params, messages, schema=schema, attempts=attempts)
             if cache is not None and (hit := cache.cached_reason(key)) is not None:
                 return Reason.model_validate(hit)
@@ -523,7 +530,7 @@ def write_reasons(
             fallback_reason=why,
         )
         # The same question gets the same invalid answers (fixed seeds); an LLM error may not.
-        if options and cache is not None and not str(why).startswith("LLM error"):
+        if key is not None and cache is not None and not str(why).startswith("LLM error"):
             cache.cache_reason(key, reason.model_dump())
         return reason
 

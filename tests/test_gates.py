@@ -291,6 +291,7 @@ def test_failure_codes_and_the_tally_add_up() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # every kind of text, retried, on a busy 2-core machine
 def test_real_model_texts_all_pass_the_gates_and_the_counts_add_up(  # type: ignore[no-untyped-def]
     local_llm, example_ratings, example_movies, tmp_path
 ) -> None:
@@ -322,6 +323,10 @@ def test_real_model_texts_all_pass_the_gates_and_the_counts_add_up(  # type: ign
         assert len(m["samples"]["replaced"]) == m["replaced"]
         assert m["seconds_per_text"] >= 0
     assert out["kinds"]["summary"]["ungrounded_rate"] == 0
+    # every displayed text, checked again from the stored facts: passes, names nothing absent
+    assert len(out["texts"]) == out["texts_shown"] == sum(m["texts"] for m in out["kinds"].values())
+    assert [t for t in out["texts"] if t["gate_failure"] or t["ungrounded"]] == []
+    assert out["displayed_pass_share"] == 1.0
     titles = list(dataset.items["title"])
     categories = {c for cats in dataset.items["categories"] for c in cats}
     lexicon = Lexicon.from_names([*titles, *categories])
@@ -353,6 +358,73 @@ def test_real_model_texts_all_pass_the_gates_and_the_counts_add_up(  # type: ign
         name, _, description = text.partition(" — ")
         check_fluent(name, lexicon, names=[*categories, *titles], sentence=False)
         check_fluent(description, lexicon, names=[*categories, *titles])
+
+
+def test_plain_schema_keeps_fields_and_lengths_but_no_patterns_or_enums() -> None:
+    from segrec.quality import plain_schema
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "reason": {"type": "string", "pattern": "^Because you liked (Heat)[.]$"},
+            "likes": {"type": "array", "items": {"type": "string", "enum": ["Drama"]}},
+            "name": {"type": "string", "minLength": 1, "maxLength": 48},
+        },
+        "required": ["reason", "likes", "name"],
+    }
+    plain = plain_schema(schema)
+    assert "pattern" not in json.dumps(plain) and "enum" not in json.dumps(plain)
+    assert plain["properties"]["name"] == schema["properties"]["name"]
+    assert plain["properties"]["likes"]["items"] == {"type": "string"}
+    assert plain["required"] == schema["required"]
+    assert "pattern" in schema["properties"]["reason"]  # the original is left alone
+
+
+@pytest.mark.slow
+def test_the_text_track_checks_every_displayed_text_and_can_drop_the_constraints(
+    example_ratings: Path, example_movies: Path, tmp_path: Path
+) -> None:
+    """With a fake LLM whose answers all fail, every text is a template; the track lists each
+    with its gate verdict and facts, and they all pass. ``constrained=False`` sends the same
+    prompts under schemas without patterns or enums; the parents of 3+ segments count too."""
+    from segrec.config import Settings
+    from segrec.data import load_dataset
+    from segrec.quality import text_track
+    from segrec.testing import FakeLLM
+
+    dataset = load_dataset(example_ratings, example_movies)
+    settings = Settings(workspace=tmp_path, domain="movie", min_segment_size=3)
+    results = {}
+    for constrained in (True, False):
+        fake = FakeLLM(default=json.dumps({"summary": "httpsa"}))
+        results[constrained] = out = text_track(
+            settings,
+            dataset,
+            users=20,
+            llm=fake,
+            reasons_per_user=1,
+            chats=1,
+            k=5,
+            constrained=constrained,
+        )
+        schemas = json.dumps([call["schema"] for call in fake.calls])
+        assert ('"pattern"' in schemas) == constrained and ('"enum"' in schemas) == constrained
+        assert out["constrained"] == constrained
+        assert set(out["kinds"]) == {"summary", "segment", "parent", "reason", "question"}
+        assert (
+            out["texts_shown"]
+            == len(out["texts"])
+            == sum(m["texts"] for m in out["kinds"].values())
+        )
+        assert all(t["template"] and t["facts"] for t in out["texts"])
+        assert [t for t in out["texts"] if t["gate_failure"] or t["ungrounded"]] == []
+        assert out["kept_share"] == 0 and out["displayed_pass_share"] == 1
+        for m in out["kinds"].values():
+            assert m["displayed_pass_share"] == 1 and m["displayed_failures"] == {}
+    assert results[True]["workspace"] != results[False]["workspace"]
+    assert [t["text"] for t in results[True]["texts"]] == [
+        t["text"] for t in results[False]["texts"]
+    ]
 
 
 # ------------------------------------------------------------------------------ commands

@@ -157,3 +157,103 @@ def test_hierarchy_on_the_bundled_model(clustered: Settings, local_llm: Any) -> 
             assert 1 <= len(parent.name.split()) <= 6
     fallbacks = sum(p.fallback for p in record.parents)
     assert (fallbacks > 0) == any("fallback" in note for note in record.notes)
+    # the gates: every parent name names only top categories stored beside it (its
+    # description may quote titles, which the gate reads as names, not categories)
+    from segrec.gates import mentioned, tally_segments
+    from segrec.profile import Vocabulary
+
+    with Store.open(clustered.workspace) as store:
+        vocabulary = Vocabulary.from_items(store.items_frame()).categories
+    described = [p for p in record.parents if p.described]
+    for parent in described:
+        shown = [t["category"] for t in parent.facts["top_categories"]]
+        named = mentioned(parent.name, sorted(vocabulary))
+        assert named and set(named) <= set(shown), (parent.name, shown)
+    counted = tally_segments(record.parents, kind="parent").kinds["parent"]
+    assert counted.texts == len(described) and counted.replaced == fallbacks
+
+
+# ------------------------------------------------------------------------------ gates
+
+
+def test_a_parent_label_may_name_only_the_categories_shown_beside_it() -> None:
+    """A parent's doc carries the top categories stored beside it; a name or description
+    naming another category its members have is refused by the consistency gate."""
+    from segrec.gates import GateError
+    from segrec.label import SegmentDoc, parse_label
+
+    doc = SegmentDoc(
+        segment_id=7,
+        size=20,
+        members=[],
+        contrast=[],
+        categories={"Drama": 0.4, "Comedy": 0.3, "Romance": 0.2, "War": 0.1},
+        top_items=["Heat (1995)"],
+        shown_categories=("Drama", "Comedy"),
+    )
+    assert doc.allowed_categories == ["Drama", "Comedy"]
+    vocabulary = frozenset({"Drama", "Comedy", "Romance", "War", "Western"})
+    ok = json.dumps({"name": "Drama and Comedy fans", "description": "Users who love Drama."})
+    assert parse_label(ok, doc, taken=set(), vocabulary=vocabulary).name == "Drama and Comedy fans"
+    for name, description in [
+        ("Romance fans", "Users who love Drama."),
+        ("Drama fans", "Users who love Drama and War films."),
+    ]:
+        bad = json.dumps({"name": name, "description": description})
+        with pytest.raises(GateError, match="consistent/"):
+            parse_label(bad, doc, taken=set(), vocabulary=vocabulary)
+
+
+_OFF_TOP = ("Romance", "Crime", "Sci-Fi", "Fantasy", "Mystery", "Children", "War", "Horror")
+
+
+def _bad_parent_answer(off_top: bool) -> Any:
+    """Parent names with the prompt's first main category and either a category missing
+    from its main (top) categories, or a non-word."""
+
+    def answer(messages: Sequence[Message], schema: dict[str, Any] | None) -> str:
+        found = re.search(r"Main categories: (.+?)\.\n", messages[-1]["content"])
+        shown = found.group(1) if found else ""
+        first = shown.split(" (")[0]
+        other = next(c for c in _OFF_TOP if f"{c} (" not in shown) if off_top else "xtraordinary"
+        return json.dumps(
+            {
+                "name": f"{first} and {other} fans",
+                "description": f"Users whose groups share {first} films.",
+            }
+        )
+
+    return answer
+
+
+@pytest.mark.slow
+def test_bad_parent_names_are_replaced_and_counted(
+    clustered: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Names naming a category outside the parent's top ones, or a non-word, are replaced
+    by the template (which names only top categories); `segrec hierarchy` stores the counts
+    and `segments --json` reports them."""
+    from segrec import gates
+
+    attempts = clustered.validation_attempts  # the first parent's: off-top, then non-words
+    fake = FakeLLM(
+        responses=[_bad_parent_answer(True)] * attempts, default=_bad_parent_answer(False)
+    )
+    monkeypatch.setattr("segrec.hierarchy.make_llm", lambda settings: fake)
+    result = runner.invoke(app, ["hierarchy", "--json", "-w", str(clustered.workspace)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    parents = report["parents"]
+    assert parents and all(p["fallback"] for p in parents)
+    counted = report["text"]["parent"]
+    assert counted["texts"] == len(parents) == counted["replaced"]
+    assert counted["reasons"]["consistent/category-not-top"] == 1, counted
+    assert counted["reasons"]["fluent/unknown-word"] == len(parents) - 1, counted
+    assert "texts: parent: 0/" in result.stderr
+    stored = gates.stored_counts(clustered.workspace)["commands"]["hierarchy"]["parent"]
+    assert stored["replaced"] == len(parents)
+    vocabulary = {c for p in parents for c in (t["category"] for t in p["top_categories"])}
+    for p in parents:
+        shown = [t["category"] for t in p["top_categories"]]
+        named = gates.mentioned(f"{p['name']}. {p['description']}", _OFF_TOP + tuple(vocabulary))
+        assert set(named) <= set(shown), (p["name"], p["description"], shown)

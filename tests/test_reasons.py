@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from segrec.errors import LLMError
+from segrec.gates import failure_code
 from segrec.llm.base import Completion, GenerationParams, Message
 from segrec.profile import Event, Vocabulary
 from segrec.reasons import (
@@ -273,8 +274,9 @@ def test_segment_pop_pop_and_no_signal() -> None:
     assert template_reason(candidate({"pop": 0.1, "ease": -2.0}), HISTORY) == (
         "Widely popular right now" + shares
     )
+    # nothing shared: the item's own categories say what is popular
     horror = candidate({"pop": 0.1}, categories=("Horror",))
-    assert template_reason(horror, HISTORY) == SIGNAL_WORDS["pop"]
+    assert template_reason(horror, HISTORY) == "Widely popular right now, in Horror."
     assert template_reason(candidate({"ease": -1.0, "other": 5.0}), HISTORY) == NO_SIGNAL
     assert template_reason(candidate({}), HISTORY) == NO_SIGNAL
 
@@ -434,8 +436,30 @@ def test_nothing_liked_in_common_gives_the_template_without_asking() -> None:
     [reason] = reasons(llm, [unrelated])
     assert llm.calls == []
     assert reason.fallback
-    assert reason.reason == "Widely popular right now."
+    assert reason.reason == "Widely popular right now, in Drama and War."
     assert reason.fallback_reason == "the history has no liked title or category this item shares"
+
+
+class _DictCache:
+    def __init__(self) -> None:
+        self.stored: dict[str, dict[str, Any]] = {}
+
+    def cached_reason(self, key: str) -> dict[str, Any] | None:
+        return self.stored.get(key)
+
+    def cache_reason(self, key: str, value: dict[str, Any]) -> None:
+        self.stored[key] = value
+
+
+def test_an_anchor_without_a_fact_gives_the_template_without_asking() -> None:
+    """A liked title to start from but nothing true to add (no shared category, no
+    co-watch): the grammar would leave free words, so the template speaks; nothing cached."""
+    llm, cache = FakeLLM(), _DictCache()
+    lonely = candidate({"pop": 1.0}, ("Toy Story (1995)",), categories=("Horror",))
+    [reason] = reasons(llm, [lonely], cache=cache)
+    assert llm.calls == [] and cache.stored == {}
+    assert reason.fallback and reason.reason == "Widely popular right now, in Horror."
+    assert failure_code(reason.fallback_reason) == "no-facts"
 
 
 # ------------------------------------------------------------------------------ real model
