@@ -374,6 +374,19 @@ def profile(
         err.print(f"note: {assigned} user(s) assigned to the active segments", markup=False)
 
 
+def _task_bars() -> Progress:
+    """Progress bars on stderr (only on a terminal), one per task, labelled by description."""
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        disable=not err.is_terminal,
+    )
+
+
 @contextmanager
 def _progress(label: str, total: int) -> Iterator[Callable[[Any], None]]:
     """A rich progress bar on stderr (only on a terminal); yields an update(stats) callback."""
@@ -1064,15 +1077,7 @@ def recommend(
         serving.check_out(out_path)
     settings = _settings(config, workspace=workspace, represent=represent, encoder=encoder)
     filters = _filters(category, exclude, exclude_file)
-    progress = Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        disable=not err.is_terminal,
-    )
+    progress = _task_bars()
     with progress:
         task = progress.add_task("loading the ranker", total=None)
         result = serving.recommend(
@@ -1259,15 +1264,7 @@ def eval_(
     item_columns = ItemColumns(
         item_id_col, title_col, description_col, tuple(category_col) if category_col else None
     )
-    progress = Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        disable=not err.is_terminal,
-    )
+    progress = _task_bars()
     bars: dict[str, Any] = {}
 
     def track_progress(track: str, done: int, total: int) -> None:
