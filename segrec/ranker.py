@@ -258,12 +258,7 @@ class Ranker:
             out["ease_B"] = self.ease.B
         if self.knn is not None and self.knn.similarity is not None:
             S = self.knn.similarity
-            out |= {
-                "knn_data": S.data,
-                "knn_indices": S.indices,
-                "knn_indptr": S.indptr,
-                "knn_shape": np.asarray(S.shape, dtype=np.int64),
-            }
+            out |= _csr_parts("knn", S) | {"knn_shape": np.asarray(S.shape, dtype=np.int64)}
         if self.segments is not None and self.segments.global_counts is not None:
             labels = sorted(self.segments.counts)
             out["segment_labels"] = np.asarray(labels, dtype=np.int64)
@@ -273,11 +268,7 @@ class Ranker:
                 else np.zeros((0, self.counts.size), dtype=np.float32)
             )
         if self.transitions is not None and self.transitions.next is not None:
-            T = self.transitions.next
-            out |= {
-                "next_data": T.data,
-                "next_indices": T.indices,
-                "next_indptr": T.indptr,
+            out |= _csr_parts("next", self.transitions.next) | {
                 "next_popularity": np.asarray(self.transitions.popularity),
             }
         if self.recent is not None and self.recent.edges is not None:
@@ -304,9 +295,7 @@ class Ranker:
         if "itemknn" in ranker.names:
             ranker.knn = ItemKNN(spec.neighbours)
             shape = tuple(int(v) for v in arrays["knn_shape"])
-            ranker.knn.similarity = sp.csr_matrix(
-                (arrays["knn_data"], arrays["knn_indices"], arrays["knn_indptr"]), shape=shape
-            )
+            ranker.knn.similarity = _csr_from(arrays, "knn", shape)
         if "segment_pop" in ranker.names:
             ranker.segments = SegmentPopularity()
             ranker.segments.global_counts = ranker.counts
@@ -319,9 +308,7 @@ class Ranker:
         if "transition" in ranker.names:
             n = ranker.counts.size
             ranker.transitions = Transitions()
-            ranker.transitions.next = sp.csr_matrix(
-                (arrays["next_data"], arrays["next_indices"], arrays["next_indptr"]), shape=(n, n)
-            )
+            ranker.transitions.next = _csr_from(arrays, "next", (n, n))
             ranker.transitions.popularity = np.asarray(arrays["next_popularity"])
         if "recent_pop" in ranker.names:
             ranker.recent = RecentPopularity()
@@ -460,6 +447,23 @@ class Ranker:
             if on_batch is not None:
                 on_batch(Xb.shape[0])
         return Recommendations(indices, scores, contributions)
+
+
+def _csr_parts(prefix: str, matrix: sp.csr_matrix) -> dict[str, np.ndarray]:
+    """A CSR matrix as the three arrays :meth:`Ranker.arrays` saves, named by ``prefix``."""
+    return {
+        f"{prefix}_data": matrix.data,
+        f"{prefix}_indices": matrix.indices,
+        f"{prefix}_indptr": matrix.indptr,
+    }
+
+
+def _csr_from(
+    arrays: Mapping[str, np.ndarray], prefix: str, shape: tuple[int, ...]
+) -> sp.csr_matrix:
+    """The CSR matrix :func:`_csr_parts` saved (memory-mapped arrays used as they are)."""
+    parts = (arrays[f"{prefix}_data"], arrays[f"{prefix}_indices"], arrays[f"{prefix}_indptr"])
+    return sp.csr_matrix(parts, shape=shape)
 
 
 def history_vectors(X_users: sp.csr_matrix, item_vectors: np.ndarray) -> np.ndarray:
