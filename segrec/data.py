@@ -438,7 +438,18 @@ def _csv_header(path: Path, line: int, header: str, delimiter: str) -> list[str]
     """The column names of a header line, checked (bad bytes, one column, repeated names)."""
     if _SURROGATE.search(header):
         raise InputError(f"{path}:{line}: {_undecodable(header, path)}")
-    names = [n.strip() for n in next(csv.reader([header], delimiter=delimiter))]
+    try:
+        names = [n.strip() for n in next(csv.reader([header], delimiter=delimiter))]
+    except csv.Error as exc:  # a column name over the csv module's field limit, NUL bytes
+        longest = max(len(field) for field in header.split(delimiter))
+        why = (
+            f"a column name holds {longest:,} characters, over the limit of {FIELD_LIMIT:,}"
+            if longest > FIELD_LIMIT
+            else f"the header cannot be read as CSV ({exc})"
+        )
+        raise InputError(
+            f"{path}:{line}: {why}; the first line must be the column names — fix the header"
+        ) from None
     if len(names) == 1:
         _check_single_column(path, line, header, delimiter)
     seen: set[str] = set()

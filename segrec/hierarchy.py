@@ -122,7 +122,9 @@ def _doc(
 
     children = near([m for m in members if m.described])
     counts = np.sum([m.categories for m in members], axis=0)
-    items = [title for child in sorted(members, key=lambda m: -m.size) for title in child.top_items]
+    # titles from described children only: a child under the privacy threshold publishes none
+    by_size = sorted(children, key=lambda m: -m.size)
+    items = [title for child in by_size for title in child.top_items]
     return SegmentDoc(
         segment_id=parent_id,
         size=sum(m.size for m in members),

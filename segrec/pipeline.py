@@ -6,7 +6,6 @@ a notebook can call the same functions the CLI does.
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -33,6 +32,7 @@ from segrec.config import Settings
 from segrec.data import CHUNK_BYTES, IngestReport, ItemColumns, LogColumns, load_dataset
 from segrec.embed import Encoder, SentenceTransformerEncoder, embed_texts
 from segrec.errors import InputError, WorkspaceError
+from segrec.files import atomic_path
 from segrec.gates import TextTally, tally_segments
 from segrec.label import SegmentDoc, label_segments
 from segrec.llm import make_llm
@@ -620,8 +620,8 @@ def segments_report(settings: Settings, run_id: int | None = None) -> dict[str, 
                 "size": s.size,
                 "share": s.facts["share"],
                 # under the privacy threshold: no facts about the members are published
-                "top_items": s.facts["top_items"] if s.described else [],
-                "top_categories": s.facts["top_categories"] if s.described else [],
+                "top_items": s.published_facts["top_items"],
+                "top_categories": s.published_facts["top_categories"],
                 "silhouette": s.facts["silhouette"],
                 "stability": s.facts["stability"],
                 "fallback": s.fallback,
@@ -683,7 +683,7 @@ def segment_detail(settings: Settings, segment_id: int) -> tuple[RunRecord, Segm
         run = active_run(store, settings)
         for segment in store.segments(run.id):
             if segment.segment_id == segment_id:
-                return run, segment if segment.described else _unpublished(segment)
+                return run, replace(segment, facts=segment.published_facts)
     raise InputError(
         f"segment {segment_id}: not in run {run.id} — list them with `segrec segments`"
     )
@@ -713,12 +713,6 @@ def run_vectors(
         profiles if profiles is not None else _profiles_of(store, user_ids),
         run.params["represent"],
     )
-
-
-def _unpublished(segment: SegmentRecord) -> SegmentRecord:
-    """A segment under the privacy threshold: no members, items or categories shown."""
-    hidden = {"nearest": [], "top_items": [], "top_categories": []}
-    return replace(segment, facts={**segment.facts, **hidden})
 
 
 def show_segment(
@@ -785,19 +779,14 @@ def export_assignments(
         raise InputError(f"--out {out}: is a directory — pass a file name")
     with Store.open(settings.workspace) as store:
         run = active_run(store, settings, run_id)
-        partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
         rows = 0
         writer_class = pa_csv.CSVWriter if suffix == ".csv" else pq.ParquetWriter
-        try:
-            with writer_class(str(partial), _EXPORT_SCHEMA) as writer:
-                for batch in store.assignment_batches(run.id):
-                    rows += len(batch)
-                    writer.write_table(
-                        pa.Table.from_pandas(batch, schema=_EXPORT_SCHEMA, preserve_index=False)
-                    )
-            os.replace(partial, out)
-        finally:
-            partial.unlink(missing_ok=True)
+        with atomic_path(out) as partial, writer_class(str(partial), _EXPORT_SCHEMA) as writer:
+            for batch in store.assignment_batches(run.id):
+                rows += len(batch)
+                writer.write_table(
+                    pa.Table.from_pandas(batch, schema=_EXPORT_SCHEMA, preserve_index=False)
+                )
     return run, rows
 
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 import html
 import importlib.util
 import json
-import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -31,6 +29,7 @@ import numpy as np
 
 from segrec.config import Settings
 from segrec.errors import InputError, WorkspaceError
+from segrec.files import atomic_path
 from segrec.hierarchy import category_users
 from segrec.pipeline import active_run, run_vectors
 from segrec.store import (
@@ -1182,9 +1181,7 @@ def _masked(segments: Sequence[SegmentRecord], min_size: int) -> list[SegmentRec
 
 def _write_atomic(path: Path, text: str) -> None:
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
     except OSError as exc:
         raise WorkspaceError(f"--out {path}: cannot write ({exc.strerror})") from None

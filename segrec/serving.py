@@ -10,8 +10,6 @@ CLI, the chat and the HTTP API.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +22,7 @@ import scipy.sparse as sp
 
 from segrec.config import Settings
 from segrec.errors import InputError, WorkspaceError
+from segrec.files import atomic_path
 from segrec.llm.base import LLM, GenerationParams, RetryPolicy
 from segrec.profile import Event, Profile, ValueScale, Vocabulary, user_events, value_scales
 from segrec.ranker import SIGNALS, Ranker, RankerSpec, Recommendations
@@ -174,9 +173,7 @@ def _table(served: Served, user_ids: Sequence[str], recs: Recommendations) -> pd
 def write_table(frame: pd.DataFrame, path: Path) -> None:
     """Write atomically (temp file + rename): an interrupted write leaves no half file."""
     check_out(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         suffix = path.suffix.lower()
         if suffix == ".parquet":
             frame.to_parquet(tmp, index=False)
@@ -184,10 +181,6 @@ def write_table(frame: pd.DataFrame, path: Path) -> None:
             frame.to_csv(tmp, index=False)
         else:
             frame.to_json(tmp, orient="records", force_ascii=False, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # ------------------------------------------------------------------------------ explanations
@@ -293,7 +286,7 @@ def explained_items(
 
 
 def segment_json(run: RunRecord, segment: SegmentRecord) -> dict[str, Any]:
-    """One segment as `segrec segments show --json` prints it."""
+    """One segment as `segrec segments show --json` and `GET /v1/segments/{id}` give it."""
     return {
         "run": run.id,
         "id": segment.segment_id,
@@ -301,7 +294,7 @@ def segment_json(run: RunRecord, segment: SegmentRecord) -> dict[str, Any]:
         "description": segment.description,
         "fallback": segment.fallback,
         "described": segment.described,
-        **segment.facts,
+        **segment.published_facts,
     }
 
 
@@ -460,7 +453,7 @@ class Recommender:
         segment = next(s for s in self.segments if s.segment_id == assignment.segment_id)
         top = [
             c["category"] if isinstance(c, dict) else str(c)
-            for c in segment.facts.get("top_categories", [])
+            for c in segment.published_facts.get("top_categories", [])
         ]
         shared = [like for like in profile.likes if like in top] if profile else []
         why = (

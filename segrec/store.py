@@ -1009,6 +1009,13 @@ class SegmentRecord:
     centroid: np.ndarray
     facts: dict[str, Any]
 
+    @property
+    def published_facts(self) -> dict[str, Any]:
+        """The stored facts, without members, items or categories when the segment is under
+        the privacy threshold (not described): the CLI, the API and the report show these."""
+        hidden = {"nearest": [], "top_items": [], "top_categories": []}
+        return self.facts if self.described else {**self.facts, **hidden}
+
 
 @dataclass(frozen=True)
 class Assignment:

@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -258,6 +258,37 @@ def test_segments_assign_and_anonymous_recommendations(client: Client, users: li
     assert cold.status == 200 and len(cold.body["items"]) == 6
     assert not set(liked) & {i["item_id"] for i in cold.body["items"]}
     assert cold.body["segment"]["id"] == placed.body["segment"]["id"]
+
+
+def test_a_segment_under_the_privacy_threshold_shows_no_member_facts(
+    ws: Settings, tmp_path: Path
+) -> None:
+    """The API, `segments --json` and `segments show --json` hide the same facts."""
+    import shutil
+    import sqlite3
+
+    copy = ws.model_copy(update={"workspace": tmp_path / "ws"})
+    shutil.copytree(ws.workspace, copy.workspace)
+    with closing(sqlite3.connect(copy.workspace / "segrec.db")) as db, db:
+        db.execute("UPDATE segments SET described = 0 WHERE run_id = 2 AND segment_id = 0")
+    with Store.open(copy.workspace) as store:
+        stored = {s.segment_id: s for s in store.segments(2)}
+    assert stored[0].facts["top_items"] and stored[0].facts["nearest"]  # stored, not shown
+    hidden = {"top_items": [], "top_categories": [], "nearest": []}
+    with serving(copy, llm=counting_llm()) as client:
+        one = client.get("/v1/segments/0").body
+        assert {key: one[key] for key in hidden} == hidden and one["described"] is False
+        other = client.get("/v1/segments/1").body
+        assert other["top_items"] == stored[1].facts["top_items"]  # described: shown
+        listed = {s["id"]: s for s in client.get("/v1/segments").body["segments"]}
+        assert listed[0]["top_items"] == listed[0]["top_categories"] == []
+        assert listed[1]["top_items"] == stored[1].facts["top_items"]
+    shown = CliRunner().invoke(
+        cli_app, ["segments", "show", "0", "--json", "-w", str(copy.workspace)]
+    )
+    assert shown.exit_code == 0, shown.output
+    data = json.loads(shown.stdout)
+    assert {key: data[key] for key in hidden} == hidden
 
 
 def test_fifty_concurrent_requests_answer_like_sequential_ones(

@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 from segrec import pipeline
 from segrec.cli import app
 from segrec.config import Settings
+from segrec.files import current_umask
 from segrec.hierarchy import make_hierarchy
 from segrec.report import (
     CSP,
@@ -339,3 +340,4 @@ def test_report_bad_flags_are_one_line_and_change_nothing(
     )
     assert ok.exit_code == 0, ok.output
     assert "wrote" in ok.stdout and (tmp_path / "r.html").stat().st_size > 1_000_000
+    assert (tmp_path / "r.html").stat().st_mode & 0o777 == 0o666 & ~current_umask()

@@ -17,6 +17,7 @@ from segrec import pipeline
 from segrec.cli import app
 from segrec.config import Settings
 from segrec.data import FIELD_LIMIT, load_dataset
+from segrec.files import current_umask
 from segrec.llm.counting import count_calls, counted
 from segrec.store import Store
 from segrec.synthetic import write_synthetic_log
@@ -116,6 +117,17 @@ def test_oversized_field_is_one_line_and_skippable(tmp_path: Path, synthetic) ->
     )
     result = runner.invoke(app, ["ingest", str(log), "--items", str(items), "-w", str(ws)])
     assert result.exit_code == 2 and f"{items}:2: column 'title' holds 200,0" in result.stderr
+    # a header (the column names) too long for the csv module: the same kind of line
+    header = tmp_path / "header.csv"
+    header.write_text("user_id,item_id," + "h" * 200_000 + ",timestamp\n1,i1,view,1\n")
+    result = runner.invoke(
+        app, ["ingest", str(header), "--items", str(synthetic.items), "-w", str(tmp_path / "h")]
+    )
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert f"{header}:1: a column name holds 200,000 characters, over the limit of 131,072" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.output and not (tmp_path / "h").exists()
 
 
 def test_log_too_large_for_the_disk_is_one_line(
@@ -195,6 +207,7 @@ def test_sampled_run_recovers_planted_segments_and_exports(
     assert (parquet["segment_name"] == parquet["segment"].map(names)).all()
     assert (parquet["margin"] >= 0).all() and len(set(parquet["user_id"])) == 500
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial file left
+    assert {p.stat().st_mode & 0o777 for p in out.values()} == {0o666 & ~current_umask()}
     planted = synthetic.planted[parquet["user_id"].astype(int).to_numpy()]
     assert adjusted_rand_score(planted, parquet["segment"]) >= 0.9
     # the LLM-call count of `segrec profile`: one user, one call (unreachable, 1 try)

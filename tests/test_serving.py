@@ -23,6 +23,7 @@ from segrec import pipeline, serving
 from segrec.cli import app
 from segrec.config import Settings
 from segrec.evaluate import evaluate_scores, protocol_split, validation_split
+from segrec.files import current_umask
 from segrec.ranker import (
     EASE_MAX_ITEMS,
     Ranker,
@@ -154,6 +155,8 @@ def test_recommend_all_writes_unseen_items_for_every_user(
     assert (table.groupby("user_id")["rank"].max() == 7).all()
     csv = pd.read_csv(tmp_path / "recs.csv", dtype={"user_id": str, "item_id": str})
     assert list(csv["item_id"]) == list(table["item_id"])
+    modes = {p.stat().st_mode & 0o777 for p in tmp_path.glob("recs.*")}
+    assert modes == {0o666 & ~current_umask()}  # shareable, as a plain open() makes them
 
 
 def test_recommend_one_user_json_and_filters(workspace: Settings) -> None:
