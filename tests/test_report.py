@@ -8,10 +8,13 @@ The browser tests open the page in headless Chromium (Debian's ``chromium``, whi
 from __future__ import annotations
 
 import html
+import importlib.machinery
 import io
 import json
 import os
 import re
+import sys
+import types
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,20 +24,35 @@ import pytest
 from conftest import snapshot
 from typer.testing import CliRunner
 
-from segrec import pipeline
+from segrec import pipeline, report
 from segrec.cli import app
 from segrec.config import Settings
 from segrec.files import current_umask
 from segrec.hierarchy import make_hierarchy
 from segrec.report import (
     CSP,
+    MAP_MAX_POINTS,
+    NoisyCounts,
+    PageInputs,
+    Projection,
     compare_runs,
     laplace,
     noisy_counts,
     palette,
+    project,
+    public_name,
+    render,
+    sample_rows,
     write_report,
 )
-from segrec.store import Assignment, SegmentRecord, Store
+from segrec.store import (
+    Assignment,
+    HierarchyRecord,
+    ParentRecord,
+    RunRecord,
+    SegmentRecord,
+    Store,
+)
 from segrec.testing import FakeLLM, chromium_path, schema_answer, visit_page
 
 runner = CliRunner()
@@ -108,6 +126,317 @@ def test_laplace_noise_has_the_stated_scale() -> None:
     counts = noisy_counts(np.array([50, 30]), np.ones((2, 20), dtype=np.int64) * 10, 1.0)
     assert counts.sizes_scale == 2.0 and counts.categories_sensitivity == 20
     assert counts.categories_scale == 40.0 and (counts.categories >= 0).all()
+
+
+# ------------------------------------------------------------------------------ page from records
+# The page's parts rendered from records built here the way `segrec cluster` and
+# `segrec hierarchy` store them (no workspace, no model, no browser: fast).
+
+_SUMMARIES = {  # segment id → profile summaries of the members nearest its centroid
+    0: ["Binges Pixar films with the kids", "Rewatches Toy Story every winter"],
+    1: ["Late-night noir and heist films", "Collects Hitchcock thrillers"],
+    2: ["Documentaries about space missions", "Nature films & BBC series"],
+    3: ["Eighties action & martial arts", "Marathons of Die Hard sequels"],
+    4: ["Only Swedish silent films", "Secret taste: opera recordings"],  # under the threshold
+}
+_CATEGORIES = ["Animation", "Children", "Crime", "Thriller", "Documentary", "Action", "Drama"]
+
+
+def _facts(sid: int) -> dict[str, Any]:
+    """Facts as `segment_facts` stores them, each value distinct per segment."""
+    return {
+        "size": 0,  # set by the caller
+        "share": 0.0,
+        "top_items": [
+            {
+                "item_id": f"{sid}{j}",
+                "title": f"Film {sid}-{j} ({1980 + 7 * sid + j})",
+                "lift": round(4.5 - 0.75 * j + 0.01 * sid, 3),
+                "members": 12 - j - sid,
+            }
+            for j in range(3)
+        ],
+        "top_categories": [
+            {
+                "category": _CATEGORIES[(sid + j) % len(_CATEGORIES)],
+                "lift": round(3.25 - 0.5 * j + 0.02 * sid, 3),
+                "members": 20 - 2 * j - sid,
+            }
+            for j in range(2)
+        ],
+        "nearest": [
+            {"user_id": f"u{sid}{j}", "distance": 0.1 * (j + 1), "summary": summary}
+            for j, summary in enumerate(_SUMMARIES[sid])
+        ],
+        "silhouette": round(0.11 + 0.13 * sid, 4),
+        "stability": round(0.93 - 0.07 * sid, 4),
+        "variance": 0.5,
+        "fallback_reason": None,
+    }
+
+
+_SIZES = [30, 25, 20, 21, 4]  # segment 4 is under the run's threshold (5) and not named
+_PARENT_NAMES = {0: "Family & heist evenings", 1: "Big-screen spectacle"}
+
+
+def _records(curve: list[dict[str, float]] | None = None) -> dict[str, Any]:
+    """A run of 100 users in 5 segments of clearly separated 8-d vectors, two parents."""
+    rng = np.random.default_rng(3)
+    centroids = np.eye(8, dtype=np.float32)[:5] * 5
+    labels = np.repeat(np.arange(5), _SIZES)
+    X = centroids[labels] + rng.normal(scale=0.3, size=(len(labels), 8))
+    segments = []
+    for sid, size in enumerate(_SIZES):
+        facts = _facts(sid) | {"size": size, "share": size / len(labels)}
+        named = sid != 4
+        segments.append(
+            SegmentRecord(
+                segment_id=sid,
+                name=f"Segment name {sid}" if named else "Unnamed segment 4",
+                description=f"Description of segment {sid}." if named else "Fewer than 5.",
+                fallback=False,
+                described=named,
+                size=size,
+                centroid=centroids[sid],
+                facts=facts,
+            )
+        )
+    parents = [
+        ParentRecord(
+            0, 1, _PARENT_NAMES[0], "Films for the evening.", False, True, 55, [0, 1], None, {}
+        ),
+        ParentRecord(1, 1, _PARENT_NAMES[1], "Loud films.", False, True, 45, [2, 3, 4], None, {}),
+    ]
+    metrics: dict[str, Any] = {"users": 100, "k": 5, "silhouette": 0.42, "stability": 0.81}
+    if curve is not None:
+        metrics["curve"] = curve
+    run = RunRecord(
+        id=3,
+        created_at="2026-12-01T10:00:00",
+        params={
+            "k": 5,
+            "k_requested": "auto" if curve else 5,
+            "represent": "profile",
+            "algorithm": "kmeans",
+            "min_segment_size": 5,
+        },
+        metrics=metrics,
+        notes=[],
+    )
+    hierarchy = HierarchyRecord(
+        run_id=3,
+        created_at="2026-12-01T10:05:00",
+        params={"levels": 1, "parents_per_level": [2], "rule": "test", "model_id": "fake"},
+        notes=[],
+        parents=parents,
+    )
+    return {"run": run, "segments": segments, "hierarchy": hierarchy, "labels": labels, "X": X}
+
+
+def _inputs(
+    records: dict[str, Any], projection: Projection | None = None, min_size: int = 5
+) -> PageInputs:
+    if projection is None:
+        rows = np.arange(len(records["labels"]))
+        projection = project(records["X"], rows, len(rows), seed=0, method="pca")
+    return PageInputs(
+        run=records["run"],
+        segments=records["segments"],
+        hierarchy=records["hierarchy"],
+        labels=records["labels"],
+        projection=projection,
+        min_size=min_size,
+        generated_at="2026-12-01T11:00:00+00:00",
+    )
+
+
+def _card(page: str, sid: int) -> str:
+    found = re.search(rf'<article class="card" id="seg-{sid}".*?</article>', page, re.S)
+    assert found, sid
+    return found.group(0)
+
+
+def _figure(page: str, div: str) -> dict[str, Any] | None:
+    return next((f for f in _embedded(page, "segrec-figures") if f["div"] == div), None)
+
+
+def _map_note(page: str) -> str:
+    found = re.search(r'<div id="map">.*?<p class="note">(.*?)</p>', page, re.S)
+    assert found
+    return html.unescape(found.group(1))
+
+
+def test_sample_rows_is_a_seeded_uniform_sample_above_the_limit() -> None:
+    assert MAP_MAX_POINTS == 10_000  # the README's figure
+    assert sample_rows(MAP_MAX_POINTS, MAP_MAX_POINTS, 0).tolist() == list(range(MAP_MAX_POINTS))
+    n = 12_000
+    rows = sample_rows(n, MAP_MAX_POINTS, 42)
+    assert len(rows) == MAP_MAX_POINTS and rows[0] >= 0 and rows[-1] < n
+    assert (np.diff(rows) > 0).all()  # sorted, no user twice
+    assert np.array_equal(rows, sample_rows(n, MAP_MAX_POINTS, 42))  # seeded
+    assert not np.array_equal(rows, sample_rows(n, MAP_MAX_POINTS, 43))
+    # uniform: each user is drawn with probability 10/12, wherever it sits in the list
+    per_block = np.bincount(rows // 1_000, minlength=12)
+    assert ((per_block > 760) & (per_block < 910)).all(), per_block
+
+
+def test_map_above_the_limit_draws_a_sample_and_the_page_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(report, "MAP_MAX_POINTS", 30)  # rather than a 10,000-user run
+    records = _records()
+    total = len(records["labels"])
+    rows = sample_rows(total, report.MAP_MAX_POINTS, 7)
+    projection = project(records["X"][rows], rows, total, seed=7, method="pca")
+    assert projection.sampled and projection.total == total == 100
+    page = render(_inputs(records, projection))
+    note = _map_note(page)
+    assert "a seeded sample of 30 of 100 users (above 30 users the map is sampled)" in note
+    assert "map: a seeded sample of 30 of 100 users (at most 30 are drawn)" in page
+    # the map draws exactly the sampled users, each in their own segment's trace
+    traces = _figure(page, "map")["data"]  # type: ignore[index]
+    names = [s.name for s in records["segments"][:4]] + ["Segment 4 (under the threshold)"]
+    drawn = {t["name"]: len(t["x"]) for t in traces}
+    expected = np.bincount(records["labels"][rows], minlength=5)
+    assert drawn == {names[i]: int(c) for i, c in enumerate(expected) if c}
+    assert sum(drawn.values()) == 30
+    # the control: everyone fits, so nothing is said about a sample
+    everyone = render(_inputs(records))
+    assert "all 100 users" in _map_note(everyone) and "seeded sample" not in everyone
+
+
+def test_hovering_a_point_names_its_segment() -> None:
+    records = _records()
+    inputs = _inputs(records)
+    figure = _figure(render(inputs), "map")
+    assert figure is not None
+    traces = figure["data"]
+    public = [public_name(s, inputs.min_size) for s in records["segments"]]
+    assert sorted(t["name"] for t in traces) == sorted(public)  # one trace per segment
+    for trace in traces:
+        # the hover label is the trace's name: the segment's public name
+        assert trace["hovertemplate"].startswith("%{fullData.name}"), trace["hovertemplate"]
+        members = records["labels"] == records["segments"][public.index(trace["name"])].segment_id
+        assert len(trace["x"]) == members.sum()  # the trace holds that segment's users
+    assert "Unnamed segment 4" not in json.dumps(traces)  # an unnamed segment stays unnamed
+    # the private page draws centroids; hovering one names it with its noisy size
+    dp_sizes = np.array([31, 24, 19, 22, 6])
+    private = replace(
+        inputs,
+        projection=None,
+        categories=_CATEGORIES,
+        noisy=NoisyCounts(1.0, dp_sizes, np.ones((5, 7), dtype=np.int64), 2.0, 14.0, 7),
+        release={"id": 1, "releases": 1, "epsilon_total": 1.0},
+    )
+    dp_figure = _figure(render(private), "map")
+    assert dp_figure is not None
+    for trace in dp_figure["data"]:
+        size = dp_sizes[public.index(trace["name"])]
+        assert trace["hovertemplate"] == f"%{{fullData.name}}: ≈{size} users<extra></extra>"
+    assert sorted(t["name"] for t in dp_figure["data"]) == sorted(public)
+
+
+def test_k_curve_is_drawn_only_for_a_run_that_chose_k() -> None:
+    curve = [
+        {"k": 2, "silhouette": 0.31, "stability": 0.95},
+        {"k": 3, "silhouette": 0.35, "stability": 0.9},
+        {"k": 4, "silhouette": 0.38, "stability": 0.72},
+        {"k": 5, "silhouette": 0.42, "stability": 0.81},
+        {"k": 6, "silhouette": 0.44, "stability": 0.41},
+    ]
+    page = render(_inputs(_records(curve)))
+    figure = _figure(page, "k-curve")
+    assert figure is not None and '<div id="k-curve"></div>' in page
+    assert "How k was chosen (--k auto)" in page
+    silhouette, stability = figure["data"]
+    assert silhouette["x"] == [2, 3, 4, 5, 6] and stability["x"] == [2, 3, 4, 5, 6]
+    assert silhouette["y"] == [r["silhouette"] for r in curve]
+    assert stability["y"] == [r["stability"] for r in curve] and stability["yaxis"] == "y2"
+    assert figure["layout"]["shapes"][0]["x0"] == 5  # the chosen k is marked
+    assert "<th>curve</th>" not in page  # the chart, not a dump of the list in the metrics
+    for fixed in (_records(), _records(curve=[])):  # no curve stored, or an empty one (--k 5)
+        other = render(_inputs(fixed))
+        assert _figure(other, "k-curve") is None
+        assert 'id="k-curve"' not in other and "How k was chosen" not in other
+
+
+def test_cards_show_the_stored_facts_of_described_segments_only() -> None:
+    records = _records()
+    page = render(_inputs(records))
+    parent_of = {0: 0, 1: 0, 2: 1, 3: 1, 4: 1}
+    for seg in records["segments"][:4]:
+        sid, facts = seg.segment_id, seg.facts
+        card = _card(page, sid)
+        assert f"<h3>{seg.name}</h3>" in card and seg.description in card
+        assert f"{seg.size:,} users" in card
+        assert f"in <b>{html.escape(_PARENT_NAMES[parent_of[sid]])}</b>" in card
+        assert f"silhouette {facts['silhouette']:.2f} · stability {facts['stability']:.2f}" in card
+        for key, label, div in (
+            ("top_categories", "category", f"cats-{sid}"),
+            ("top_items", "title", f"items-{sid}"),
+        ):
+            assert f'<div id="{div}"></div>' in card
+            bars = _figure(page, div)
+            assert bars is not None, div
+            (trace,) = bars["data"]
+            rows = facts[key][::-1]  # drawn bottom-up
+            assert trace["y"] == [r[label] for r in rows]
+            assert trace["x"] == [r["lift"] for r in rows]
+            assert trace["text"] == [f"×{r['lift']:.2f} · {r['members']}" for r in rows]
+        for member in facts["nearest"]:
+            line = f"<li><b>user {member['user_id']}</b>: {html.escape(member['summary'])}</li>"
+            assert line in card
+    # under the threshold: the size and the parent, nothing that describes the segment
+    hidden = records["segments"][4]
+    card = _card(page, 4)
+    assert "not described" in card and f"{hidden.size:,} users" in card
+    assert f"in <b>{html.escape(_PARENT_NAMES[1])}</b>" in card
+    for absent in ("silhouette", "stability", "cats-4", "items-4", "Members nearest", "<ol>"):
+        assert absent not in card, absent
+    assert _figure(page, "cats-4") is None and _figure(page, "items-4") is None
+    secrets = [hidden.name, *(m["summary"] for m in hidden.facts["nearest"])]
+    secrets += [f"user {m['user_id']}" for m in hidden.facts["nearest"]]
+    secrets += [i["title"] for i in hidden.facts["top_items"]]
+    for secret in secrets:
+        assert secret not in page and html.escape(secret) not in page, secret
+    # a named segment under a raised threshold loses its card's facts the same way
+    strict = render(_inputs(records, min_size=26))
+    card = _card(strict, 1)
+    assert "not described" in card and "silhouette" not in card and "Members nearest" not in card
+    assert _figure(strict, "cats-1") is None and _figure(strict, "items-1") is None
+    assert "Segment name 1" not in strict and _SUMMARIES[1][0] not in strict
+    assert "silhouette 0.11 · stability 0.93" in _card(strict, 0)  # 30 users: still described
+
+
+def test_project_falls_back_to_pca_without_umap(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sklearn.decomposition import PCA
+
+    records = _records()
+    X, rows = records["X"], np.arange(len(records["labels"]))
+    monkeypatch.setitem(sys.modules, "umap", None)  # `import umap` fails: not installed
+    with pytest.raises(ImportError):
+        import umap  # noqa: F401
+    projection = project(X, rows, len(rows), seed=0)
+    assert projection.method == "PCA" and projection.coords.shape == (100, 2)
+    assert np.allclose(projection.coords, PCA(n_components=2, random_state=0).fit_transform(X))
+    page = render(_inputs(records, projection))
+    assert _map_note(page).startswith("PCA projection of the users' vectors; all 100 users")
+
+    # the control: with a `umap` module importable, the same call takes UMAP
+    class FakeUMAP:
+        def __init__(self, **kwargs: Any) -> None:
+            self.kwargs = kwargs
+
+        def fit_transform(self, data: np.ndarray) -> np.ndarray:
+            return np.zeros((len(data), 2)) + 1.0
+
+    fake = types.ModuleType("umap")
+    fake.__spec__ = importlib.machinery.ModuleSpec("umap", None)
+    fake.UMAP = FakeUMAP  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "umap", fake)
+    with_umap = project(X, rows, len(rows), seed=0)
+    assert with_umap.method == "UMAP" and (with_umap.coords == 1.0).all()
+    assert _map_note(render(_inputs(records, with_umap))).startswith("UMAP projection")
 
 
 # ------------------------------------------------------------------------------ workspace
