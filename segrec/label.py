@@ -34,11 +34,14 @@ from segrec.gates import (
     mentioned,
 )
 from segrec.grounding import (
+    PATTERN_UNSAFE,
     absent_categories,
     check_prose,
     decode_json,
     join_words,
     norm,
+    one_or_two,
+    pattern_group,
 )
 from segrec.llm.base import LLM, GenerationParams, Message, RetryPolicy, generate_structured
 from segrec.templates import Prompt, load_prompt
@@ -127,22 +130,53 @@ def name_pattern(categories: Sequence[str]) -> str | None:
     )
 
 
+# With a grammar, a description is said from the segment's facts: who, a verb, one or two
+# of its top categories by share, one or two of its top items. Free words were the blind
+# read's untrue descriptions ("They love choosing the right food for their health").
+DESCRIPTION_SUBJECTS = ("Members", "These users")
+DESCRIPTION_VERBS = ("often pick", "keep coming back to", "are drawn to", "share a taste for")
+DESCRIPTION_OPTIONS, DESCRIPTION_ITEM_CHARS = 3, 60
+
+
+def description_pattern(doc: SegmentDoc) -> str | None:
+    """ "Members often pick <top categories>, especially <top items>." from the segment's
+    own facts (its top categories by share among those it may name, its top items); None
+    when no category fits a pattern."""
+    allowed = set(doc.allowed_categories)
+    ranked = [c for c, _ in _top_categories(doc.categories, len(doc.categories)) if c in allowed]
+    categories = [c for c in ranked if not PATTERN_UNSAFE.search(c)][:DESCRIPTION_OPTIONS]
+    items = [
+        t
+        for t in doc.top_items
+        if len(t) <= DESCRIPTION_ITEM_CHARS and not PATTERN_UNSAFE.search(t)
+    ][:DESCRIPTION_OPTIONS]
+    if not categories:
+        return None
+    subjects, verbs = "|".join(DESCRIPTION_SUBJECTS), "|".join(DESCRIPTION_VERBS)
+    pattern = f"^({subjects}) ({verbs}) {pattern_group(one_or_two(categories))}"
+    if items:
+        pattern += f"(, especially {pattern_group(one_or_two(items))})?"
+    return pattern + "[.]$"
+
+
 def label_schema(doc: SegmentDoc) -> dict[str, Any]:
-    """The answer's JSON schema; the name must contain one of the segment's top categories."""
+    """The answer's JSON schema; the name must contain one of the segment's top categories,
+    the description says its top categories and items (:func:`description_pattern`)."""
     name: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": NAME_MAX_CHARS}
     pattern = name_pattern(doc.allowed_categories)
     if pattern:
         name = {"type": "string", "pattern": pattern}
+    description: dict[str, Any] = {
+        "type": "string",
+        "minLength": DESCRIPTION_MIN,
+        "maxLength": DESCRIPTION_MAX,
+    }
+    said = description_pattern(doc)
+    if said:
+        description = {"type": "string", "pattern": said}
     return {
         "type": "object",
-        "properties": {
-            "name": name,
-            "description": {
-                "type": "string",
-                "minLength": DESCRIPTION_MIN,
-                "maxLength": DESCRIPTION_MAX,
-            },
-        },
+        "properties": {"name": name, "description": description},
         "required": ["name", "description"],
     }
 

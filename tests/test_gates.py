@@ -533,3 +533,71 @@ def test_a_short_title_is_blanked_only_as_a_whole_word() -> None:
     check_fluent(
         "Because you liked Heat (1995), another Crime movie.", LEXICON, names=["Her (2013)"]
     )
+
+
+def test_summary_and_description_grammars_say_only_the_facts_and_convert_for_llama_cpp() -> None:
+    """The first blind read's untrue LLM summaries and descriptions were free words after a
+    fixed start; the grammars now say them from the user's and the segment's own facts."""
+    import re
+
+    from segrec.label import label_schema
+    from segrec.profile import summary_pattern
+
+    request = ProfileRequest(
+        user_id="1",
+        history=tuple(HISTORY),
+        lines=(),
+        like_options=("Camping and hiking", "Gardening", "Drama"),
+        dislike_options=("Western",),
+        favourite_options=("Nordic protein kettlebell #157", "Matrix, The (1999)", "WALL·E (2008)"),
+        cache_key="",
+    )
+    summary = summary_pattern(request)
+    assert re.fullmatch(
+        summary,
+        "This user keeps coming back to Gardening and Drama, especially Matrix, The (1999) "
+        "and Nordic protein kettlebell #157. Less keen on Western.",
+    )
+    assert re.fullmatch(summary, "This user mostly enjoys Camping and hiking.")
+    for invented in (
+        "This user has a high favourite item in this category. They also have fond memories "
+        "of a camping and hiking experience.",
+        "This user has a fondness for various products related to yoga and fitness, including "
+        "the blue protein kettlebell and zen yoga mat.",
+        "This user mostly enjoys Camping and hiking and Gardening.",  # "X and Y and Z"
+        "This user mostly enjoys Gardening and Gardening.",
+        "This user mostly enjoys Western.",  # a category the user rates low
+    ):
+        assert not re.fullmatch(summary, invented), invented
+    description = label_schema(PLANTED)["properties"]["description"]["pattern"]
+    assert re.fullmatch(description, "Members often pick Comedy and Drama, especially Heat (1995).")
+    assert re.fullmatch(description, "These users share a taste for Action.")
+    for invented in (
+        "This group is a mix of people who enjoy baking, baby care, hiking, gardening. They "
+        "love choosing the right food for their health.",
+        "Members often pick Sci-Fi.",  # not among the top categories by share
+        "Members often pick Romance.",  # top 5 by share, but not among the top 3 it may say
+    ):
+        assert not re.fullmatch(description, invented), invented
+    # Every text the grammars allow passes the gates.
+    check_label_gates(
+        "Comedy fans",
+        "Members often pick Comedy and Drama, especially Heat (1995).",
+        PLANTED,
+        CATEGORIES,
+    )
+    profile = parse_profile(
+        answer(
+            likes=["Drama"],
+            dislikes=[],
+            favourite_items=["Matrix, The (1999)"],
+            themes=[],
+            summary="This user is drawn to Drama, especially Matrix, The (1999) and WALL·E (2008).",
+        ),
+        request,
+        Vocabulary(CATEGORIES),
+    )
+    assert profile.profile.summary.startswith("This user is drawn to Drama")
+    llama_cpp = pytest.importorskip("llama_cpp")
+    for schema in (request.schema(), label_schema(PLANTED)):
+        assert llama_cpp.LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
