@@ -307,6 +307,15 @@ def fallback_label(
     words = _name_words(source, NAME_MAX_WORDS)
     name = " ".join(words) if words else f"Segment {doc.segment_id}"
     if _term_key(name) in taken_keys:
+        # Another of its categories before a number: "Fitness fans 2" read as debris in the
+        # first blind read, "Baking and kitchen & Fitness fans" says what sets it apart.
+        others = [c for c in allowed if c not in source[:1]]
+        for terms in [*([source[0], c] for c in others[:4] if source), *([c] for c in others)]:
+            alternative = " ".join(_name_words(terms, NAME_MAX_WORDS))
+            if alternative and _term_key(alternative) not in taken_keys:
+                name = alternative
+                break
+    if _term_key(name) in taken_keys:
         base = " ".join(_name_words(source, NAME_MAX_WORDS - 1)) or f"Segment {doc.segment_id}"
         number = 2
         while _term_key(f"{base} {number}") in taken_keys:

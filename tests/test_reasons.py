@@ -68,6 +68,10 @@ HISTORY = [
 ]
 
 
+# What a template adds for an item sharing nothing with HISTORY's liked categories.
+USUAL = ", outside your usual Adventure and Animation."
+
+
 def candidate(
     signals: dict[str, float],
     because: tuple[str, ...] = (),
@@ -248,11 +252,11 @@ def test_template_never_cites_what_the_history_lacks_or_the_user_disliked() -> N
     invented = candidate({"ease": 1.0}, ("Blade Runner (1982)",), categories=("Sci-Fi",))
     # Neither title is cited; the item is said for what it is, next to the user's own.
     assert template_reason(invented, HISTORY, domain="movie") == (
-        "People with tastes like yours liked this: a Sci-Fi movie, outside your usual Adventure and Animation."
+        "People with tastes like yours liked this: a Sci-Fi movie" + USUAL
     )
     disliked = candidate({"ease": 1.0}, ("Sudden Death (1995)",), categories=("Horror",))
     assert template_reason(disliked, HISTORY) == (
-        "People with tastes like yours liked this: a Horror item, outside your usual Adventure and Animation."
+        "People with tastes like yours liked this: a Horror item" + USUAL
     )
 
 
@@ -460,7 +464,7 @@ def test_nothing_liked_in_common_gives_the_template_without_asking() -> None:
     [reason] = reasons(llm, [unrelated])
     assert llm.calls == []
     assert reason.fallback
-    assert reason.reason == "Widely popular: a Drama and War movie, outside your usual Adventure and Animation."
+    assert reason.reason == "Widely popular: a Drama and War movie" + USUAL
     assert reason.fallback_reason == "the history has no liked title or category this item shares"
 
 
@@ -482,7 +486,7 @@ def test_an_anchor_without_a_fact_gives_the_template_without_asking() -> None:
     lonely = candidate({"pop": 1.0}, ("Toy Story (1995)",), categories=("Horror",))
     [reason] = reasons(llm, [lonely], cache=cache)
     assert llm.calls == [] and cache.stored == {}
-    assert reason.fallback and reason.reason == "Widely popular: a Horror movie, outside your usual Adventure and Animation."
+    assert reason.fallback and reason.reason == "Widely popular: a Horror movie" + USUAL
     assert failure_code(reason.fallback_reason) == "no-facts"
 
 
