@@ -507,8 +507,12 @@ def test_fact_and_name_grammars_hold_only_true_clauses_and_convert_for_llama_cpp
     assert not re.fullmatch(pattern, "Because you liked Heat (1995), another Drama movie.")
     assert not re.fullmatch(pattern, "Because you liked Heat (1995), a great one.")
     name = label_schema(PLANTED)["properties"]["name"]["pattern"]
-    assert re.fullmatch(name, "Comedy & Drama fans") and re.fullmatch(name, "Family comedy lovers")
+    assert re.fullmatch(name, "Comedy & Drama fans") and re.fullmatch(name, "Musical lovers")
     assert not re.fullmatch(name, "Sci-Fi & Drama fans") and not re.fullmatch(name, "Film buffs")
+    # Free words around the category are where a small model invents.
+    for invented in ("Family comedy lovers", "Young Comedy fans", "The Group Drama"):
+        assert not re.fullmatch(name, invented), invented
+    assert not re.fullmatch(name, "Drama & Drama fans")
     llama_cpp = pytest.importorskip("llama_cpp")
     for schema in (reason_schema(anchors(CANDIDATE, HISTORY), facts), label_schema(PLANTED)):
         assert llama_cpp.LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
