@@ -31,7 +31,9 @@ from segrec.gates import (
     blank_names,
     check_fluent,
     check_segment_consistent,
+    check_supported,
     mentioned,
+    unknown_names,
 )
 from segrec.grounding import (
     PATTERN_UNSAFE,
@@ -140,8 +142,8 @@ DESCRIPTION_OPTIONS, DESCRIPTION_ITEM_CHARS = 3, 60
 
 
 def description_pattern(doc: SegmentDoc) -> str | None:
-    """ "Members often pick <top categories>, especially <top items>." from the segment's
-    own facts (its top categories by share among those it may name, its top items); None
+    """ "Members often pick <top categories>. Top items include <top items>." from the
+    segment's own facts (its top categories by share among those it may name, its top items); None
     when no category fits a pattern."""
     allowed = set(doc.allowed_categories)
     ranked = [c for c, _ in _top_categories(doc.categories, len(doc.categories)) if c in allowed]
@@ -156,7 +158,8 @@ def description_pattern(doc: SegmentDoc) -> str | None:
     subjects, verbs = "|".join(DESCRIPTION_SUBJECTS), "|".join(DESCRIPTION_VERBS)
     pattern = f"^({subjects}) ({verbs}) {pattern_group(one_or_two(categories))}"
     if items:
-        pattern += f"(, especially {pattern_group(one_or_two(items))})?"
+        # a sentence of its own: "Action, especially <title>" would say the title is Action
+        return pattern + f"[.]( Top items include {pattern_group(one_or_two(items))}[.])?$"
     return pattern + "[.]$"
 
 
@@ -453,6 +456,12 @@ def check_label_gates(
     if words[0] in {"the", "a", "an"} or set(words) & _GROUP_WORDS:  # "The Group Drama"
         raise GateError("fluent", "not-a-name", f"{name!r} reads as a phrase about a group")
     check_fluent(description, lexicon, names=names)
+    check_supported(f"{name}. {description}", names=names)
+    invented = unknown_names(blank_names(description, names), lexicon)
+    if invented:
+        raise GateError(
+            "consistent", "unknown-name", f"names what the facts lack: {', '.join(invented)}"
+        )
     allowed = doc.allowed_categories
     if allowed and not mentioned(name, allowed):
         raise GateError(

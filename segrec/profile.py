@@ -27,7 +27,13 @@ import pandas as pd
 from pydantic import BaseModel, Field
 
 from segrec.errors import LLMError
-from segrec.gates import Lexicon, TextTally, check_fluent, check_summary_specific
+from segrec.gates import (
+    Lexicon,
+    TextTally,
+    check_fluent,
+    check_summary_specific,
+    check_supported,
+)
 from segrec.grounding import (
     PATTERN_UNSAFE,
     SENTENCE,
@@ -287,10 +293,10 @@ class ProfileRequest:
 
 
 def summary_pattern(request: ProfileRequest) -> str:
-    """The summary's pattern: "This user <verb> <liked categories>, especially <favourites>.
-    Less keen on <categories>." from the request's own options (those a pattern can hold),
-    within SUMMARY_MAX; a history with no liked category or favourite gets the free
-    pattern (third person, bounded, a final stop)."""
+    """The summary's pattern: "This user <verb> <liked categories>. Favourites include
+    <favourites>. Less keen on <categories>." from the request's own options (those a
+    pattern can hold), within SUMMARY_MAX; a history with no liked category or favourite
+    gets the free pattern (third person, bounded, a final stop)."""
 
     def usable(options: Sequence[str], n: int) -> list[str]:
         return [o for o in options if not PATTERN_UNSAFE.search(o)][:n]
@@ -308,7 +314,7 @@ def summary_pattern(request: ProfileRequest) -> str:
 
     def length() -> int:
         verb = max(len(v) for v in SUMMARY_VERBS) + 1
-        extra = len(", especially ") + longest(favourites) if favourites else 0
+        extra = len(" Favourites include .") + longest(favourites) if favourites else 0
         tail = len(" Less keen on .") + longest(dislikes) if dislikes else 0
         return len(SUMMARY_PREFIX) + verb + longest(likes) + extra + 1 + tail
 
@@ -318,9 +324,10 @@ def summary_pattern(request: ProfileRequest) -> str:
     if length() > SUMMARY_MAX:
         return SUMMARY_PATTERN
     pattern = f"^{SUMMARY_PREFIX}({'|'.join(SUMMARY_VERBS)}) {pattern_group(one_or_two(likes))}"
-    if favourites:
-        pattern += f"(, especially {pattern_group(one_or_two(favourites))})?"
     pattern += "[.]"
+    if favourites:
+        # a sentence of its own: "Action, especially Secret Garden" would say it is Action
+        pattern += f"( Favourites include {pattern_group(one_or_two(favourites))}[.])?"
     if dislikes:
         pattern += f"( Less keen on {pattern_group(one_or_two(dislikes))}[.])?"
     return pattern + "$"
@@ -538,6 +545,7 @@ def check_summary_gates(summary: str, request: ProfileRequest, vocabulary: Vocab
     at least one of the user's own categories or titles named."""
     own = [*request.history_categories, *(e.title for e in request.history)]
     check_fluent(summary, Lexicon.from_names([*own, *vocabulary.categories]), names=own)
+    check_supported(summary, names=own)
     check_summary_specific(summary, own)
 
 

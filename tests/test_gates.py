@@ -559,8 +559,8 @@ def test_summary_and_description_grammars_say_only_the_facts_and_convert_for_lla
     summary = summary_pattern(request)
     assert re.fullmatch(
         summary,
-        "This user keeps coming back to Gardening and Drama, especially Matrix, The (1999) "
-        "and Nordic protein kettlebell #157. Less keen on Western.",
+        "This user keeps coming back to Gardening and Drama. Favourites include Matrix, The "
+        "(1999) and Nordic protein kettlebell #157. Less keen on Western.",
     )
     assert re.fullmatch(summary, "This user mostly enjoys Camping and hiking.")
     for invented in (
@@ -570,11 +570,15 @@ def test_summary_and_description_grammars_say_only_the_facts_and_convert_for_lla
         "the blue protein kettlebell and zen yoga mat.",
         "This user mostly enjoys Camping and hiking and Gardening.",  # "X and Y and Z"
         "This user mostly enjoys Gardening and Gardening.",
+        # ml-latest-small, 2026-12-03: "Action, especially" said Secret Garden is Action
+        "This user is drawn to Drama, especially Matrix, The (1999).",
         "This user mostly enjoys Western.",  # a category the user rates low
     ):
         assert not re.fullmatch(summary, invented), invented
     description = label_schema(PLANTED)["properties"]["description"]["pattern"]
-    assert re.fullmatch(description, "Members often pick Comedy and Drama, especially Heat (1995).")
+    assert re.fullmatch(
+        description, "Members often pick Comedy and Drama. Top items include Heat (1995)."
+    )
     assert re.fullmatch(description, "These users share a taste for Action.")
     for invented in (
         "This group is a mix of people who enjoy baking, baby care, hiking, gardening. They "
@@ -586,7 +590,7 @@ def test_summary_and_description_grammars_say_only_the_facts_and_convert_for_lla
     # Every text the grammars allow passes the gates.
     check_label_gates(
         "Comedy fans",
-        "Members often pick Comedy and Drama, especially Heat (1995).",
+        "Members often pick Comedy and Drama. Top items include Heat (1995).",
         PLANTED,
         CATEGORIES,
     )
@@ -596,7 +600,8 @@ def test_summary_and_description_grammars_say_only_the_facts_and_convert_for_lla
             dislikes=[],
             favourite_items=["Matrix, The (1999)"],
             themes=[],
-            summary="This user is drawn to Drama, especially Matrix, The (1999) and WALL·E (2008).",
+            summary="This user is drawn to Drama. Favourites include Matrix, The (1999) and "
+            "WALL·E (2008).",
         ),
         request,
         Vocabulary(CATEGORIES),
@@ -605,3 +610,110 @@ def test_summary_and_description_grammars_say_only_the_facts_and_convert_for_lla
     llama_cpp = pytest.importorskip("llama_cpp")
     for schema in (request.schema(), label_schema(PLANTED)):
         assert llama_cpp.LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+
+
+# The second blind read's failures (benchmarks/results/text-blindread-2.md), one per class.
+PRODUCT_PARENT = SegmentDoc(
+    segment_id=1,
+    size=5,
+    members=[],
+    contrast=[],
+    categories={
+        "Gardening": 0.3,
+        "Camping and hiking": 0.2,
+        "Baby care": 0.2,
+        "Baking and kitchen": 0.2,
+        "Pet supplies": 0.1,
+    },
+    top_items=["Orbit compost seeds #124", "Apex compost garden hose #324"],
+    shown_categories=(
+        "Gardening",
+        "Camping and hiking",
+        "Baby care",
+        "Baking and kitchen",
+        "Pet supplies",
+    ),
+)
+PRODUCT_CATEGORIES = frozenset([*PRODUCT_PARENT.categories, "Fitness", "Video games"])
+
+
+@pytest.mark.parametrize(
+    ("name", "description", "code"),
+    [
+        (  # invented names, the prompt's "marketing report" echoed
+            "Family of Pet supplies",
+            "This family is dedicated to a wide variety of pet items. Their main categories "
+            "include Orbit, Apex, and Nordic, which have been featured in the marketing report "
+            "by the user group Dog Training and Pet Products.",
+            "fluent/prompt-echo",
+        ),
+        (
+            "Family of Pet supplies",
+            "Their main categories include Gardening, as featured by the user group Dog "
+            "Training and Pet Products.",
+            "consistent/unknown-name",
+        ),
+        (  # the label prompt's "what the members enjoy more than the others"
+            "Gardening fans",
+            "The members enjoy more than the others, with a preference for gardening.",
+            "fluent/prompt-echo",
+        ),
+        (  # read 1: what a behaviour log cannot show
+            "Baking and kitchen fans",
+            "This group enjoys baking and gardening. They love choosing the right food for "
+            "their health.",
+            "consistent/unsupported",
+        ),
+    ],
+)
+def test_the_second_blind_reads_labels_fail_a_gate(name: str, description: str, code: str) -> None:
+    with pytest.raises(GateError, match=code):
+        check_label_gates(name, description, PRODUCT_PARENT, PRODUCT_CATEGORIES)
+
+
+def test_a_summary_claiming_memories_fails() -> None:
+    request = ProfileRequest(
+        user_id="1",
+        history=(event("1", "Orbit sleeping bag trail #464", ("Camping and hiking",), 1.0),),
+        lines=(),
+        like_options=("Camping and hiking",),
+        dislike_options=(),
+        favourite_options=("Orbit sleeping bag trail #464",),
+        cache_key="",
+    )
+    from segrec.profile import check_summary_gates
+
+    with pytest.raises(GateError, match="consistent/unsupported"):
+        check_summary_gates(
+            "This user has a high favourite item in this category. They also have fond "
+            "memories of a camping and hiking experience.",
+            request,
+            Vocabulary(PRODUCT_CATEGORIES),
+        )
+    check_summary_gates(
+        "This user keeps coming back to Camping and hiking. Favourites include Orbit sleeping "
+        "bag trail #464.",
+        request,
+        Vocabulary(PRODUCT_CATEGORIES),
+    )
+
+
+def test_the_popularity_template_says_what_the_item_is_next_to_the_users_own() -> None:
+    """Read 2's largest class (13 of 19): "Widely popular right now, in Baking and kitchen."
+    said nothing about the user; the template now places the item next to their categories."""
+    history = [event("1", "Nordic protein kettlebell #157", ("Fitness",), 1.0)]
+    item = Candidate("2", "Acme oven mixer #201", ("Baking and kitchen",), 1.0, {"pop": 1.0}, ())
+    text = template_reason(item, history, domain="product")
+    assert text == "Widely popular: a Baking and kitchen product, outside your usual Fitness."
+    check_fluent(text, Lexicon.from_names(["Baking and kitchen", "Fitness"]))
+
+
+def test_the_second_blind_reads_names_are_outside_the_name_grammar() -> None:
+    import re
+
+    from segrec.label import label_schema
+
+    name = label_schema(PRODUCT_PARENT)["properties"]["name"]["pattern"]
+    assert re.fullmatch(name, "Gardening & Pet supplies fans")
+    for invented in ("Gardeners and Pet supplies", "Baking and fitness fans", "Family of Pet"):
+        assert not re.fullmatch(name, invented), invented
