@@ -242,7 +242,8 @@ def fact_clauses(
 
     "another Crime and Thriller movie" when the item shares those categories with that
     title; "and people who liked it also liked this" when a collaborative signal ranked the
-    item and the title is one of the liked items most like it. The reason grammar offers
+    item, the title is one of the liked items most like it and shares a category with it.
+    The reason grammar offers
     only these, so what the model adds to its anchor is a fact the ranker knows.
     """
     wanted = set(candidate.categories)
@@ -266,7 +267,11 @@ def fact_clauses(
             clauses.append(
                 f"another ({'|'.join(pattern_literal(n) for n in names)}) {pattern_literal(domain)}"
             )
-        if title in similar and co_watched(candidate):
+        # The similar titles are the nearest by content, not checked co-likes: tied to a
+        # title of another category ("Because you liked a lantern tent, and people who
+        # liked it also liked this" for a dog leash, blind read 3) the co-watch clause
+        # claims what nothing shows, so it needs a category in common too.
+        if title in similar and co_watched(candidate) and shared:
             clauses.append("and people who liked it also liked this")
         if clauses:
             out[title] = clauses
@@ -389,7 +394,9 @@ def template_reason(
     text = SIGNAL_WORDS[signal].removesuffix(".")
     cites = False  # whether the words name a liked title
     if signal in COLLABORATIVE:
-        titles = because or [e.title for e in _liked_sharing(candidate, history)]
+        # a co-like said of a title needs a category in common (see fact_clauses)
+        sharing = [e.title for e in _liked_sharing(candidate, history)]
+        titles = [t for t in because if t in sharing] or sharing
         if titles:
             text, cites = f"People who liked {titles[0]} also liked this", True
     elif signal == "cosine":

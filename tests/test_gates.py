@@ -717,3 +717,29 @@ def test_the_second_blind_reads_names_are_outside_the_name_grammar() -> None:
     assert re.fullmatch(name, "Gardening & Pet supplies fans")
     for invented in ("Gardeners and Pet supplies", "Baking and fitness fans", "Family of Pet"):
         assert not re.fullmatch(name, invented), invented
+
+
+def test_a_co_like_is_said_only_of_a_title_sharing_a_category() -> None:
+    """Blind read 3: "Because you liked Terra lantern tent #320, and people who liked it also
+    liked this." for a dog leash — the title was only the nearest by content."""
+    from segrec.reasons import fact_clauses
+
+    history = [
+        event("1", "Terra lantern tent #320", ("Camping and hiking",), 1.0),
+        event("2", "Zen arcade headset #394", ("Video games",), 0.9),
+    ]
+    leash = Candidate(
+        "3",
+        "Orbit aquarium dog leash #470",
+        ("Pet supplies",),
+        1.0,
+        {"ease": 0.5, "pop": 0.1},
+        ("Terra lantern tent #320",),
+    )
+    assert fact_clauses(leash, history, domain="product") == {}
+    text = template_reason(leash, history, domain="product")
+    assert "Terra lantern tent" not in text
+    assert text == (
+        "People with tastes like yours liked this: a Pet supplies product, outside your usual "
+        "Camping and hiking."
+    )
