@@ -278,10 +278,22 @@ def question_pattern(kinds: Sequence[str]) -> str:
     anchors = [k for k in kinds if _SAFE_ANCHOR.match(k)]
     if not anchors:
         return f"^{_OPENERS}{_WORDS.format(low=2, high=16)}[?]$"
-    anchor = "(" + "|".join(anchors) + ")"
     # Free words around the categories were where the small model garbled ("your favorite,
-    # based on a Western or children-arcade?"): it picks an opener and the categories.
-    return f"^{_ASKS} {anchor}((, | or ){anchor}){{0,2}}[?]$"
+    # based on a Western or children-arcade?"): it picks an opener and the categories, one
+    # or up to three different ones ("Pet supplies, Skin care or Pet supplies?" was a
+    # blind read's repeat).
+    lists = [
+        *anchors,
+        *(f"{a} or {b}" for a in anchors for b in anchors if a != b),
+        *(
+            f"{a}, {b} or {c}"
+            for a in anchors
+            for b in anchors
+            for c in anchors
+            if len({a, b, c}) == 3
+        ),
+    ]
+    return f"^{_ASKS} ({'|'.join(lists)})[?]$"
 
 
 def question_schema(kinds: Sequence[str]) -> dict[str, Any]:

@@ -352,6 +352,10 @@ def check_question_consistent(question: str, choices: Sequence[str]) -> None:
     words = set(words_of(question))
     if not question.rstrip().endswith("?"):
         raise GateError("consistent", "not-a-question", "does not end with '?'")
+    named = [c for c in choices if c]
+    for choice in named:
+        if len(re.findall(rf"(?<!\w){re.escape(choice)}(?!\w)", question, re.IGNORECASE)) > 1:
+            raise GateError("fluent", "repeat", f"names {choice!r} twice")
     if words & _META:
         raise GateError("consistent", "meta", "talks about the chat, not the user's taste")
     if not words & {"you", "your", "you'd", "you're"}:

@@ -141,13 +141,27 @@ DESCRIPTION_VERBS = ("often pick", "keep coming back to", "are drawn to", "share
 DESCRIPTION_OPTIONS, DESCRIPTION_ITEM_CHARS = 3, 60
 
 
+def named_categories(doc: SegmentDoc) -> list[str]:
+    """The categories a grammar lets a label say: among those it may name, up to three by
+    share, each with at least a third of the top one's share ("Fitness & Pet supplies
+    enthusiasts" for 6% and 82% was a blind read's misleading name)."""
+    allowed = set(doc.allowed_categories)
+    ranked = [
+        (c, share)
+        for c, share in _top_categories(doc.categories, len(doc.categories))
+        if c in allowed and not PATTERN_UNSAFE.search(c)
+    ]
+    if not ranked:  # shares unknown: the categories shown beside it, in order
+        return [c for c in doc.allowed_categories if not PATTERN_UNSAFE.search(c)][:3]
+    top = ranked[0][1]
+    return [c for c, share in ranked if share >= top / 3][:DESCRIPTION_OPTIONS]
+
+
 def description_pattern(doc: SegmentDoc) -> str | None:
     """ "Members often pick <top categories>. Top items include <top items>." from the
     segment's own facts (its top categories by share among those it may name, its top items); None
     when no category fits a pattern."""
-    allowed = set(doc.allowed_categories)
-    ranked = [c for c, _ in _top_categories(doc.categories, len(doc.categories)) if c in allowed]
-    categories = [c for c in ranked if not PATTERN_UNSAFE.search(c)][:DESCRIPTION_OPTIONS]
+    categories = named_categories(doc)
     items = [
         t
         for t in doc.top_items
@@ -167,7 +181,7 @@ def label_schema(doc: SegmentDoc) -> dict[str, Any]:
     """The answer's JSON schema; the name must contain one of the segment's top categories,
     the description says its top categories and items (:func:`description_pattern`)."""
     name: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": NAME_MAX_CHARS}
-    pattern = name_pattern(doc.allowed_categories)
+    pattern = name_pattern(named_categories(doc))
     if pattern:
         name = {"type": "string", "pattern": pattern}
     description: dict[str, Any] = {
