@@ -14,7 +14,8 @@ kind. Variants run in parallel processes (``--jobs``), one llama.cpp thread each
 
 ``--synthetic`` runs on a product-style log from `segrec.synthetic` instead of MovieLens;
 ``--blind-read N`` writes N displayed texts picked at random (seeded), shuffled, with the
-facts shown beside each, for a person to judge.
+facts shown beside each, for a person to judge, to ``<out prefix>-blindread-K.md`` (K the
+next free number; earlier reads are kept).
 
 Usage:
   python benchmarks/bench_text.py --users 20 --variants constrained,plain --jobs 2
@@ -157,10 +158,22 @@ def main() -> None:
     args.out.write_text(render(results, meta, args), encoding="utf-8")
     if args.blind_read:
         first = next(iter(results.values()))
-        blind = args.out.with_name(args.out.stem.split("-")[0] + "-blindread.md")
+        blind = blind_read_path(args.out)
         blind.write_text(blind_read(first, args.blind_read, args.seed, meta), encoding="utf-8")
         print(f"blind read: {blind}")
     print(args.out.read_text(encoding="utf-8"))
+
+
+def blind_read_path(out: Path) -> Path:
+    """Where the blind read goes: ``text-blindread-N.md`` beside ``--out``, N the next free
+    number (reads are kept, each judged in its own file)."""
+    prefix = out.stem.split("-")[0] + "-blindread-"
+    taken = [
+        int(p.stem.removeprefix(prefix))
+        for p in out.parent.glob(f"{prefix}*.md")
+        if p.stem.removeprefix(prefix).isdigit()
+    ]
+    return out.with_name(f"{prefix}{max(taken, default=0) + 1}.md")
 
 
 def _share(x: float | None) -> str:

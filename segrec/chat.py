@@ -79,6 +79,11 @@ MAX_USER_ID = 64
 
 _OPENERS = "(Which|What|Do you|Would you)"
 _WORDS = "( [a-z][a-z',-]{{0,14}}){{{low},{high}}}"
+_ASKS = (
+    "(Which do you (like|enjoy|prefer)( more| most)?,"
+    "|Which of these do you (like|enjoy|prefer)( more| most)?:"
+    "|Do you (like|enjoy))"
+)
 # Categories safe to put in a pattern verbatim (no escapes llama.cpp's converter misreads).
 _SAFE_ANCHOR = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 &'-]{0,39}$")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
@@ -267,16 +272,28 @@ class _Answer(BaseModel):
 
 
 def question_pattern(kinds: Sequence[str]) -> str:
-    """A question that opens with Which/Do you, says only lower-case words besides the
-    offered categories (``kinds``, at least one named when any fit a pattern), ends "?"."""
+    """A question to the user about the offered categories (``kinds``): "Which do you like
+    more, Horror or Comedy?", "Do you enjoy Horror?"; with no category that fits a
+    pattern, an opener, lower-case words and "?"."""
     anchors = [k for k in kinds if _SAFE_ANCHOR.match(k)]
     if not anchors:
         return f"^{_OPENERS}{_WORDS.format(low=2, high=16)}[?]$"
-    anchor = "(" + "|".join(anchors) + ")"
-    return (
-        f"^{_OPENERS}{_WORDS.format(low=1, high=10)} {anchor}((, | or | and ){anchor}){{0,2}}"
-        f"{_WORDS.format(low=0, high=8)}[?]$"
-    )
+    # Free words around the categories were where the small model garbled ("your favorite,
+    # based on a Western or children-arcade?"): it picks an opener and the categories, one
+    # or up to three different ones ("Pet supplies, Skin care or Pet supplies?" was a
+    # blind read's repeat).
+    lists = [
+        *anchors,
+        *(f"{a} or {b}" for a in anchors for b in anchors if a != b),
+        *(
+            f"{a}, {b} or {c}"
+            for a in anchors
+            for b in anchors
+            for c in anchors
+            if len({a, b, c}) == 3
+        ),
+    ]
+    return f"^{_ASKS} ({'|'.join(lists)})[?]$"
 
 
 def question_schema(kinds: Sequence[str]) -> dict[str, Any]:

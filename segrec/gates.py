@@ -39,7 +39,21 @@ DANGLING = frozenset(
     | {"that", "the", "their", "to", "was", "which", "while", "who", "with"}
 )
 # Labels the prompts print before facts ("Most like: …"); echoed, they are debris.
-PROMPT_ECHOES = ("most like", "recommended movie", "recommended item", "json", "the history")
+PROMPT_ECHOES = (
+    *("most like", "recommended movie", "recommended item", "json", "the history"),
+    # the label prompt's ("for a marketing report", "what the members enjoy more than the
+    # others"), echoed in the second blind read's descriptions
+    *("marketing report", "more than the others"),
+)
+# What a behaviour log cannot show about a person: their memories, health, family or work.
+# A text that claims it invented it ("fond memories of a camping experience", "the right
+# food for their health", blind reads 1 and 2).
+UNSUPPORTED = frozenset(
+    {"memories", "memory", "nostalgia", "nostalgic", "experience", "experiences", "childhood"}
+    | {"health", "healthy", "lifestyle", "career", "job", "jobs", "hobby", "hobbies"}
+    | {"personality", "retired", "student", "students", "parents", "married", "wife"}
+    | {"husband", "friends"}
+)
 # Words of the language that say nothing about a particular user, item or segment.
 VAGUE = frozenset(
     {"movie", "movies", "film", "films", "item", "items", "one", "ones", "thing", "things"}
@@ -207,6 +221,27 @@ def check_fluent(
         raise GateError("fluent", "first-person", "speaks in the first person")
 
 
+def check_supported(text: str, *, names: Iterable[str] = ()) -> None:
+    """Raise GateError when ``text`` claims what a behaviour log cannot show (memories,
+    health, family, work: :data:`UNSUPPORTED`), outside the catalogue ``names`` it quotes."""
+    found = sorted(UNSUPPORTED & set(words_of(blank_names(text, names))))
+    if found:
+        raise GateError(
+            "consistent", "unsupported", f"claims what the data cannot show: {', '.join(found)}"
+        )
+
+
+def unknown_names(text: str, lexicon: Lexicon) -> list[str]:
+    """Capitalised words inside a sentence (not its first word) that are no word of the
+    workspace's names: invented names ("the user group Dog Training and Pet Products")."""
+    found = []
+    for part in SENTENCE.split(text):
+        for word in _LETTERS.findall(part)[1:]:
+            if word[:1].isupper() and word.lower() not in lexicon.names and word != "I":
+                found.append(word)
+    return list(dict.fromkeys(found))
+
+
 # ------------------------------------------------------------------------------ specific
 
 
@@ -317,6 +352,10 @@ def check_question_consistent(question: str, choices: Sequence[str]) -> None:
     words = set(words_of(question))
     if not question.rstrip().endswith("?"):
         raise GateError("consistent", "not-a-question", "does not end with '?'")
+    named = [c for c in choices if c]
+    for choice in named:
+        if len(re.findall(rf"(?<!\w){re.escape(choice)}(?!\w)", question, re.IGNORECASE)) > 1:
+            raise GateError("fluent", "repeat", f"names {choice!r} twice")
     if words & _META:
         raise GateError("consistent", "meta", "talks about the chat, not the user's taste")
     if not words & {"you", "your", "you'd", "you're"}:

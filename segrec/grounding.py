@@ -31,6 +31,27 @@ def absent_categories(text: str, present: Iterable[str], vocabulary: Iterable[st
     )
 
 
+# Names with these would need escapes llama.cpp's pattern converter does not read.
+PATTERN_UNSAFE = re.compile(r'["\\^${}<>\[\]]')
+
+
+def pattern_literal(text: str) -> str:
+    """``text`` as a regex literal that llama.cpp's pattern converter also reads verbatim."""
+    return "".join("[.]" if c == "." else "\\" + c if c in "()|*+?" else c for c in text)
+
+
+def one_or_two(names: Sequence[str]) -> list[str]:
+    """Each of ``names``, and two different ones joined by "and" (a name with its own
+    "and" stands alone: never "X and Y and Z")."""
+    single = [n for n in names if " and " not in n.lower()]
+    return [*names, *(f"{a} and {b}" for a in single for b in single if a != b)]
+
+
+def pattern_group(options: Sequence[str]) -> str:
+    """A pattern group matching exactly one of ``options``, verbatim."""
+    return "(" + "|".join(pattern_literal(o) for o in options) + ")"
+
+
 def degenerate(text: str) -> bool:
     """True for the small model's loops: a 4-word run repeated three times or more."""
     words = norm(text).split()

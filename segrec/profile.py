@@ -27,14 +27,23 @@ import pandas as pd
 from pydantic import BaseModel, Field
 
 from segrec.errors import LLMError
-from segrec.gates import Lexicon, TextTally, check_fluent, check_summary_specific
+from segrec.gates import (
+    Lexicon,
+    TextTally,
+    check_fluent,
+    check_summary_specific,
+    check_supported,
+)
 from segrec.grounding import (
+    PATTERN_UNSAFE,
     SENTENCE,
     absent_categories,
     decode_json,
     degenerate,
     join_words,
     norm,
+    one_or_two,
+    pattern_group,
 )
 from segrec.llm.base import (
     LLM,
@@ -47,7 +56,7 @@ from segrec.store import ProfileRecord, Store
 from segrec.templates import Prompt
 
 # Bumped when the profile schema, compaction or grounding rules change: part of cache keys.
-PROFILE_LOGIC_VERSION = "5"
+PROFILE_LOGIC_VERSION = "6"
 
 SUMMARY_MIN, SUMMARY_MAX = 20, 280
 SUMMARY_PREFIX = "This user "
@@ -56,6 +65,12 @@ SUMMARY_PREFIX = "This user "
 SUMMARY_PATTERN = (
     f'^{SUMMARY_PREFIX}[^"\\\\{{}}\\[\\]]{{9,{SUMMARY_MAX - len(SUMMARY_PREFIX) - 1}}}[.]$'
 )
+# With a grammar, the summary is said from the user's own facts: a verb, one or two of
+# their liked categories, one or two favourites, one or two categories they rate low. Free
+# words were the blind read's untrue summaries ("fond memories of a camping experience",
+# "the blue protein kettlebell" for the Nordic one).
+SUMMARY_VERBS = ("mostly enjoys", "keeps coming back to", "is drawn to", "often picks")
+SUMMARY_OPTIONS = 3  # liked categories and favourites the grammar may pick from
 MAX_LIKES, MAX_DISLIKES, MAX_FAVOURITES, MAX_THEMES, THEME_MAX = 3, 2, 3, 3, 40
 # A theme is a short phrase of words: no digits (years), brackets or JSON debris.
 THEME_PATTERN = f"^[A-Za-z][A-Za-z' -]{{2,{THEME_MAX - 1}}}$"
@@ -271,10 +286,51 @@ class ProfileRequest:
                     "maxItems": MAX_THEMES,
                 },
                 # Third person, bounded: the small model otherwise writes as the user, or loops.
-                "summary": {"type": "string", "pattern": SUMMARY_PATTERN},
+                "summary": {"type": "string", "pattern": summary_pattern(self)},
             },
             "required": ["likes", "dislikes", "favourite_items", "themes", "summary"],
         }
+
+
+def summary_pattern(request: ProfileRequest) -> str:
+    """The summary's pattern: "This user <verb> <liked categories>. Favourites include
+    <favourites>. Less keen on <categories>." from the request's own options (those a
+    pattern can hold), within SUMMARY_MAX; a history with no liked category or favourite
+    gets the free pattern (third person, bounded, a final stop)."""
+
+    def usable(options: Sequence[str], n: int) -> list[str]:
+        return [o for o in options if not PATTERN_UNSAFE.search(o)][:n]
+
+    likes = usable(request.like_options, SUMMARY_OPTIONS)
+    favourites = usable(request.favourite_options, SUMMARY_OPTIONS)
+    dislikes = usable(request.dislike_options, MAX_DISLIKES)
+    if not likes:
+        likes, favourites = favourites, []
+    if not likes:
+        return SUMMARY_PATTERN
+
+    def longest(names: Sequence[str]) -> int:
+        return max((len(o) for o in one_or_two(names)), default=0)
+
+    def length() -> int:
+        verb = max(len(v) for v in SUMMARY_VERBS) + 1
+        extra = len(" Favourites include .") + longest(favourites) if favourites else 0
+        tail = len(" Less keen on .") + longest(dislikes) if dislikes else 0
+        return len(SUMMARY_PREFIX) + verb + longest(likes) + extra + 1 + tail
+
+    for names in (dislikes, favourites, likes):  # shortest lists first, down to one name
+        while length() > SUMMARY_MAX and len(names) > 1:
+            names.pop()
+    if length() > SUMMARY_MAX:
+        return SUMMARY_PATTERN
+    pattern = f"^{SUMMARY_PREFIX}({'|'.join(SUMMARY_VERBS)}) {pattern_group(one_or_two(likes))}"
+    pattern += "[.]"
+    if favourites:
+        # a sentence of its own: "Action, especially Secret Garden" would say it is Action
+        pattern += f"( Favourites include {pattern_group(one_or_two(favourites))}[.])?"
+    if dislikes:
+        pattern += f"( Less keen on {pattern_group(one_or_two(dislikes))}[.])?"
+    return pattern + "$"
 
 
 def _enum_list(options: Sequence[str], max_items: int, min_items: int = 0) -> dict[str, Any]:
@@ -489,6 +545,7 @@ def check_summary_gates(summary: str, request: ProfileRequest, vocabulary: Vocab
     at least one of the user's own categories or titles named."""
     own = [*request.history_categories, *(e.title for e in request.history)]
     check_fluent(summary, Lexicon.from_names([*own, *vocabulary.categories]), names=own)
+    check_supported(summary, names=own)
     check_summary_specific(summary, own)
 
 

@@ -926,9 +926,10 @@ def _segment_check(
     )
     categories = vocabulary.categories
     absent = absent_categories(f"{segment.name}. {segment.description}", shares, categories)
+    by_share = sorted(shares.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
     facts = (
-        f"{segment.size} users; top categories: {', '.join(top_categories)}; "
-        f"top items: {'; '.join(top_items[:3])}"
+        f"{segment.size} users; top categories: {', '.join(top_categories)}; by share: "
+        f"{', '.join(f'{c} {v:.0%}' for c, v in by_share)}; top items: {'; '.join(top_items[:3])}"
     )
     return (
         lambda: check_label_gates(segment.name, segment.description, doc, categories),

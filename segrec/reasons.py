@@ -33,7 +33,14 @@ from segrec.gates import (
     check_fluent,
     check_reason_specific,
 )
-from segrec.grounding import check_prose, decode_json, join_words, norm
+from segrec.grounding import (
+    PATTERN_UNSAFE,
+    check_prose,
+    decode_json,
+    join_words,
+    norm,
+    pattern_literal,
+)
 from segrec.llm.base import (
     LLM,
     GenerationParams,
@@ -52,8 +59,6 @@ REASON_MIN, REASON_MAX, REASON_MAX_SENTENCES = 10, 160, 2
 REASON_PREFIX = "Because you liked "
 MAX_ANCHORS, ANCHOR_MAX_CHARS = 6, 50
 _TAIL = "(,? [a-z][a-z ,'-]{{0,{n}}})?[.!]"
-# Anchors with these would need escapes llama.cpp's pattern converter does not read.
-_UNSAFE_ANCHOR = re.compile(r'["\\^${}<>\[\]]')
 _YEAR = re.compile(r"\s*\(\d{4}\)$")
 _WORD = re.compile(r"[\w'’]+")
 # What the prompt shows: the 135M model reads ~170 tokens/s on two cores.
@@ -67,7 +72,7 @@ SIGNAL_WORDS: dict[str, str] = {
     "itemknn": "People who liked what you liked also liked this.",
     "cosine": "Close to what you liked.",
     "segment_pop": "Popular in your segment.",
-    "pop": "Widely popular right now.",
+    "pop": "Widely popular.",
 }
 NO_SIGNAL = "Picked for you from your history."
 
@@ -218,7 +223,7 @@ def anchors(candidate: Candidate, history: Sequence[Event]) -> list[str]:
         *shared_categories(candidate, history),
         *(e.title for e in _liked_sharing(candidate, history)),
     ]
-    usable = (a for a in options if len(a) <= ANCHOR_MAX_CHARS and not _UNSAFE_ANCHOR.search(a))
+    usable = (a for a in options if len(a) <= ANCHOR_MAX_CHARS and not PATTERN_UNSAFE.search(a))
     return list(dict.fromkeys(usable))[:MAX_ANCHORS]
 
 
@@ -237,7 +242,8 @@ def fact_clauses(
 
     "another Crime and Thriller movie" when the item shares those categories with that
     title; "and people who liked it also liked this" when a collaborative signal ranked the
-    item and the title is one of the liked items most like it. The reason grammar offers
+    item, the title is one of the liked items most like it and shares a category with it.
+    The reason grammar offers
     only these, so what the model adds to its anchor is a fact the ranker knows.
     """
     wanted = set(candidate.categories)
@@ -249,7 +255,7 @@ def fact_clauses(
     ]
     events = {e.title: e for e in history if e.strength > 0}
     for title in dict.fromkeys(titles):
-        if len(title) > ANCHOR_MAX_CHARS or _UNSAFE_ANCHOR.search(title):
+        if len(title) > ANCHOR_MAX_CHARS or PATTERN_UNSAFE.search(title):
             continue
         shared = [c for c in candidate.categories if c in set(events[title].categories) & wanted]
         clauses = []
@@ -258,19 +264,20 @@ def fact_clauses(
                 *shared,
                 *(f"{a} and {b}" for i, a in enumerate(shared) for b in shared[i + 1 :]),
             ]
-            clauses.append(f"another ({'|'.join(_literal(n) for n in names)}) {_literal(domain)}")
-        if title in similar and co_watched(candidate):
+            clauses.append(
+                f"another ({'|'.join(pattern_literal(n) for n in names)}) {pattern_literal(domain)}"
+            )
+        # The similar titles are the nearest by content, not checked co-likes: tied to a
+        # title of another category ("Because you liked a lantern tent, and people who
+        # liked it also liked this" for a dog leash, blind read 3) the co-watch clause
+        # claims what nothing shows, so it needs a category in common too.
+        if title in similar and co_watched(candidate) and shared:
             clauses.append("and people who liked it also liked this")
         if clauses:
             out[title] = clauses
         if len(out) >= MAX_ANCHORS:
             break
     return out
-
-
-def _literal(text: str) -> str:
-    """``text`` as a regex literal that llama.cpp's pattern converter also reads verbatim."""
-    return "".join("[.]" if c == "." else "\\" + c if c in "()|*+?" else c for c in text)
 
 
 def _tail_bound(options: Sequence[str]) -> int:
@@ -281,12 +288,14 @@ def _tail_bound(options: Sequence[str]) -> int:
 
 
 def _reason_pattern(options: Sequence[str], tail: int) -> str:
-    anchor = "(" + "|".join(_literal(option) for option in options) + ")"
+    anchor = "(" + "|".join(pattern_literal(option) for option in options) + ")"
     return f"^{REASON_PREFIX}{anchor}( and {anchor})?{_TAIL.format(n=tail)}$"
 
 
 def _fact_pattern(facts: Mapping[str, Sequence[str]]) -> str:
-    starts = [f"{_literal(title)}, ({'|'.join(clauses)})" for title, clauses in facts.items()]
+    starts = [
+        f"{pattern_literal(title)}, ({'|'.join(clauses)})" for title, clauses in facts.items()
+    ]
     return f"^{REASON_PREFIX}({'|'.join(starts)})[.]$"
 
 
@@ -329,17 +338,53 @@ def strongest_signal(candidate: Candidate) -> str | None:
     return max(known, key=lambda name: candidate.signals[name], default=None)
 
 
+def _categories_phrase(categories: Sequence[str]) -> str:
+    """One or two categories joined: "Drama and War"; a name that has its own "and"
+    ("Baking and kitchen") stands alone, so the phrase never reads "X and Y and Z"."""
+    first = list(categories[:2])
+    if len(first) == 2 and any(" and " in c.lower() for c in first):
+        first = first[:1]
+    return join_words(first) if first else ""
+
+
+def liked_categories(history: Sequence[Event], n: int = 2) -> list[str]:
+    """The categories of the user's liked history, weightiest first."""
+    weight: Counter[str] = Counter()
+    for event in history:
+        if event.strength > 0:
+            for category in event.categories:
+                weight[category] += event.strength
+    return [c for c, _ in sorted(weight.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
+
+
+def _what_it_is(candidate: Candidate, history: Sequence[Event], domain: str) -> str:
+    """What an item sharing no category with the liked history is, and where it stands
+    next to the user's own: ": a Drama and War movie, outside your usual Comedy"."""
+    kind = _categories_phrase(candidate.categories)
+    if not kind:
+        return ""
+    text = f": {'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind} {domain}"
+    usual = _categories_phrase(liked_categories(history))
+    return text + (f", outside your usual {usual}" if usual else "")
+
+
 def template_reason(
-    candidate: Candidate, history: Sequence[Event], *, segment_name: str | None = None
+    candidate: Candidate,
+    history: Sequence[Event],
+    *,
+    segment_name: str | None = None,
+    domain: str = "item",
 ) -> str:
     """A deterministic reason from the candidate's strongest signal, naming only facts.
 
     It cites a history title only if the user liked it (a ``because`` title, or a liked item
     sharing a category), and a category only if both the candidate and the user's liked
-    history have it; without such facts it says the signal in plain words. Categories the
-    item shares with the liked history are added when the signal's words name none, so a
-    template is as specific as the facts allow ("People who liked Heat (1995) also liked
-    this; it shares Crime and Thriller with your favourites.").
+    history have it. Categories the item shares with the liked history are added when the
+    signal's words name none, so a template is as specific as the facts allow ("People who
+    liked Heat (1995) also liked this; it shares Crime and Thriller with your favourites.").
+    An item that shares nothing is said for what it is, next to the user's own categories
+    ("Widely popular: a Drama and War movie, outside your usual Comedy and Romance."): a
+    signal's words alone ("Widely popular.") were the first blind read's generic reasons.
     """
     signal = strongest_signal(candidate)
     if signal is None:
@@ -347,10 +392,13 @@ def template_reason(
     because = similar_titles(candidate, history)
     shared = shared_categories(candidate, history)
     text = SIGNAL_WORDS[signal].removesuffix(".")
+    cites = False  # whether the words name a liked title
     if signal in COLLABORATIVE:
-        titles = because or [e.title for e in _liked_sharing(candidate, history)]
+        # a co-like said of a title needs a category in common (see fact_clauses)
+        sharing = [e.title for e in _liked_sharing(candidate, history)]
+        titles = [t for t in because if t in sharing] or sharing
         if titles:
-            text = f"People who liked {titles[0]} also liked this"
+            text, cites = f"People who liked {titles[0]} also liked this", True
     elif signal == "cosine":
         if because and shared:
             return f"Close to {because[0]} and your taste for {shared[0]}."
@@ -362,9 +410,8 @@ def template_reason(
         text = f"Popular in your segment '{' '.join(segment_name.split())}'"
     if shared:
         text += f"; it shares {join_words(shared[:2])} with your favourites"
-    elif signal in ("pop", "segment_pop") and candidate.categories:
-        # What is popular, at least: "Widely popular right now, in Comedy and Romance."
-        text += f", in {join_words(list(candidate.categories[:2]))}"
+    elif not cites:
+        text += _what_it_is(candidate, history, domain)
     return text + "."
 
 
@@ -525,7 +572,7 @@ def write_reasons(
                 return value
         reason = Reason(
             item_id=candidate.item_id,
-            reason=template_reason(candidate, history, segment_name=segment_name),
+            reason=template_reason(candidate, history, segment_name=segment_name, domain=domain),
             fallback=True,
             fallback_reason=why,
         )

@@ -260,7 +260,7 @@ def explained_items(
         reasons = [
             Reason(
                 item_id=c.item_id,
-                reason=template_reason(c, history, segment_name=segment_name),
+                reason=template_reason(c, history, segment_name=segment_name, domain=writer.domain),
                 fallback=True,
                 fallback_reason=writer.why_template,
             )

@@ -214,12 +214,21 @@ def test_llm_words_the_question_and_bad_output_falls_back() -> None:
 def test_parse_question_refuses_echoes_and_loops() -> None:
     system = "You help a new user of a movie catalogue find movies they will like by asking"
     kinds = ["Horror"]
-    with pytest.raises(ValueError, match="instructions"):
+    with pytest.raises(ValueError, match="instructions"):  # the free pattern (no category)
         parse_question(
-            json.dumps({"question": "Do you help a new user of a movie catalogue find Horror?"}),
-            kinds=kinds,
+            json.dumps({"question": "Do you help a new user of a movie catalogue find horror?"}),
+            kinds=[],
             system=system,
         )
+    # Free words around the categories: ml-latest-small's kept question of 2026-12-03.
+    garbled = "Which of these two genres is your favorite, based on a Western or children-arcade?"
+    with pytest.raises(ValueError, match="does not open"):
+        parse_question(json.dumps({"question": garbled}), kinds=["Western", "Children"], system="")
+    assert parse_question(
+        json.dumps({"question": "Which do you like more, Western or Children?"}),
+        kinds=["Western", "Children"],
+        system="",
+    )
     with pytest.raises(ValueError):
         parse_question("not json", kinds=kinds, system=system)
     assert question_pattern([]).startswith("^(Which")

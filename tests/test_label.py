@@ -328,7 +328,17 @@ def test_names_stay_distinct_across_segments_even_when_falling_back() -> None:
         fallback_label(twins[0], ["Animation"], set()).name,
         fallback_label(twins[1], ["Animation"], {"animation FANS"}).name,
     ]
+    # One category only: a number tells them apart.
     assert fallback_names == ["Animation fans", "Animation fans 2"]
+    # With more top categories, another of them comes before a number ("Fitness fans 2"
+    # was the first blind read's numbered parent).
+    wider = doc(8, 10, ANIMATION, [], {"Animation": 0.6, "Children": 0.3, "Comedy": 0.1}, [])
+    assert fallback_label(wider, ["Animation"], {"animation FANS"}).name == (
+        "Animation & Children fans"
+    )
+    assert fallback_label(
+        wider, ["Animation"], {"animation FANS", "Animation & Children fans"}
+    ).name == ("Animation & Comedy fans")
 
 
 def test_fallback_names_stay_within_six_words() -> None:

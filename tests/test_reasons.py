@@ -68,6 +68,10 @@ HISTORY = [
 ]
 
 
+# What a template adds for an item sharing nothing with HISTORY's liked categories.
+USUAL = ", outside your usual Adventure and Animation."
+
+
 def candidate(
     signals: dict[str, float],
     because: tuple[str, ...] = (),
@@ -182,7 +186,7 @@ def test_every_candidate_gets_a_reason_in_order() -> None:
     assert [r.item_id for r in got] == ["10", "11", "12"]
     assert [r.fallback for r in got] == [False, True, False]
     assert got[1].reason == (
-        "Widely popular right now; it shares Adventure and Animation with your favourites."
+        "Widely popular; it shares Adventure and Animation with your favourites."
     )
 
 
@@ -246,9 +250,14 @@ def test_ease_and_itemknn_cite_a_because_title_or_a_liked_item_sharing_a_categor
 
 def test_template_never_cites_what_the_history_lacks_or_the_user_disliked() -> None:
     invented = candidate({"ease": 1.0}, ("Blade Runner (1982)",), categories=("Sci-Fi",))
-    assert template_reason(invented, HISTORY) == SIGNAL_WORDS["ease"]
+    # Neither title is cited; the item is said for what it is, next to the user's own.
+    assert template_reason(invented, HISTORY, domain="movie") == (
+        "People with tastes like yours liked this: a Sci-Fi movie" + USUAL
+    )
     disliked = candidate({"ease": 1.0}, ("Sudden Death (1995)",), categories=("Horror",))
-    assert template_reason(disliked, HISTORY) == SIGNAL_WORDS["ease"]
+    assert template_reason(disliked, HISTORY) == (
+        "People with tastes like yours liked this: a Horror item" + USUAL
+    )
 
 
 def test_cosine_names_the_closest_title_and_a_shared_category() -> None:
@@ -260,7 +269,9 @@ def test_cosine_names_the_closest_title_and_a_shared_category() -> None:
     only_title = candidate({"cosine": 0.9}, ("Heat (1995)",), categories=("War",))
     assert template_reason(only_title, HISTORY) == "Close to Heat (1995)."
     nothing = candidate({"cosine": 0.9}, categories=("Horror",))
-    assert template_reason(nothing, HISTORY) == SIGNAL_WORDS["cosine"]
+    assert template_reason(nothing, HISTORY, domain="movie") == (
+        "Close to what you liked: a Horror movie, outside your usual Adventure and Animation."
+    )
 
 
 def test_segment_pop_pop_and_no_signal() -> None:
@@ -272,11 +283,21 @@ def test_segment_pop_pop_and_no_signal() -> None:
     )
     assert template_reason(segment, HISTORY) == SIGNAL_WORDS["segment_pop"][:-1] + shares
     assert template_reason(candidate({"pop": 0.1, "ease": -2.0}), HISTORY) == (
-        "Widely popular right now" + shares
+        "Widely popular" + shares
     )
     # nothing shared: the item's own categories say what is popular
     horror = candidate({"pop": 0.1}, categories=("Horror",))
-    assert template_reason(horror, HISTORY) == "Widely popular right now, in Horror."
+    assert template_reason(horror, HISTORY, domain="movie") == (
+        "Widely popular: a Horror movie, outside your usual Adventure and Animation."
+    )
+    # A category with its own "and" stands alone: never "X and Y and Z".
+    kitchen = candidate({"pop": 0.1}, categories=("Baking and kitchen", "Gardening"))
+    assert template_reason(kitchen, HISTORY, domain="product") == (
+        "Widely popular: a Baking and kitchen product, outside your usual Adventure and Animation."
+    )
+    assert template_reason(candidate({"pop": 0.1}, categories=("Action",)), []) == (
+        "Widely popular: an Action item."
+    )
     assert template_reason(candidate({"ease": -1.0, "other": 5.0}), HISTORY) == NO_SIGNAL
     assert template_reason(candidate({}), HISTORY) == NO_SIGNAL
 
@@ -297,9 +318,16 @@ def test_every_template_cites_only_history_titles_and_shared_categories() -> Non
         cited_titles = {t for t in [*titles, *case.because] if t in text}
         assert cited_titles <= titles, text
         cited = {c for c in VOCAB if re.search(rf"\b{re.escape(c)}\b", text)}
-        assert cited <= history_categories & {*case.categories, "Animation"}, text
+        shared = history_categories & {*case.categories, "Animation"}
+        if "outside your usual" not in text:
+            assert cited <= shared, text
+        else:  # an item sharing nothing: its own categories, then the user's liked ones
+            own, usual = text.split("outside your usual")
+            liked = {c for e in HISTORY if e.strength > 0 for c in e.categories}
+            assert {c for c in VOCAB if c in own} <= {*case.categories, "Animation"}, text
+            assert {c for c in VOCAB if c in usual} <= liked, text
     context, vocabulary = ReasonContext.build(HISTORY), Vocabulary(VOCAB)
-    for case in cases[:2] + cases[3:]:
+    for case in cases:
         text = template_reason(case, HISTORY, segment_name="Animation fans")
         assert context.claims(text, case, vocabulary) == [], text
 
@@ -436,7 +464,7 @@ def test_nothing_liked_in_common_gives_the_template_without_asking() -> None:
     [reason] = reasons(llm, [unrelated])
     assert llm.calls == []
     assert reason.fallback
-    assert reason.reason == "Widely popular right now, in Drama and War."
+    assert reason.reason == "Widely popular: a Drama and War movie" + USUAL
     assert reason.fallback_reason == "the history has no liked title or category this item shares"
 
 
@@ -458,7 +486,7 @@ def test_an_anchor_without_a_fact_gives_the_template_without_asking() -> None:
     lonely = candidate({"pop": 1.0}, ("Toy Story (1995)",), categories=("Horror",))
     [reason] = reasons(llm, [lonely], cache=cache)
     assert llm.calls == [] and cache.stored == {}
-    assert reason.fallback and reason.reason == "Widely popular right now, in Horror."
+    assert reason.fallback and reason.reason == "Widely popular: a Horror movie" + USUAL
     assert failure_code(reason.fallback_reason) == "no-facts"
 
 
