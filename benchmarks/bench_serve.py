@@ -103,9 +103,20 @@ def percentiles(values: list[float]) -> tuple[float, float]:
     return float(np.percentile(array, 50)), float(np.percentile(array, 99))
 
 
-def client(port: int, users: list[str], index: int, count: int) -> tuple[list[float], int]:
-    """One client: ``count`` GETs, one at a time, on one keep-alive connection; latencies
-    and how many failed."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its children (the uvicorn workers)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for each in [pid, *children(pid)]:
+        fields = Path(f"/proc/{each}/stat").read_text().rpartition(")")[2].split()
+        total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+def client(port: int, users: list[str], index: int, count: int) -> tuple[list[float], int, float]:
+    """One client: ``count`` GETs, one at a time, on one keep-alive connection; latencies,
+    how many failed and the client's own CPU seconds (it shares the cores with the server)."""
+    cpu = time.process_time()
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     latencies, bad = [], 0
     for j in range(count):
@@ -117,24 +128,35 @@ def client(port: int, users: list[str], index: int, count: int) -> tuple[list[fl
         latencies.append(time.perf_counter() - start)
         bad += response.status != 200 or not json.loads(body)["items"]
     connection.close()
-    return latencies, bad
+    return latencies, bad, time.process_time() - cpu
 
 
-def load(port: int, users: list[str], requests: int, concurrency: int) -> dict[str, float]:
+def load(
+    port: int, users: list[str], requests: int, concurrency: int, server: int
+) -> dict[str, float]:
     """``requests`` GETs spread over ``concurrency`` client processes (processes, not
     threads: one Python process's clients would queue on its own GIL and add that wait to
     the latencies measured)."""
     counts = [requests // concurrency + (i < requests % concurrency) for i in range(concurrency)]
     with ProcessPoolExecutor(max_workers=concurrency, mp_context=mp.get_context("fork")) as pool:
         list(pool.map(time.sleep, [0.0] * concurrency))  # start the processes before timing
+        server_cpu = cpu_seconds(server)
         start = time.perf_counter()
         futures = [pool.submit(client, port, users, i, c) for i, c in enumerate(counts)]
         results = [f.result() for f in futures]
         wall = time.perf_counter() - start
-    latencies = [t for mine, _ in results for t in mine]
+        server_cpu = cpu_seconds(server) - server_cpu
+    latencies = [t for mine, _, _ in results for t in mine]
     p50, p99 = percentiles(latencies)
-    failures = sum(bad for _, bad in results)
-    return {"rps": len(latencies) / wall, "p50": p50, "p99": p99, "failures": failures}
+    failures = sum(bad for _, bad, _ in results)
+    return {
+        "rps": len(latencies) / wall,
+        "p50": p50,
+        "p99": p99,
+        "failures": failures,
+        "server_cpu_ms": 1000 * server_cpu / len(latencies),
+        "client_cpu_ms": 1000 * sum(cpu for _, _, cpu in results) / len(latencies),
+    }
 
 
 def serve_under_load(ws: list[str], users: list[str], requests: int, workers: int) -> dict:
@@ -161,8 +183,9 @@ def serve_under_load(ws: list[str], users: list[str], requests: int, workers: in
                 raise SystemExit("segrec serve exited")
         startup = time.perf_counter() - spawn
         rss_start, _ = rss_mb(server.pid)
-        load(port, users, 50 * workers, 4 * workers)  # warm-up: page in the models, every worker
-        results = {c: load(port, users, requests, c) for c in CONCURRENCY}
+        # warm-up: page in the models, every worker
+        load(port, users, 50 * workers, 4 * workers, server.pid)
+        results = {c: load(port, users, requests, c, server.pid) for c in CONCURRENCY}
         rss_end, rss_peak = rss_mb(server.pid)
     finally:
         server.terminate()
@@ -182,13 +205,16 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="per concurrency level")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/serve.md")
     parser.add_argument(
+        "--data", type=Path, default=DATA, help="the ml-latest-small folder (ingested if needed)"
+    )
+    parser.add_argument(
         "--workers", default="1,2", help="comma-separated `segrec serve --workers` values"
     )
     args = parser.parse_args()
     args.workers = [int(w) for w in args.workers.split(",")]
     settings = Settings(workspace=args.workspace, domain="movie")
     if not (args.workspace / "segrec.db").exists():
-        pipeline.ingest(settings, DATA / "ratings.csv", DATA / "movies.csv")
+        pipeline.ingest(settings, args.data / "ratings.csv", args.data / "movies.csv")
     users = pipeline.select_users(settings).user_ids
     ws = ["-w", str(args.workspace)]
 
@@ -210,7 +236,8 @@ def main() -> None:
         for c, r in run["results"].items():
             print(
                 f"workers={w} c={c}: {r['rps']:.0f} req/s, p50 {r['p50']:.1f} ms, "
-                f"p99 {r['p99']:.1f} ms"
+                f"p99 {r['p99']:.1f} ms; CPU per request: server {r['server_cpu_ms']:.2f} ms, "
+                f"clients {r['client_cpu_ms']:.2f} ms"
             )
 
     # The server runs with one BLAS thread per request (see segrec.http); so does this.
@@ -278,18 +305,19 @@ def write(
         f"`GET /v1/users/{{id}}/recommendations?n={N}`, {args.requests} requests per level, one "
         "keep-alive connection per client process, clients and server on the same cores:",
         "",
-        "| workers | concurrency | requests/s | p50 ms | p99 ms | failed |",
-        "|---|---|---|---|---|---|",
+        "| workers | concurrency | requests/s | p50 ms | p99 ms | failed "
+        "| server CPU ms/request | client CPU ms/request |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for w, run in servers.items():
         for c, r in run["results"].items():
             lines.append(
                 f"| {w} | {c} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} "
-                f"| {int(r['failures'])} |"
+                f"| {int(r['failures'])} | {r['server_cpu_ms']:.2f} | {r['client_cpu_ms']:.2f} |"
             )
     lines += [
         f"| — | in-process `Recommender.recommend` (same users) | — | {in_process[0]:.1f} "
-        f"| {in_process[1]:.1f} | — |",
+        f"| {in_process[1]:.1f} | — | — | — |",
         "",
         f"**HTTP p50 (concurrency 1, {args.workers[0]} worker) / in-process p50: {ratio:.2f}**",
         "",
