@@ -13,6 +13,7 @@ On ml-latest-small (610 users × 9,742 items), in one run:
    as in the server): p50/p99, and the ratio of HTTP p50 (concurrency 1) to it.
 
 Run: python benchmarks/bench_serve.py [--workspace DIR] [--requests 400] [--workers 1,2]
+     [--rank-slots 1] (`segrec serve --rank-slots` values; every pair with --workers)
      (each worker count is a separate server: uvicorn worker processes share the
      memory-mapped models through the page cache)
      (writes benchmarks/results/serve.md; DIR is ingested from ml-latest-small if missing)
@@ -159,14 +160,16 @@ def load(
     }
 
 
-def serve_under_load(ws: list[str], users: list[str], requests: int, workers: int) -> dict:
+def serve_under_load(
+    ws: list[str], users: list[str], requests: int, workers: int, slots: int
+) -> dict:
     """Start `segrec serve --workers N`, wait for /readyz, warm up, load it at each
     concurrency, stop it: start-up time, RSS and the load results."""
     port = free_port()
     spawn = time.perf_counter()
     server = subprocess.Popen(
         [*segrec_exe(), "serve", "--port", str(port), "--no-access-log", "--reload-interval", "0",
-         "--workers", str(workers), *ws],
+         "--workers", str(workers), "--rank-slots", str(slots), *ws],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
@@ -210,8 +213,12 @@ def main() -> None:
     parser.add_argument(
         "--workers", default="1,2", help="comma-separated `segrec serve --workers` values"
     )
+    parser.add_argument(
+        "--rank-slots", default="1", help="comma-separated `segrec serve --rank-slots` values"
+    )
     args = parser.parse_args()
     args.workers = [int(w) for w in args.workers.split(",")]
+    args.rank_slots = [int(s) for s in args.rank_slots.split(",")]
     settings = Settings(workspace=args.workspace, domain="movie")
     if not (args.workspace / "segrec.db").exists():
         pipeline.ingest(settings, args.data / "ratings.csv", args.data / "movies.csv")
@@ -231,11 +238,15 @@ def main() -> None:
         flush=True,
     )
 
-    servers = {w: serve_under_load(ws, users, args.requests, w) for w in args.workers}
-    for w, run in servers.items():
+    servers = {
+        (w, s): serve_under_load(ws, users, args.requests, w, s)
+        for s in args.rank_slots
+        for w in args.workers
+    }
+    for (w, s), run in servers.items():
         for c, r in run["results"].items():
             print(
-                f"workers={w} c={c}: {r['rps']:.0f} req/s, p50 {r['p50']:.1f} ms, "
+                f"workers={w} rank-slots={s} c={c}: {r['rps']:.0f} req/s, p50 {r['p50']:.1f} ms, "
                 f"p99 {r['p99']:.1f} ms; CPU per request: server {r['server_cpu_ms']:.2f} ms, "
                 f"clients {r['client_cpu_ms']:.2f} ms"
             )
@@ -252,7 +263,7 @@ def main() -> None:
             recommender.recommend([user], n=N)
             timings.append(time.perf_counter() - start)
     in_p50, in_p99 = percentiles(timings)
-    ratio = servers[args.workers[0]]["results"][1]["p50"] / in_p50
+    ratio = servers[args.workers[0], args.rank_slots[0]]["results"][1]["p50"] / in_p50
     print(f"in-process p50 {in_p50:.1f} ms p99 {in_p99:.1f} ms; HTTP/in-process p50 {ratio:.2f}")
     write(args, users, fitted, first, second, servers, (in_p50, in_p99), ratio)
 
@@ -263,7 +274,7 @@ def write(
     fitted: bool,
     first: tuple[float, float],
     second: list[tuple[float, float]],
-    servers: dict[int, dict],
+    servers: dict[tuple[int, int], dict],
     in_process: tuple[float, float],
     ratio: float,
 ) -> None:
@@ -276,7 +287,7 @@ def write(
         f"- machine: {platform.platform()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}; load average at the end {load_avg}",
         f"- command: `python benchmarks/bench_serve.py --requests {args.requests} --workers "
-        f"{','.join(map(str, args.workers))}`",
+        f"{','.join(map(str, args.workers))} --rank-slots {','.join(map(str, args.rank_slots))}`",
         f"- data: ml-latest-small, {len(users)} users × 9,742 items; n={N}",
         "",
         "## CLI: `segrec recommend --user ID --n 10 --json` (whole process, wall)",
@@ -291,13 +302,13 @@ def write(
         "",
         "## Server",
         "",
-        "| workers | start to ready s (spawn → `/readyz` 200, models saved) | RSS after start MB "
-        "| RSS after the load MB (peak) |",
-        "|---|---|---|---|",
+        "| workers | rank slots | start to ready s (spawn → `/readyz` 200, models saved) "
+        "| RSS after start MB | RSS after the load MB (peak) |",
+        "|---|---|---|---|---|",
     ]
-    for w, run in servers.items():
+    for (w, s), run in servers.items():
         lines.append(
-            f"| {w} | {run['startup']:.2f} | {run['rss_start']:.0f} | {run['rss_end']:.0f} "
+            f"| {w} | {s} | {run['startup']:.2f} | {run['rss_start']:.0f} | {run['rss_end']:.0f} "
             f"({run['rss_peak']:.0f}) |"
         )
     lines += [
@@ -305,21 +316,22 @@ def write(
         f"`GET /v1/users/{{id}}/recommendations?n={N}`, {args.requests} requests per level, one "
         "keep-alive connection per client process, clients and server on the same cores:",
         "",
-        "| workers | concurrency | requests/s | p50 ms | p99 ms | failed "
+        "| workers | rank slots | concurrency | requests/s | p50 ms | p99 ms | failed "
         "| server CPU ms/request | client CPU ms/request |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for w, run in servers.items():
+    for (w, s), run in servers.items():
         for c, r in run["results"].items():
             lines.append(
-                f"| {w} | {c} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} "
+                f"| {w} | {s} | {c} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} "
                 f"| {int(r['failures'])} | {r['server_cpu_ms']:.2f} | {r['client_cpu_ms']:.2f} |"
             )
     lines += [
-        f"| — | in-process `Recommender.recommend` (same users) | — | {in_process[0]:.1f} "
+        f"| — | — | in-process `Recommender.recommend` (same users) | — | {in_process[0]:.1f} "
         f"| {in_process[1]:.1f} | — | — | — |",
         "",
-        f"**HTTP p50 (concurrency 1, {args.workers[0]} worker) / in-process p50: {ratio:.2f}**",
+        f"**HTTP p50 (concurrency 1, {args.workers[0]} worker, {args.rank_slots[0]} rank slot) "
+        f"/ in-process p50: {ratio:.2f}**",
         "",
         "CPU s is user + system time of the `segrec` process: what the call costs on an idle "
         "core. On a shared machine (see the load average above) wall times and p99 are "

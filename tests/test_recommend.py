@@ -14,7 +14,6 @@ from segrec.errors import ConfigError
 from segrec.evaluate import Split, evaluate_scores, protocol_split, top_k
 from segrec.recommend import (
     EASE,
-    FEW_USERS,
     Blend,
     ItemKNN,
     MostPop,
@@ -74,24 +73,6 @@ def test_itemknn_by_hand() -> None:
     # User with items 0 and 1: item 2 scores cos02 + cos12; items 0/1 get the other's cosine.
     scores = knn.score(sp.csr_matrix(np.array([[1, 1, 0]], dtype=np.float32)))
     assert scores[0] == pytest.approx([c01, c01, c02 + c12], abs=1e-6)
-
-
-@pytest.mark.parametrize("neighbours", [None, 15])
-def test_itemknn_scores_a_few_users_exactly_like_the_sparse_product(
-    neighbours: int | None,
-) -> None:
-    """Up to FEW_USERS users are scored row by row (the serving path): the same float32
-    numbers, bit for bit, as the sparse product batches use; empty histories score 0."""
-    rng = np.random.default_rng(0)
-    X = sp.csr_matrix((rng.random((200, 300)) < 0.15).astype(np.float32))
-    knn = ItemKNN(neighbours).fit(X)
-    empty = sp.csr_matrix((1, 300), dtype=np.float32)
-    for rows in (X[:1], X[3 : 3 + FEW_USERS], sp.vstack([X[5], empty, X[6]]), X[:50]):
-        product = np.asarray((sp.csr_matrix(rows) @ knn.similarity).toarray())
-        scores = knn.score(rows)
-        assert scores.dtype == np.float32
-        np.testing.assert_array_equal(scores, product)
-    assert not knn.score(empty).any()
 
 
 def test_itemknn_neighbourhood_keeps_each_items_closest() -> None:
