@@ -1542,13 +1542,14 @@ def serve(
     ] = 5.0,
     llm_slots: Annotated[int, typer.Option(help="LLM calls in flight at once.", min=1)] = 1,
     rank_slots: Annotated[
-        int,
+        int | None,
         typer.Option(
-            help="Rankings computed at once per worker process; the rest queue in order.",
+            help="Rankings computed at once per worker process, the rest queue in order "
+            "(default: no bound but the thread pool's). 1 with --workers = cores: lower p99.",
             min=1,
             max=64,
         ),
-    ] = 1,
+    ] = None,
     llm_timeout: Annotated[
         float, typer.Option(help="Seconds to wait for one LLM call, then a template.")
     ] = 30.0,

@@ -62,11 +62,12 @@ class ServeOptions(BaseModel):
     reload_interval_s: float = Field(5.0, ge=0)  # 0: only POST /v1/admin/reload
     llm_slots: int = Field(1, ge=1, le=64)  # LLM calls in flight
     llm_timeout_s: float = Field(30.0, gt=0)  # per LLM call, then the template
-    # Rankings computed at once per worker process, the rest wait in arrival order. One:
-    # ranking is CPU work under the GIL, so parallel rankings in one process only share
-    # its core and stretch a long history's request by every other one in flight (p99);
-    # run more worker processes (--workers) to use more cores.
-    rank_slots: int = Field(1, ge=1, le=64)
+    # Rankings computed at once per worker process, the rest wait in arrival order; None:
+    # no bound but the thread pool's. 1 with --workers = cores cut p99 at concurrency 8-32
+    # (a long history's ranking is not stretched by every other one in flight under the
+    # GIL), but costs a single worker the cores numpy's GIL-free parts would use
+    # (benchmarks/results/serve.md).
+    rank_slots: int | None = Field(None, ge=1, le=64)
 
 
 # ------------------------------------------------------------------------------ schemas
@@ -207,10 +208,15 @@ class Service:
         return recommender
 
     async def rank(self, work: Callable[[], T]) -> T:
-        """Run ranking ``work`` in a worker thread, at most ``options.rank_slots`` at once
-        (first come, first served), off the event loop."""
+        """Run ranking ``work`` in a worker thread, off the event loop: at most
+        ``options.rank_slots`` at once (first come, first served), or the thread pool's."""
         if self.ranking is None:
-            self.ranking = anyio.CapacityLimiter(self.options.rank_slots)
+            slots = self.options.rank_slots
+            self.ranking = (
+                anyio.to_thread.current_default_thread_limiter()
+                if slots is None
+                else anyio.CapacityLimiter(slots)
+            )
         return await anyio.to_thread.run_sync(work, limiter=self.ranking)
 
     def reload(self, *, force: bool = False) -> tuple[str, str, bool]:

@@ -315,6 +315,7 @@ def test_rank_slots_bound_the_rankings_in_flight_off_the_event_loop(
     assert most[0] == slots
     with pytest.raises(ValueError, match="rank_slots"):
         ServeOptions(rank_slots=0)
+    assert ServeOptions().rank_slots is None  # unbounded unless asked (the thread pool's)
 
 
 # ------------------------------------------------------------------------------ bad input
