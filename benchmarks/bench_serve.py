@@ -13,6 +13,7 @@ On ml-latest-small (610 users × 9,742 items), in one run:
    as in the server): p50/p99, and the ratio of HTTP p50 (concurrency 1) to it.
 
 Run: python benchmarks/bench_serve.py [--workspace DIR] [--requests 400] [--workers 1,2]
+     [--rank-slots 1] (`segrec serve --rank-slots` values; every pair with --workers)
      (each worker count is a separate server: uvicorn worker processes share the
      memory-mapped models through the page cache)
      (writes benchmarks/results/serve.md; DIR is ingested from ml-latest-small if missing)
@@ -103,9 +104,20 @@ def percentiles(values: list[float]) -> tuple[float, float]:
     return float(np.percentile(array, 50)), float(np.percentile(array, 99))
 
 
-def client(port: int, users: list[str], index: int, count: int) -> tuple[list[float], int]:
-    """One client: ``count`` GETs, one at a time, on one keep-alive connection; latencies
-    and how many failed."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its children (the uvicorn workers)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for each in [pid, *children(pid)]:
+        fields = Path(f"/proc/{each}/stat").read_text().rpartition(")")[2].split()
+        total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+def client(port: int, users: list[str], index: int, count: int) -> tuple[list[float], int, float]:
+    """One client: ``count`` GETs, one at a time, on one keep-alive connection; latencies,
+    how many failed and the client's own CPU seconds (it shares the cores with the server)."""
+    cpu = time.process_time()
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     latencies, bad = [], 0
     for j in range(count):
@@ -117,34 +129,47 @@ def client(port: int, users: list[str], index: int, count: int) -> tuple[list[fl
         latencies.append(time.perf_counter() - start)
         bad += response.status != 200 or not json.loads(body)["items"]
     connection.close()
-    return latencies, bad
+    return latencies, bad, time.process_time() - cpu
 
 
-def load(port: int, users: list[str], requests: int, concurrency: int) -> dict[str, float]:
+def load(
+    port: int, users: list[str], requests: int, concurrency: int, server: int
+) -> dict[str, float]:
     """``requests`` GETs spread over ``concurrency`` client processes (processes, not
     threads: one Python process's clients would queue on its own GIL and add that wait to
     the latencies measured)."""
     counts = [requests // concurrency + (i < requests % concurrency) for i in range(concurrency)]
     with ProcessPoolExecutor(max_workers=concurrency, mp_context=mp.get_context("fork")) as pool:
         list(pool.map(time.sleep, [0.0] * concurrency))  # start the processes before timing
+        server_cpu = cpu_seconds(server)
         start = time.perf_counter()
         futures = [pool.submit(client, port, users, i, c) for i, c in enumerate(counts)]
         results = [f.result() for f in futures]
         wall = time.perf_counter() - start
-    latencies = [t for mine, _ in results for t in mine]
+        server_cpu = cpu_seconds(server) - server_cpu
+    latencies = [t for mine, _, _ in results for t in mine]
     p50, p99 = percentiles(latencies)
-    failures = sum(bad for _, bad in results)
-    return {"rps": len(latencies) / wall, "p50": p50, "p99": p99, "failures": failures}
+    failures = sum(bad for _, bad, _ in results)
+    return {
+        "rps": len(latencies) / wall,
+        "p50": p50,
+        "p99": p99,
+        "failures": failures,
+        "server_cpu_ms": 1000 * server_cpu / len(latencies),
+        "client_cpu_ms": 1000 * sum(cpu for _, _, cpu in results) / len(latencies),
+    }
 
 
-def serve_under_load(ws: list[str], users: list[str], requests: int, workers: int) -> dict:
+def serve_under_load(
+    ws: list[str], users: list[str], requests: int, workers: int, slots: int
+) -> dict:
     """Start `segrec serve --workers N`, wait for /readyz, warm up, load it at each
     concurrency, stop it: start-up time, RSS and the load results."""
     port = free_port()
     spawn = time.perf_counter()
     server = subprocess.Popen(
         [*segrec_exe(), "serve", "--port", str(port), "--no-access-log", "--reload-interval", "0",
-         "--workers", str(workers), *ws],
+         "--workers", str(workers), "--rank-slots", str(slots), *ws],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
@@ -161,8 +186,9 @@ def serve_under_load(ws: list[str], users: list[str], requests: int, workers: in
                 raise SystemExit("segrec serve exited")
         startup = time.perf_counter() - spawn
         rss_start, _ = rss_mb(server.pid)
-        load(port, users, 50 * workers, 4 * workers)  # warm-up: page in the models, every worker
-        results = {c: load(port, users, requests, c) for c in CONCURRENCY}
+        # warm-up: page in the models, every worker
+        load(port, users, 50 * workers, 4 * workers, server.pid)
+        results = {c: load(port, users, requests, c, server.pid) for c in CONCURRENCY}
         rss_end, rss_peak = rss_mb(server.pid)
     finally:
         server.terminate()
@@ -182,13 +208,20 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="per concurrency level")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/serve.md")
     parser.add_argument(
+        "--data", type=Path, default=DATA, help="the ml-latest-small folder (ingested if needed)"
+    )
+    parser.add_argument(
         "--workers", default="1,2", help="comma-separated `segrec serve --workers` values"
+    )
+    parser.add_argument(
+        "--rank-slots", default="1", help="comma-separated `segrec serve --rank-slots` values"
     )
     args = parser.parse_args()
     args.workers = [int(w) for w in args.workers.split(",")]
+    args.rank_slots = [int(s) for s in args.rank_slots.split(",")]
     settings = Settings(workspace=args.workspace, domain="movie")
     if not (args.workspace / "segrec.db").exists():
-        pipeline.ingest(settings, DATA / "ratings.csv", DATA / "movies.csv")
+        pipeline.ingest(settings, args.data / "ratings.csv", args.data / "movies.csv")
     users = pipeline.select_users(settings).user_ids
     ws = ["-w", str(args.workspace)]
 
@@ -205,12 +238,17 @@ def main() -> None:
         flush=True,
     )
 
-    servers = {w: serve_under_load(ws, users, args.requests, w) for w in args.workers}
-    for w, run in servers.items():
+    servers = {
+        (w, s): serve_under_load(ws, users, args.requests, w, s)
+        for s in args.rank_slots
+        for w in args.workers
+    }
+    for (w, s), run in servers.items():
         for c, r in run["results"].items():
             print(
-                f"workers={w} c={c}: {r['rps']:.0f} req/s, p50 {r['p50']:.1f} ms, "
-                f"p99 {r['p99']:.1f} ms"
+                f"workers={w} rank-slots={s} c={c}: {r['rps']:.0f} req/s, p50 {r['p50']:.1f} ms, "
+                f"p99 {r['p99']:.1f} ms; CPU per request: server {r['server_cpu_ms']:.2f} ms, "
+                f"clients {r['client_cpu_ms']:.2f} ms"
             )
 
     # The server runs with one BLAS thread per request (see segrec.http); so does this.
@@ -225,7 +263,7 @@ def main() -> None:
             recommender.recommend([user], n=N)
             timings.append(time.perf_counter() - start)
     in_p50, in_p99 = percentiles(timings)
-    ratio = servers[args.workers[0]]["results"][1]["p50"] / in_p50
+    ratio = servers[args.workers[0], args.rank_slots[0]]["results"][1]["p50"] / in_p50
     print(f"in-process p50 {in_p50:.1f} ms p99 {in_p99:.1f} ms; HTTP/in-process p50 {ratio:.2f}")
     write(args, users, fitted, first, second, servers, (in_p50, in_p99), ratio)
 
@@ -236,7 +274,7 @@ def write(
     fitted: bool,
     first: tuple[float, float],
     second: list[tuple[float, float]],
-    servers: dict[int, dict],
+    servers: dict[tuple[int, int], dict],
     in_process: tuple[float, float],
     ratio: float,
 ) -> None:
@@ -249,7 +287,7 @@ def write(
         f"- machine: {platform.platform()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}; load average at the end {load_avg}",
         f"- command: `python benchmarks/bench_serve.py --requests {args.requests} --workers "
-        f"{','.join(map(str, args.workers))}`",
+        f"{','.join(map(str, args.workers))} --rank-slots {','.join(map(str, args.rank_slots))}`",
         f"- data: ml-latest-small, {len(users)} users × 9,742 items; n={N}",
         "",
         "## CLI: `segrec recommend --user ID --n 10 --json` (whole process, wall)",
@@ -264,13 +302,13 @@ def write(
         "",
         "## Server",
         "",
-        "| workers | start to ready s (spawn → `/readyz` 200, models saved) | RSS after start MB "
-        "| RSS after the load MB (peak) |",
-        "|---|---|---|---|",
+        "| workers | rank slots | start to ready s (spawn → `/readyz` 200, models saved) "
+        "| RSS after start MB | RSS after the load MB (peak) |",
+        "|---|---|---|---|---|",
     ]
-    for w, run in servers.items():
+    for (w, s), run in servers.items():
         lines.append(
-            f"| {w} | {run['startup']:.2f} | {run['rss_start']:.0f} | {run['rss_end']:.0f} "
+            f"| {w} | {s} | {run['startup']:.2f} | {run['rss_start']:.0f} | {run['rss_end']:.0f} "
             f"({run['rss_peak']:.0f}) |"
         )
     lines += [
@@ -278,20 +316,22 @@ def write(
         f"`GET /v1/users/{{id}}/recommendations?n={N}`, {args.requests} requests per level, one "
         "keep-alive connection per client process, clients and server on the same cores:",
         "",
-        "| workers | concurrency | requests/s | p50 ms | p99 ms | failed |",
-        "|---|---|---|---|---|---|",
+        "| workers | rank slots | concurrency | requests/s | p50 ms | p99 ms | failed "
+        "| server CPU ms/request | client CPU ms/request |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for w, run in servers.items():
+    for (w, s), run in servers.items():
         for c, r in run["results"].items():
             lines.append(
-                f"| {w} | {c} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} "
-                f"| {int(r['failures'])} |"
+                f"| {w} | {s} | {c} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} "
+                f"| {int(r['failures'])} | {r['server_cpu_ms']:.2f} | {r['client_cpu_ms']:.2f} |"
             )
     lines += [
-        f"| — | in-process `Recommender.recommend` (same users) | — | {in_process[0]:.1f} "
-        f"| {in_process[1]:.1f} | — |",
+        f"| — | — | in-process `Recommender.recommend` (same users) | — | {in_process[0]:.1f} "
+        f"| {in_process[1]:.1f} | — | — | — |",
         "",
-        f"**HTTP p50 (concurrency 1, {args.workers[0]} worker) / in-process p50: {ratio:.2f}**",
+        f"**HTTP p50 (concurrency 1, {args.workers[0]} worker, {args.rank_slots[0]} rank slot) "
+        f"/ in-process p50: {ratio:.2f}**",
         "",
         "CPU s is user + system time of the `segrec` process: what the call costs on an idle "
         "core. On a shared machine (see the load average above) wall times and p99 are "

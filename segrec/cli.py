@@ -1541,6 +1541,15 @@ def serve(
         float, typer.Option(help="Seconds between checks for new data or runs (0: never).")
     ] = 5.0,
     llm_slots: Annotated[int, typer.Option(help="LLM calls in flight at once.", min=1)] = 1,
+    rank_slots: Annotated[
+        int | None,
+        typer.Option(
+            help="Rankings computed at once per worker process, the rest queue in order "
+            "(default: no bound but the thread pool's). 1 with --workers = cores: lower p99.",
+            min=1,
+            max=64,
+        ),
+    ] = None,
     llm_timeout: Annotated[
         float, typer.Option(help="Seconds to wait for one LLM call, then a template.")
     ] = 30.0,
@@ -1577,6 +1586,7 @@ def serve(
             reload_interval_s=reload_interval,
             llm_slots=llm_slots,
             llm_timeout_s=llm_timeout,
+            rank_slots=rank_slots,
         )
     except ValueError as exc:
         raise InputError(f"serve: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None

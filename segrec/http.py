@@ -23,8 +23,10 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
+import anyio
+import anyio.to_thread
 from fastapi import Body, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -46,6 +48,7 @@ MAX_ID = 256
 MAX_ITEMS = 1000
 MAX_ANSWER = 2000
 DRAIN_BYTES = 4 * 1024 * 1024  # a refused body read and dropped, beyond that the socket closes
+T = TypeVar("T")
 ASGIApp = Callable[[MutableMapping[str, Any], Any, Any], Awaitable[None]]
 
 
@@ -59,6 +62,12 @@ class ServeOptions(BaseModel):
     reload_interval_s: float = Field(5.0, ge=0)  # 0: only POST /v1/admin/reload
     llm_slots: int = Field(1, ge=1, le=64)  # LLM calls in flight
     llm_timeout_s: float = Field(30.0, gt=0)  # per LLM call, then the template
+    # Rankings computed at once per worker process, the rest wait in arrival order; None:
+    # no bound but the thread pool's. 1 with --workers = cores cut p99 at concurrency 8-32
+    # (a long history's ranking is not stretched by every other one in flight under the
+    # GIL), but costs a single worker the cores numpy's GIL-free parts would use
+    # (benchmarks/results/serve.md).
+    rank_slots: int | None = Field(None, ge=1, le=64)
 
 
 # ------------------------------------------------------------------------------ schemas
@@ -187,6 +196,7 @@ class Service:
             _LazyLLM(workspace), slots=options.llm_slots, timeout_s=options.llm_timeout_s
         )
         self.recommender: Recommender | None = None
+        self.ranking: anyio.CapacityLimiter | None = None  # made on first use, in the loop
         self._reload = threading.Lock()
         self._sessions: dict[str, threading.Lock] = {}
         self._sessions_lock = threading.Lock()
@@ -196,6 +206,18 @@ class Service:
         if recommender is None:
             raise HTTPException(503, "the models are still loading — retry shortly")
         return recommender
+
+    async def rank(self, work: Callable[[], T]) -> T:
+        """Run ranking ``work`` in a worker thread, off the event loop: at most
+        ``options.rank_slots`` at once (first come, first served), or the thread pool's."""
+        if self.ranking is None:
+            slots = self.options.rank_slots
+            self.ranking = (
+                anyio.to_thread.current_default_thread_limiter()
+                if slots is None
+                else anyio.CapacityLimiter(slots)
+            )
+        return await anyio.to_thread.run_sync(work, limiter=self.ranking)
 
     def reload(self, *, force: bool = False) -> tuple[str, str, bool]:
         """Build the recommender for the data and run now, and swap it in (one assignment:
@@ -471,7 +493,7 @@ def _routes(app: FastAPI, service: Service) -> None:
         return JSONResponse({"status": "ready", "model_version": str(recommender.version)})
 
     @app.get("/v1/users/{user_id}/recommendations", tags=["users"])
-    def recommendations(
+    async def recommendations(
         user_id: UserId,
         n: N = 10,
         category: Annotated[list[str] | None, Query(description="Only these categories.")] = None,
@@ -485,26 +507,7 @@ def _routes(app: FastAPI, service: Service) -> None:
             categories=list(category or []),
             exclude=[i.strip() for part in exclude or [] for i in part.split(",") if i.strip()],
         )
-        _, recs, _ = recommender.rank([user_id], n=n, filters=filters)
-        served = recommender.served
-        valid = recs.indices[0] >= 0
-        columns, scores = recs.indices[0][valid], recs.scores[0][valid]
-        parts = {name: part[0][valid] for name, part in recs.contributions.items()}
-        items = [
-            Item(
-                item_id=str(served.item_ids[col]),
-                title=str(served.titles[col]),
-                score=round(float(scores[r]), 4),
-                signals={name: round(float(part[r]), 4) for name, part in parts.items()},
-            )
-            for r, col in enumerate(columns)
-        ]
-        return Recommendations(
-            request_id=uuid.uuid4().hex,
-            model_version=str(recommender.version),
-            user_id=user_id,
-            items=items,
-        )
+        return await service.rank(lambda: _recommendations(recommender, user_id, n, filters))
 
     @app.get("/v1/users/{user_id}/explanation", tags=["users"])
     def explanation(user_id: UserId, n: N = 5) -> Explanation:
@@ -550,11 +553,11 @@ def _routes(app: FastAPI, service: Service) -> None:
         )
 
     @app.post("/v1/recommendations", tags=["new users"])
-    def cold_start(body: ColdStartIn) -> ColdStart:
+    async def cold_start(body: ColdStartIn) -> ColdStart:
         """An anonymous visitor: top-n items from the items they liked (the cold-start
         path of the chat), and their nearest segment; nothing stored."""
         recommender = service.current()
-        segment, items = recommender.for_items(body.items, n=body.n)
+        segment, items = await service.rank(lambda: recommender.for_items(body.items, n=body.n))
         return ColdStart(
             request_id=uuid.uuid4().hex,
             model_version=str(recommender.version),
@@ -635,6 +638,32 @@ def _routes(app: FastAPI, service: Service) -> None:
         """Rebuild the recommender for the data and active run now, and swap it in."""
         version, previous, reloaded = service.reload(force=True)
         return Reloaded(model_version=version, previous=previous, reloaded=reloaded)
+
+
+def _recommendations(
+    recommender: Recommender, user_id: str, n: int, filters: Filters
+) -> Recommendations:
+    """One known user's top-n with each signal's part (the body of the GET route)."""
+    _, recs, _ = recommender.rank([user_id], n=n, filters=filters)
+    served = recommender.served
+    valid = recs.indices[0] >= 0
+    columns, scores = recs.indices[0][valid], recs.scores[0][valid]
+    parts = {name: part[0][valid] for name, part in recs.contributions.items()}
+    items = [
+        Item(
+            item_id=str(served.item_ids[col]),
+            title=str(served.titles[col]),
+            score=round(float(scores[r]), 4),
+            signals={name: round(float(part[r]), 4) for name, part in parts.items()},
+        )
+        for r, col in enumerate(columns)
+    ]
+    return Recommendations(
+        request_id=uuid.uuid4().hex,
+        model_version=str(recommender.version),
+        user_id=user_id,
+        items=items,
+    )
 
 
 def _chat_turn(

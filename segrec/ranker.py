@@ -374,6 +374,14 @@ class Ranker:
                 return own
         return self.spec.weights.get(group, {})
 
+    def weighted(self, groups: np.ndarray, labels: np.ndarray | None = None) -> list[str]:
+        """The signals some of these users' weight sets use: the only ones worth scoring
+        (a signal with weight 0 adds nothing to the blend and its part is 0). Every signal
+        when no weight is set, so `blend` says so."""
+        keys = set(zip(groups, labels if labels is not None else [None] * len(groups), strict=True))
+        used = {name for key in keys for name, w in self.weights_for(*key).items() if w}
+        return [name for name in self.names if name in used] or list(self.names)
+
     def blend(
         self,
         signals: Mapping[str, np.ndarray],
@@ -424,17 +432,16 @@ class Ranker:
         for start in range(0, n_users, batch):
             rows = slice(start, min(start + batch, n_users))
             Xb = X_users[rows]
+            batch_groups = self.groups(Xb) if groups is None else np.asarray(groups)[rows]
+            batch_labels = None if labels is None else labels[rows]
             signals = self.signals(
                 Xb,
-                labels=None if labels is None else labels[rows],
+                labels=batch_labels,
                 user_vectors=None if user_vectors is None else user_vectors[rows],
+                names=self.weighted(batch_groups, batch_labels),
                 times=None if times is None else sp.csr_matrix(times)[rows],
             )
-            total, parts = self.blend(
-                signals,
-                self.groups(Xb) if groups is None else np.asarray(groups)[rows],
-                None if labels is None else labels[rows],
-            )
+            total, parts = self.blend(signals, batch_groups, batch_labels)
             mask = allowed
             if allowed is not None and np.ndim(allowed) == 2:
                 mask = allowed[rows]

@@ -34,6 +34,7 @@ from segrec.config import Settings
 from segrec.errors import LLMError
 from segrec.http import ServeOptions, create_app
 from segrec.ranker import Ranker
+from segrec.serving import Recommender
 from segrec.store import Store
 from segrec.testing import FakeLLM, schema_answer
 from segrec.workspace import Workspace
@@ -302,6 +303,52 @@ def test_fifty_concurrent_requests_answer_like_sequential_ones(
     assert [without_ids(r.body) for r in concurrent] == sequential
 
 
+@pytest.mark.parametrize("slots", [1, 2])
+def test_rank_slots_bound_the_rankings_in_flight_off_the_event_loop(
+    ws: Settings, users: list[str], slots: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``rank_slots`` rankings run at once per process, the rest wait; the event loop stays
+    free meanwhile (/healthz answers while every slot is busy)."""
+    lock, in_flight, most = threading.Lock(), [0], [0]
+    full = threading.Barrier(slots + 1, timeout=60)  # the slots, and this test
+    release = threading.Event()
+    original = Recommender.rank
+
+    def counted(self: Recommender, *args: Any, **kwargs: Any) -> Any:
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+            first_wave = in_flight[0] <= slots and not release.is_set()
+        if first_wave:
+            full.wait()  # passes only once `slots` rankings run at the same time
+            assert release.wait(60)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    monkeypatch.setattr(Recommender, "rank", counted)
+    paths = [f"/v1/users/{users[i]}/recommendations?n=3" for i in range(slots + 3)]
+    options = ServeOptions(reload_interval_s=0, rank_slots=slots)
+    with (
+        serving(ws, llm=counting_llm(), options=options) as c,
+        ThreadPoolExecutor(max_workers=len(paths)) as pool,
+    ):
+        replies = [pool.submit(c.get, p) for p in paths]
+        full.wait()  # every slot is busy now
+        assert c.get("/healthz").body == {"status": "ok"}
+        time.sleep(0.5)  # the queued requests had time to start, were they allowed to
+        with lock:
+            assert in_flight[0] == slots
+        release.set()
+        assert all(r.result().status == 200 for r in replies)
+    assert most[0] == slots
+    with pytest.raises(ValueError, match="rank_slots"):
+        ServeOptions(rank_slots=0)
+    assert ServeOptions().rank_slots is None  # unbounded unless asked (the thread pool's)
+
+
 # ------------------------------------------------------------------------------ bad input
 
 
@@ -560,7 +607,7 @@ def test_segrec_serve_as_a_process(ws: Settings, users: list[str], tmp_path: Pat
     env = {**os.environ, "SEGREC_TEST_KEY": "k-123"}
     command = [
         *segrec_cmd(), "serve", "--port", str(port), "--api-key-env", "SEGREC_TEST_KEY",
-        "--reload-interval", "0", "--no-access-log", "-w", str(ws.workspace),
+        "--reload-interval", "0", "--no-access-log", "--rank-slots", "2", "-w", str(ws.workspace),
     ]  # fmt: skip
     log = tmp_path / "serve.log"
     with log.open("wb") as output:

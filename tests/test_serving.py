@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from segrec import pipeline, serving
 from segrec.cli import app
 from segrec.config import Settings
-from segrec.evaluate import evaluate_scores, protocol_split, validation_split
+from segrec.evaluate import evaluate_scores, protocol_split, top_k, validation_split
 from segrec.files import current_umask
 from segrec.ranker import (
     EASE_MAX_ITEMS,
@@ -68,6 +68,44 @@ def test_ranker_never_recommends_seen_items_and_contributions_add_up() -> None:
     total = sum(recs.contributions.values())
     assert np.allclose(total, recs.scores)
     assert (np.diff(recs.scores, axis=1) <= 1e-12).all()  # best first
+
+
+def test_ranker_scores_only_the_signals_some_weight_uses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signal with weight 0 in every weight set of a batch is not scored (the serving
+    path's cost), and the answer is the one scoring every signal gives."""
+    split = protocol_split(_random_log(4))
+    spec = RankerSpec(
+        weights={"long": {"ease": 1.0, "pop": 0.5}, "short": {"itemknn": 1.0}},
+        ease_lambda=5.0,
+        short_history=int(np.median(np.diff(split.train.indptr))),  # both groups present
+    )
+    ranker = Ranker(spec, names=["ease", "itemknn", "pop"]).fit(split.fit)
+    groups = ranker.groups(split.train)
+    assert {"long", "short"} <= set(groups)
+    long_rows = np.flatnonzero(groups == "long")
+    assert ranker.weighted(groups[long_rows]) == ["ease", "pop"]
+    assert ranker.weighted(groups) == ["ease", "itemknn", "pop"]
+    everything, parts = ranker.blend(ranker.signals(split.train), groups)
+
+    scored: list[list[str]] = []
+    signals = Ranker.signals
+
+    def recording(self: Ranker, *args: object, **kwargs: object) -> dict[str, np.ndarray]:
+        out = signals(self, *args, **kwargs)
+        scored.append(sorted(out))
+        return out
+
+    monkeypatch.setattr(Ranker, "signals", recording)
+    one = ranker.recommend(split.train[long_rows], 5)
+    assert scored == [["ease", "pop"]]
+    assert np.all(one.contributions["itemknn"] == 0)
+    recs = ranker.recommend(split.train, 5)
+    expected = top_k(everything, 5, split.train)
+    np.testing.assert_array_equal(recs.indices, expected)
+    for name, part in parts.items():
+        np.testing.assert_array_equal(
+            recs.contributions[name], np.take_along_axis(part, expected, axis=1)
+        )
 
 
 def test_blend_with_one_signal_ranks_exactly_like_that_signal() -> None:
