@@ -8,7 +8,8 @@ profile stage's validation and one commit per user. A ratio of throughputs, not 
 The latency is long beside segrec's serial work per user (~15-50 ms on a loaded 2-core CI
 machine, where the in-process server also shares the GIL): at 0.25 s a CI run measured 6.15
 against the 6.4 bar while the out-of-process benchmark (`benchmarks/bench_concurrency.py`)
-measures 8.1 at N=8. At 0.6 s the same serial work leaves the ratio near 7.
+measures 8.1 at N=8. At 1.0 s the same serial work leaves the ratio near 7.4, and twice
+that work still about 6.9.
 """
 
 from __future__ import annotations
