@@ -39,6 +39,7 @@ from segrec.grounding import (
     decode_json,
     join_words,
     norm,
+    pattern_group,
     pattern_literal,
 )
 from segrec.llm.base import (
@@ -264,9 +265,7 @@ def fact_clauses(
                 *shared,
                 *(f"{a} and {b}" for i, a in enumerate(shared) for b in shared[i + 1 :]),
             ]
-            clauses.append(
-                f"another ({'|'.join(pattern_literal(n) for n in names)}) {pattern_literal(domain)}"
-            )
+            clauses.append(f"another {pattern_group(names)} {pattern_literal(domain)}")
         # The similar titles are the nearest by content, not checked co-likes: tied to a
         # title of another category ("Because you liked a lantern tent, and people who
         # liked it also liked this" for a dog leash, blind read 3) the co-watch clause
@@ -288,7 +287,7 @@ def _tail_bound(options: Sequence[str]) -> int:
 
 
 def _reason_pattern(options: Sequence[str], tail: int) -> str:
-    anchor = "(" + "|".join(pattern_literal(option) for option in options) + ")"
+    anchor = pattern_group(options)
     return f"^{REASON_PREFIX}{anchor}( and {anchor})?{_TAIL.format(n=tail)}$"
 
 
