@@ -214,7 +214,9 @@ def main() -> None:
         "--workers", default="1,2", help="comma-separated `segrec serve --workers` values"
     )
     parser.add_argument(
-        "--rank-slots", default="1", help="comma-separated `segrec serve --rank-slots` values"
+        "--rank-slots",
+        default="1",
+        help="comma-separated `segrec serve --rank-slots` values (0: unbounded)",
     )
     args = parser.parse_args()
     args.workers = [int(w) for w in args.workers.split(",")]

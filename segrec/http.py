@@ -62,12 +62,11 @@ class ServeOptions(BaseModel):
     reload_interval_s: float = Field(5.0, ge=0)  # 0: only POST /v1/admin/reload
     llm_slots: int = Field(1, ge=1, le=64)  # LLM calls in flight
     llm_timeout_s: float = Field(30.0, gt=0)  # per LLM call, then the template
-    # Rankings computed at once per worker process, the rest wait in arrival order; None:
-    # no bound but the thread pool's. 1 with --workers = cores cut p99 at concurrency 8-32
-    # (a long history's ranking is not stretched by every other one in flight under the
-    # GIL), but costs a single worker the cores numpy's GIL-free parts would use
-    # (benchmarks/results/serve.md).
-    rank_slots: int | None = Field(None, ge=1, le=64)
+    # Rankings computed at once per worker process, the rest wait in arrival order; 0: no
+    # bound but the thread pool's. 1 gave the lowest p99 and the most requests/s at
+    # concurrency 8 and 32 with one worker and with two (rankings are CPU work under the
+    # GIL: parallel ones in a process only stretch each other; benchmarks/results/serve.md).
+    rank_slots: int = Field(1, ge=0, le=64)
 
 
 # ------------------------------------------------------------------------------ schemas
@@ -209,13 +208,13 @@ class Service:
 
     async def rank(self, work: Callable[[], T]) -> T:
         """Run ranking ``work`` in a worker thread, off the event loop: at most
-        ``options.rank_slots`` at once (first come, first served), or the thread pool's."""
+        ``options.rank_slots`` at once (first come, first served), or (0) the thread pool's."""
         if self.ranking is None:
             slots = self.options.rank_slots
             self.ranking = (
-                anyio.to_thread.current_default_thread_limiter()
-                if slots is None
-                else anyio.CapacityLimiter(slots)
+                anyio.CapacityLimiter(slots)
+                if slots
+                else anyio.to_thread.current_default_thread_limiter()
             )
         return await anyio.to_thread.run_sync(work, limiter=self.ranking)
 

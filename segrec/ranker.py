@@ -54,6 +54,7 @@ from segrec.recommend import (
     EASE,
     EASE_LAMBDAS,
     Blend,
+    EASEDual,
     ItemKNN,
     RecentPopularity,
     SegmentPopularity,
@@ -256,9 +257,21 @@ class Ranker:
         out: dict[str, np.ndarray] = {"counts": self.counts}
         if self.ease is not None and self.ease.B is not None:
             out["ease_B"] = self.ease.B
+            if self.ease.dual is not None:
+                dual = self.ease.dual
+                out |= _csr_parts("ease_dual_X", dual.X) | {
+                    "ease_dual_inverse": dual.inverse,
+                    "ease_dual_diagonal": dual.diagonal,
+                }
         if self.knn is not None and self.knn.similarity is not None:
             S = self.knn.similarity
             out |= _csr_parts("knn", S) | {"knn_shape": np.asarray(S.shape, dtype=np.int64)}
+            if self.knn.normalised is not None and self.knn.self_similarity is not None:
+                Xn = self.knn.normalised
+                out |= _csr_parts("knn_fit", Xn) | {
+                    "knn_fit_shape": np.asarray(Xn.shape, dtype=np.int64),
+                    "knn_self": self.knn.self_similarity,
+                }
         if self.segments is not None and self.segments.global_counts is not None:
             labels = sorted(self.segments.counts)
             out["segment_labels"] = np.asarray(labels, dtype=np.int64)
@@ -292,10 +305,22 @@ class Ranker:
             assert spec.ease_lambda is not None
             ranker.ease = EASE(spec.ease_lambda)
             ranker.ease.B = arrays["ease_B"]
+            if "ease_dual_inverse" in arrays:
+                inverse = np.asarray(arrays["ease_dual_inverse"])
+                ranker.ease.dual = EASEDual(
+                    _csr_from(arrays, "ease_dual_X", (inverse.shape[0], ranker.counts.size)),
+                    inverse,
+                    np.asarray(arrays["ease_dual_diagonal"]),
+                    spec.ease_lambda,
+                )
         if "itemknn" in ranker.names:
             ranker.knn = ItemKNN(spec.neighbours)
             shape = tuple(int(v) for v in arrays["knn_shape"])
             ranker.knn.similarity = _csr_from(arrays, "knn", shape)
+            if "knn_fit_shape" in arrays:  # saved sets from before the factored path lack it
+                fit_shape = tuple(int(v) for v in arrays["knn_fit_shape"])
+                ranker.knn.normalised = _csr_from(arrays, "knn_fit", fit_shape)
+                ranker.knn.self_similarity = np.asarray(arrays["knn_self"])
         if "segment_pop" in ranker.names:
             ranker.segments = SegmentPopularity()
             ranker.segments.global_counts = ranker.counts

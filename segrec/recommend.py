@@ -61,6 +61,14 @@ class ItemKNN:
 
     ``neighbours=None`` keeps every similarity (the PROTOCOL baseline); an integer keeps, for
     each item, only its most similar items, which bounds memory on big catalogues.
+
+    With every similarity kept, S = XnᵀXn − diag (Xn: the fit matrix with unit columns), so
+    a user's scores are also (x·Xnᵀ)·Xn − x∘diag: one pass over the fit matrix instead of
+    one row of S per known item. Scoring takes, per user, whichever path touches fewer
+    stored numbers (`score`): a long history over a small population (ml-latest-small's
+    longest, 1,300 items × ~2,700 similarities each) costs ~30× less through the fit
+    matrix, a short one over a large population costs less through S. Both give the same
+    scores up to rounding (the factored path sums in float64).
     """
 
     name = "itemknn"
@@ -70,6 +78,10 @@ class ItemKNN:
             raise ValueError(f"neighbours must be >= 1 or None, got {neighbours}")
         self.neighbours = neighbours
         self.similarity: sp.csr_matrix | None = None
+        # The factored path (neighbours=None only): Xn and the diagonal removed from S.
+        self.normalised: sp.csr_matrix | None = None
+        self.self_similarity: np.ndarray | None = None
+        self._costs: tuple[np.ndarray, np.ndarray] | None = None  # see `score`
 
     def fit(self, X: sp.csr_matrix) -> Self:
         X = sp.csc_matrix(X, dtype=np.float32)
@@ -77,16 +89,62 @@ class ItemKNN:
         inverse = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
         Xn = X @ sp.diags(inverse.astype(np.float32))
         S = sp.csc_matrix(Xn.T @ Xn)
-        S = sp.csc_matrix(S - sp.diags(S.diagonal()))
+        diagonal = S.diagonal().astype(np.float32)
+        S = sp.csc_matrix(S - sp.diags(diagonal))
         S.eliminate_zeros()
         if self.neighbours is not None:
             S = _keep_top_per_column(S, self.neighbours)
         self.similarity = sp.csr_matrix(S, dtype=np.float32)
+        self.normalised = self.self_similarity = self._costs = None
+        # Kept when it is no bigger than S: then some histories are cheaper through it.
+        if self.neighbours is None and Xn.nnz <= S.nnz:
+            # float64: the factored sums run over whole histories (no S entry rounding)
+            self.normalised = sp.csr_matrix(X @ sp.diags(inverse.astype(np.float64)))
+            self.self_similarity = diagonal
         return self
 
     def score(self, X_users: sp.csr_matrix) -> np.ndarray:
         S = _fitted(self.similarity, self)
-        return np.asarray((sp.csr_matrix(X_users, dtype=np.float32) @ S).toarray())
+        X_users = sp.csr_matrix(X_users, dtype=np.float32)
+        Xn = self.normalised
+        if Xn is None or self.self_similarity is None or X_users.nnz == 0:
+            return np.asarray((X_users @ S).toarray())
+        through_data = self.through_data(X_users)
+        if not through_data.any():
+            return np.asarray((X_users @ S).toarray())
+        n_users = X_users.shape[0]
+        out = np.empty(X_users.shape, dtype=np.float32)
+        rows = np.flatnonzero(through_data)
+        part = X_users if rows.size == n_users else X_users[rows]
+        weights = Xn @ part.toarray().T  # fit users × scored users (csr × dense)
+        out[rows] = np.asarray(Xn.T @ weights).T  # csc × dense
+        # S's diagonal was removed: take each known item's self-similarity back out.
+        known_rows = np.repeat(rows, np.diff(part.indptr))
+        out[known_rows, part.indices] -= part.data * self.self_similarity[part.indices]
+        if rows.size < n_users:
+            others = np.flatnonzero(~through_data)
+            out[others] = (X_users[others] @ S).toarray()
+        return out
+
+    def through_data(self, X_users: sp.csr_matrix) -> np.ndarray:
+        """Per user, whether `score` goes through the fit matrix: when its known items'
+        columns there plus (an upper bound) the whole fit matrix once are fewer stored
+        numbers than their rows of S."""
+        S, Xn = _fitted(self.similarity, self), self.normalised
+        X_users = sp.csr_matrix(X_users)
+        if Xn is None:
+            return np.zeros(X_users.shape[0], dtype=bool)
+        if self._costs is None:
+            self._costs = (
+                np.diff(S.indptr).astype(np.float64),
+                np.bincount(Xn.indices, minlength=Xn.shape[1]).astype(np.float64),
+            )
+        row_sizes, column_sizes = self._costs
+        n_users = X_users.shape[0]
+        owner = np.repeat(np.arange(n_users), np.diff(X_users.indptr))
+        direct = np.bincount(owner, weights=row_sizes[X_users.indices], minlength=n_users)
+        factored = np.bincount(owner, weights=column_sizes[X_users.indices], minlength=n_users)
+        return factored + Xn.nnz < direct
 
 
 class EASE:
@@ -106,10 +164,13 @@ class EASE:
             raise ValueError(f"EASE λ must be > 0, got {lam}")
         self.lam = float(lam)
         self.B: np.ndarray | None = None
+        self.dual: EASEDual | None = None
 
     def fit(self, X: sp.csr_matrix) -> Self:
         X = sp.csr_matrix(X, dtype=np.float32)
         X.sort_indices()
+        # Fewer users than items: the user-space form scores long histories far cheaper.
+        self.dual = EASEDual.fit(X, self.lam) if 0 < X.shape[0] <= X.shape[1] else None
         fits = _EASE_FITS.get()
         key = _matrix_key(X, self.lam) if fits is not None else None
         if fits is not None and key in fits:
@@ -130,7 +191,56 @@ class EASE:
 
     def score(self, X_users: sp.csr_matrix) -> np.ndarray:
         B = _fitted(self.B, self)
-        return np.asarray(sp.csr_matrix(X_users, dtype=np.float32) @ B)
+        X_users = sp.csr_matrix(X_users, dtype=np.float32)
+        dual = self.dual
+        if dual is None or X_users.nnz == 0:
+            return np.asarray(X_users @ B)
+        # Stored numbers each form reads: B's rows of the known items, or (about) the fit
+        # matrix twice and the users × users inverse once.
+        long = np.diff(X_users.indptr) * B.shape[1] > dual.cost
+        if not long.any():
+            return np.asarray(X_users @ B)
+        out = np.empty(X_users.shape, dtype=np.float32)
+        rows = np.flatnonzero(long)
+        out[rows] = dual.score(X_users[rows])
+        if rows.size < X_users.shape[0]:
+            others = np.flatnonzero(~long)
+            out[others] = np.asarray(X_users[others] @ B)
+        return out
+
+
+@dataclass
+class EASEDual:
+    """EASE scores through the users × users space (Woodbury), for populations smaller
+    than the catalogue: with K = λI + XXᵀ, P = (XᵀX + λI)⁻¹ = (I − XᵀK⁻¹X)/λ, so
+    x·B = x − (x·P)/diag(P) and x·P = (x − ((X·xᵀ)ᵀK⁻¹)·X)/λ. A user with 1,300 known
+    items of ml-latest-small's 9,742 reads ~0.6 M stored numbers this way instead of
+    12.7 M rows of B. Same scores as B up to rounding (float64 here)."""
+
+    X: sp.csr_matrix  # the fit matrix, float64
+    inverse: np.ndarray  # K⁻¹, users × users, float64
+    diagonal: np.ndarray  # diag(P), per item
+    lam: float
+
+    @classmethod
+    def fit(cls, X: sp.csr_matrix, lam: float) -> EASEDual:
+        X = sp.csr_matrix(X, dtype=np.float64)
+        K = (X @ X.T).toarray()
+        K[np.diag_indices_from(K)] += lam
+        inverse = _spd_inverse(K)
+        # diag(XᵀK⁻¹X)_j = Σ_uv X_uj K⁻¹_uv X_vj
+        quadratic = np.asarray(X.multiply(inverse @ X).sum(axis=0)).ravel()
+        return cls(X, inverse, (1.0 - quadratic) / lam, float(lam))
+
+    @property
+    def cost(self) -> float:
+        return 2.0 * self.X.nnz + float(self.inverse.size)
+
+    def score(self, X_users: sp.csr_matrix) -> np.ndarray:
+        dense = sp.csr_matrix(X_users, dtype=np.float64).toarray()  # scored users × items
+        weights = self.inverse @ (self.X @ dense.T)  # fit users × scored users
+        xP = (dense - np.asarray(self.X.T @ weights).T) / self.lam
+        return (dense - xP / self.diagonal[None, :]).astype(np.float32)
 
 
 def recency_weights(times: sp.csr_matrix, last: int, decay: float) -> sp.csr_matrix:

@@ -58,6 +58,10 @@ class Served:
     labels: np.ndarray  # segment per row of X in the active run, -1 when none
     run: RunRecord | None
     notes: list[str]
+    # When each pair of X happened (same rows and columns; see `segrec.evaluate.event_times`):
+    # the order the transition and recent-popularity signals read. None: every known item
+    # counts as the latest (a caller that keeps no order).
+    times: sp.csr_matrix | None = None
 
     def __post_init__(self) -> None:
         # Looked up on every request: built once (pandas' Arrow strings convert slowly).
@@ -347,22 +351,20 @@ class Recommender:
 
     def histories(
         self, user_ids: Sequence[str]
-    ) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray | None]:
-        """History rows, segment labels and cosine vectors of users (empty for new users)."""
+    ) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray | None, sp.csr_matrix | None]:
+        """History rows, segment labels, cosine vectors and event times of users (empty
+        rows for users who arrived after the fit; times None when the ranker keeps none)."""
         served = self.served
         rows = [served.user_rows.get(u, -1) for u in user_ids]
-        if all(r >= 0 for r in rows):
-            X_rows = served.X[rows]
-        else:
-            empty = sp.csr_matrix((1, served.X.shape[1]), dtype=np.float32)
-            X_rows = sp.csr_matrix(sp.vstack([served.X[r] if r >= 0 else empty for r in rows]))
+        X_rows = _rows_of(served.X, rows)
+        times = None if served.times is None else _rows_of(served.times, rows)
         labels = np.array([served.labels[r] if r >= 0 else -1 for r in rows], dtype=np.int64)
         if served.run is not None and (labels < 0).any():
             known = self.workspace.store.assignments(served.run.id)
             labels = np.array(
                 [known[u].segment_id if u in known else -1 for u in user_ids], dtype=np.int64
             )
-        return X_rows, labels, self._user_vectors(X_rows, user_ids)
+        return X_rows, labels, self._user_vectors(X_rows, user_ids), times
 
     def _user_vectors(self, X_rows: sp.csr_matrix, user_ids: Sequence[str]) -> np.ndarray | None:
         """The cosine signal's user vectors per ``represent`` (None: the history mean)."""
@@ -420,7 +422,7 @@ class Recommender:
             if unknown:
                 check_users(self.workspace.store, unknown)
         wanted = list(user_ids) if user_ids is not None else self.served.users
-        X_rows, labels, vectors = self.histories(wanted)
+        X_rows, labels, vectors, times = self.histories(wanted)
         done = 0
 
         def progress(batch: int) -> None:
@@ -431,7 +433,13 @@ class Recommender:
 
         ranker = self.served.ranker
         recs = ranker.recommend(
-            X_rows, n, labels=labels, user_vectors=vectors, allowed=allowed, on_batch=progress
+            X_rows,
+            n,
+            labels=labels,
+            user_vectors=vectors,
+            allowed=allowed,
+            times=times,
+            on_batch=progress,
         )
         notes = self.notes
         short = int((ranker.groups(X_rows) == "short").sum())
@@ -534,9 +542,11 @@ class Recommender:
                 )
         profile = Profile.model_validate(record.profile)
         segment = self.segment_of(user_id, profile)
-        X_rows, labels, vectors = self.histories([user_id])
+        X_rows, labels, vectors, times = self.histories([user_id])
         ranker = self.served.ranker
-        recs = ranker.recommend(X_rows, n, labels=labels, user_vectors=vectors, allowed=allowed)
+        recs = ranker.recommend(
+            X_rows, n, labels=labels, user_vectors=vectors, allowed=allowed, times=times
+        )
         history = self.history(user_id)
         item_pos = {item: c for c, item in enumerate(self.served.item_ids)}
         liked_cols = [item_pos[e.item_id] for e in history if e.strength > 0]
@@ -702,3 +712,11 @@ def explain(
             writer=recommender.writer(workspace.llm),
             on_stage=on_stage,
         )
+
+
+def _rows_of(matrix: sp.csr_matrix, rows: Sequence[int]) -> sp.csr_matrix:
+    """These rows of a users × items matrix; -1 gives an empty row (a user it lacks)."""
+    if all(r >= 0 for r in rows):
+        return sp.csr_matrix(matrix[rows])
+    empty = sp.csr_matrix((1, matrix.shape[1]), dtype=matrix.dtype)
+    return sp.csr_matrix(sp.vstack([matrix[r] if r >= 0 else empty for r in rows]))

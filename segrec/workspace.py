@@ -39,7 +39,19 @@ if TYPE_CHECKING:
 MODELS_DIR = "models"
 KEEP_SETS = 4  # saved model sets kept per data version (other runs, specs)
 STALE_TMP_S = 3600  # a temporary folder this old belongs to a crashed writer
-_ARRAYS = ("item_vectors", "labels", "X_data", "X_indices", "X_indptr")
+_ARRAYS = (
+    "item_vectors",
+    "labels",
+    "X_data",
+    "X_indices",
+    "X_indptr",
+    "times_data",
+    "times_indices",
+    "times_indptr",
+)
+# Part of every saved set's key: a set written by code that saved less (before the event
+# times and ItemKNN's factored path) is refit once instead of served without them.
+MODELS_FORMAT = 2
 
 
 class Workspace:
@@ -180,7 +192,9 @@ class Workspace:
         stage("fitting the ranker")
         times = event_times(interactions.rename(columns={"seq": "line"}), users, items["item_id"])
         ranker = Ranker(spec, item_vectors).fit(X, labels, times=times)
-        served = Served(ranker, items, item_vectors, X, users, labels, run, notes + spec.notes)
+        served = Served(
+            ranker, items, item_vectors, X, users, labels, run, notes + spec.notes, times=times
+        )
         key = artifact_key(version, population, spec, encoder_id)
         save_models(self.models_dir, key, served, version)
         return Recommender(self, served, version, segments=segments, fitted=True)
@@ -203,6 +217,10 @@ class Workspace:
             (arrays["X_data"], arrays["X_indices"], arrays["X_indptr"]),
             shape=(len(manifest["users"]), len(items)),
         )
+        times = sp.csr_matrix(
+            (arrays["times_data"], arrays["times_indices"], arrays["times_indptr"]),
+            shape=X.shape,
+        )
         ranker = Ranker.from_arrays(spec, arrays["item_vectors"], arrays)
         return Served(
             ranker,
@@ -213,6 +231,7 @@ class Workspace:
             np.asarray(arrays["labels"]),
             run,
             notes + spec.notes,
+            times=times,
         )
 
 
@@ -282,6 +301,7 @@ def artifact_key(version: ModelVersion, population: str, spec: RankerSpec, encod
             "population": population,
             "spec": spec.as_dict(),
             "encoder": encoder_id,
+            "format": MODELS_FORMAT,
         },
         sort_keys=True,
     )
@@ -300,6 +320,7 @@ def save_models(root: Path, key: str, served: Served, version: ModelVersion) -> 
         "X_data": served.X.data,
         "X_indices": served.X.indices,
         "X_indptr": served.X.indptr,
+        **_times_parts(served),
         **served.ranker.arrays(),
     }
     tmp = root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
@@ -326,6 +347,15 @@ def save_models(root: Path, key: str, served: Served, version: ModelVersion) -> 
         shutil.rmtree(tmp, ignore_errors=True)
     clean_models(root, keep=key, data_version=version.data_version)
     return final
+
+
+def _times_parts(served: Served) -> dict[str, np.ndarray]:
+    """The event-time matrix as saved arrays (an empty one for a ranker fit without)."""
+    times = served.times
+    if times is None:
+        times = sp.csr_matrix(served.X.shape, dtype=np.float64)
+    times = sp.csr_matrix(times)
+    return {"times_data": times.data, "times_indices": times.indices, "times_indptr": times.indptr}
 
 
 def load_models(root: Path, key: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:

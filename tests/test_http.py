@@ -345,8 +345,8 @@ def test_rank_slots_bound_the_rankings_in_flight_off_the_event_loop(
         assert all(r.result().status == 200 for r in replies)
     assert most[0] == slots
     with pytest.raises(ValueError, match="rank_slots"):
-        ServeOptions(rank_slots=0)
-    assert ServeOptions().rank_slots is None  # unbounded unless asked (the thread pool's)
+        ServeOptions(rank_slots=-1)
+    assert ServeOptions().rank_slots == 1  # one ranking at a time per process by default
 
 
 # ------------------------------------------------------------------------------ bad input

@@ -109,6 +109,52 @@ def test_ease_closed_form_matches_the_constrained_least_squares() -> None:
     assert np.allclose(scores, X[:3] @ model.B, atol=1e-5)
 
 
+def _small_population(seed: int = 0) -> tuple[np.ndarray, sp.csr_matrix]:
+    """Fewer users than items, some histories long (the case the fast forms are for)."""
+    rng = np.random.default_rng(seed)
+    X = (rng.random((15, 60)) < rng.uniform(0.05, 0.7, size=(15, 1))).astype(np.float64)
+    X[:, -3:] = 0.0  # items nobody has: zero columns
+    return X, sp.csr_matrix(X, dtype=np.float32)
+
+
+def test_itemknn_scores_through_the_fit_matrix_the_same_as_through_s() -> None:
+    """Long histories go through (x·Xnᵀ)·Xn − x∘diag, short ones through S; both equal the
+    hand-computed cosine sums, and a saved-and-loaded ranker takes the same paths."""
+    from segrec.ranker import Ranker, RankerSpec
+
+    X, Xs = _small_population()
+    norms = np.linalg.norm(X, axis=0)
+    Xn = X / np.where(norms > 0, norms, 1.0)
+    S = Xn.T @ Xn
+    np.fill_diagonal(S, 0.0)
+    users = np.vstack([X, np.eye(60)[[0, 5]], np.zeros((1, 60))])  # + two one-item users
+    knn = ItemKNN().fit(Xs)
+    paths = knn.through_data(sp.csr_matrix(users))
+    assert paths.any() and not paths.all()  # both paths in one batch
+    assert not paths[-3:].any()  # a one-item history is cheaper through S
+    np.testing.assert_allclose(knn.score(sp.csr_matrix(users)), users @ S, atol=1e-5)
+    spec = RankerSpec(weights={"long": {"itemknn": 1.0}}, neighbours=None, ease_lambda=None)
+    ranker = Ranker(spec, None, names=["itemknn"]).fit(Xs)
+    loaded = Ranker.from_arrays(spec, None, ranker.arrays())
+    assert loaded.knn is not None and loaded.knn.normalised is not None
+    np.testing.assert_allclose(loaded.knn.score(sp.csr_matrix(users)), users @ S, atol=1e-5)
+    # Pruned neighbourhoods cannot be factored: always through S.
+    assert not ItemKNN(neighbours=5).fit(Xs).through_data(sp.csr_matrix(users)).any()
+
+
+def test_ease_scores_through_the_user_space_the_same_as_through_b() -> None:
+    X, Xs = _small_population(1)
+    model = EASE(lam=3.0).fit(Xs)
+    assert model.dual is not None  # 15 users < 60 items
+    users = sp.csr_matrix(np.vstack([X, np.eye(60)[[2]]]), dtype=np.float32)
+    reference = users.toarray() @ ease_by_ridge(np.vstack([X]), 3.0)
+    np.testing.assert_allclose(model.dual.score(users), reference, atol=1e-5)
+    np.testing.assert_allclose(model.score(users), reference, atol=1e-5)
+    long = np.diff(users.indptr) * 60 > model.dual.cost
+    assert long.any() and not long.all()  # the batch used both forms
+    assert EASE(lam=3.0).fit(sp.csr_matrix(np.vstack([X] * 5))).dual is None  # users > items
+
+
 def test_scorers_refuse_to_score_before_fit_and_bad_parameters() -> None:
     with pytest.raises(RuntimeError, match="not fitted"):
         EASE().score(sp.csr_matrix((1, 3)))

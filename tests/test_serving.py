@@ -455,7 +455,48 @@ def test_cosine_user_vectors_follow_the_active_runs_representation(
     with Workspace(settings) as ws:
         recommender = ws.recommender()
         assert recommender.represent == "profile"
-        X_rows, _, vectors = recommender.histories(users[:3])
+        X_rows, _, vectors, _ = recommender.histories(users[:3])
         assert vectors is not None
         history = history_vectors(X_rows, recommender.served.item_vectors)
         assert not np.allclose(vectors, history)
+
+
+def test_the_served_ranker_reads_event_times_and_a_loaded_set_ranks_the_same(
+    workspace: Settings, example_ratings: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`recommend` passes each user's event times to the ranker (the transition and
+    recent-popularity signals read their order, as in `segrec eval`), and the next process,
+    which loads the saved set instead of refitting, holds the same times and ranks alike."""
+    from segrec.ranker import Ranker
+    from segrec.workspace import Workspace
+
+    seen: list[object] = []
+    original = Ranker.recommend
+
+    def spy(self: Ranker, *args: object, **kwargs: object) -> object:
+        seen.append(kwargs.get("times"))
+        return original(self, *args, **kwargs)
+
+    ratings = pd.read_csv(example_ratings)
+    with Workspace(workspace) as ws:
+        recommender = ws.recommender()
+        users = recommender.served.users[:4]
+        X_rows, _, _, times = recommender.histories(users)
+        assert times is not None
+        for row, user in enumerate(users):
+            mine = ratings[ratings["userId"].astype(str) == user]
+            stamp = dict(zip(mine["movieId"].astype(str), mine["timestamp"], strict=False))
+            cols = X_rows[row].indices
+            assert list(times[row].indices) == list(cols)  # a time for every known item
+            by_time = [recommender.served.item_ids[c] for c in cols[np.argsort(times[row].data)]]
+            assert [stamp[i] for i in by_time] == sorted(stamp[i] for i in by_time)
+        monkeypatch.setattr(Ranker, "recommend", spy)
+        first = recommender.rank(users, n=10)[1].indices
+        assert seen and seen[-1] is not None
+        assert (seen[-1] != times).nnz == 0  # type: ignore[operator]
+    with Workspace(workspace) as ws:
+        loaded = ws.recommender()
+        assert not loaded.fitted
+        assert loaded.served.times is not None
+        assert (loaded.served.times != recommender.served.times).nnz == 0
+        np.testing.assert_array_equal(loaded.rank(users, n=10)[1].indices, first)
