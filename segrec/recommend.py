@@ -25,6 +25,8 @@ from segrec.evaluate import Split, evaluate_scores, ranking_metrics, top_k, vali
 EASE_LAMBDAS = (50.0, 100.0, 200.0, 500.0)
 BLEND_GRID = (0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0)
 TUNE_CANDIDATES = 50  # per signal and user, see `tune_blend`
+# EASE's user-space form (`EASEDual`) keeps a users × users inverse: only for small populations.
+EASE_DUAL_MAX_USERS = 4_096
 
 T = TypeVar("T")
 
@@ -170,7 +172,8 @@ class EASE:
         X = sp.csr_matrix(X, dtype=np.float32)
         X.sort_indices()
         # Fewer users than items: the user-space form scores long histories far cheaper.
-        self.dual = EASEDual.fit(X, self.lam) if 0 < X.shape[0] <= X.shape[1] else None
+        small = 0 < X.shape[0] <= min(X.shape[1], EASE_DUAL_MAX_USERS)
+        self.dual = EASEDual.fit(X, self.lam) if small else None
         fits = _EASE_FITS.get()
         key = _matrix_key(X, self.lam) if fits is not None else None
         if fits is not None and key in fits:
@@ -228,8 +231,14 @@ class EASEDual:
         K = (X @ X.T).toarray()
         K[np.diag_indices_from(K)] += lam
         inverse = _spd_inverse(K)
-        # diag(XᵀK⁻¹X)_j = Σ_uv X_uj K⁻¹_uv X_vj
-        quadratic = np.asarray(X.multiply(inverse @ X).sum(axis=0)).ravel()
+        # diag(XᵀK⁻¹X)_j = Σ_uv X_uj K⁻¹_uv X_vj, a block of items at a time (bounded memory)
+        X_cols = sp.csc_matrix(X)
+        quadratic = np.concatenate(
+            [
+                np.asarray(block.multiply(inverse @ block).sum(axis=0)).ravel()
+                for block in (X_cols[:, j : j + 2048] for j in range(0, X.shape[1], 2048))
+            ]
+        )
         return cls(X, inverse, (1.0 - quadratic) / lam, float(lam))
 
     @property
