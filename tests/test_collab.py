@@ -23,6 +23,7 @@ from segrec.cluster import assign, cluster_vectors, seed_ari
 from segrec.config import Settings
 from segrec.embed import sparse_mean_vectors
 from segrec.errors import InputError, WorkspaceError
+from segrec.report import _in_space_of, compare_runs, write_report
 from segrec.segments import (
     COLLAB_DIM,
     COLLAB_N_INIT,
@@ -245,6 +246,20 @@ def test_cluster_represent_collab_end_to_end(tmp_path: Path) -> None:
         other = store.assignments(again.run.id)
         store.set_active_run(run.id)
     assert adjusted_rand_score(labels, [other[u].segment_id for u in clustered]) >= 0.95
+    # Two collab runs have their own SVD axes: a comparison recomputes the other run's
+    # centroids in this run's space, so the same segments match (member overlap ~ 1).
+    with Store.open(settings.workspace) as store:
+        moved = _in_space_of(
+            store, settings, run, store.segments(again.run.id), store.assignments(again.run.id)
+        )
+        comparison = compare_runs(
+            (again.run.id, moved, store.assignments(again.run.id)),
+            (run.id, store.segments(run.id), store.assignments(run.id)),
+        )
+    assert len(comparison.matches) == POOLS
+    assert all(m["overlap"] >= 0.9 and m["distance"] < 0.2 for m in comparison.matches)
+    page = write_report(settings, out=tmp_path / "r.html", run_id=run.id, compare=again.run.id)
+    assert page.segments == POOLS and "collab vectors" in (tmp_path / "r.html").read_text()
 
     # The chat places a newcomer in the same space: by items, or by a category alone.
     with Workspace(settings) as ws:
