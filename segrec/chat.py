@@ -194,7 +194,8 @@ class ChatContext:
         if len(self.segments) < 2:
             return known
         pool = np.array(self.popular_items[:DISTINCT_POOL], dtype=np.int64)
-        vectors = self.space_items[pool]
+        vectors = self.space_items[pool]  # unit rows: a collab space's are not
+        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         centroids = np.stack([s.centroid for s in self.segments]).astype(np.float32)
         centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
         sims = vectors @ centroids.T
