@@ -118,12 +118,14 @@ def verdicts(tracks: dict[str, Any]) -> list[str]:
             f"- chat after 3 answers: {three:.4f} = {three / pop:.2f}× MostPop → "
             f"{_met(three >= 2 * pop)} (target ≥ 2×)"
         )
-    segments = tracks.get("segments", {}).get("items")
-    if segments:
+    for represent in ("items", "collab"):
+        segments = tracks.get("segments", {}).get(represent)
+        if not segments:
+            continue
         lift, ari = segments["lift"], segments["stability_ari"]
         lines.append(
-            f"- segments (items): lift {lift} with ARI {ari} → {_met(lift >= 1.5 and ari >= 0.8)} "
-            "(target: lift ≥ 1.5 with ARI ≥ 0.8)"
+            f"- segments ({represent}): lift {lift} with ARI {ari} → "
+            f"{_met(lift >= 1.5 and ari >= 0.8)} (target: lift ≥ 1.5 with ARI ≥ 0.8)"
         )
     return lines
 

@@ -51,6 +51,7 @@ from segrec.store import Assignment, ProfileRecord
 from segrec.templates import Prompt, load_prompt
 
 if TYPE_CHECKING:
+    from segrec.segments import CollabSpace
     from segrec.store import Store
 
 # Used when the run's members' margins are unknown. The example run's median member margin
@@ -132,7 +133,10 @@ class SegmentCandidate:
 class ChatContext:
     """Everything a chat session reads: ranker and catalogue, segments, encoder, LLM.
 
-    ``represent`` is the space the centroids live in (the run's ``represent`` param).
+    ``represent`` is the space the centroids live in (the run's ``represent`` param); a
+    ``collab`` run also needs its fitted ``space`` (a newcomer's liked items are summed in
+    it, liked categories count as their items weighted by popularity; the content signal
+    still gets the content draft, as on an ``items`` run).
     ``llm=None`` asks template questions and writes template reasons (no model at all,
     e.g. for a rule-based simulated user). Build it from a workspace with
     :meth:`segrec.serving.Recommender.chat_context`, or directly (an evaluation split has
@@ -146,6 +150,7 @@ class ChatContext:
     params: GenerationParams = field(default_factory=GenerationParams)
     domain: str = "item"
     represent: str = "items"
+    space: CollabSpace | None = None
     run_id: int | None = None
     sure_margin: float = SURE_MARGIN
     attempts: int = 3
@@ -173,6 +178,14 @@ class ChatContext:
         self.vocabulary = Vocabulary.from_items(items).categories
         self.category_names = {norm(c): c for c in self.vocabulary if norm(c)}
         self.title_names = _title_index(self.titles)
+        if self.represent == "collab" and self.space is None:
+            raise InputError("a collab run's chat needs the run's fitted space (space=None)")
+        # The item vectors in the segments' space: centroids are compared with these.
+        self.space_items = (
+            self.space.aligned(self.item_ids)
+            if self.represent == "collab" and self.space is not None
+            else self.served.item_vectors
+        )
         self.segment_items = {s.segment_id: self._distinct_items(s) for s in self.segments}
 
     def _distinct_items(self, segment: SegmentCandidate) -> list[int]:
@@ -181,7 +194,8 @@ class ChatContext:
         if len(self.segments) < 2:
             return known
         pool = np.array(self.popular_items[:DISTINCT_POOL], dtype=np.int64)
-        vectors = self.served.item_vectors[pool]
+        vectors = self.space_items[pool]  # unit rows: a collab space's are not
+        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         centroids = np.stack([s.centroid for s in self.segments]).astype(np.float32)
         centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
         sims = vectors @ centroids.T
@@ -525,6 +539,7 @@ class ChatSession:
         self._offered: set[tuple[str, str]] = set()
         self._asked: Counter[int] = Counter()
         self._vector: np.ndarray | None = None
+        self._content: np.ndarray | None = None  # the content signal's draft vector
         self._placement: Placement | None = None
 
     # ---------------------------------------------------------------- asking
@@ -725,14 +740,13 @@ class ChatSession:
             mean = context.served.item_vectors[self.liked_items].mean(axis=0)
             items_vec = mean / max(float(np.linalg.norm(mean)), 1e-12)
         texts = []
-        if context.represent in ("profile", "mix") and (
-            self.liked_categories or items_vec is not None
-        ):
+        represent = "items" if context.represent == "collab" else context.represent
+        if represent in ("profile", "mix") and (self.liked_categories or items_vec is not None):
             texts.append(self.profile().embedding_text())
-        if context.represent != "profile" and self.liked_categories:
+        if represent != "profile" and self.liked_categories:
             texts.append("Categories: " + ", ".join(self.liked_categories) + ".")
         embedded = embed_texts(texts, context.encoder) if texts else None
-        if context.represent == "profile":
+        if represent == "profile":
             vector = embedded[0] if embedded is not None else None
         else:
             categories = embedded[-1] if embedded is not None and self.liked_categories else None
@@ -744,10 +758,31 @@ class ChatSession:
                 if parts
                 else None
             )
-            if context.represent == "mix" and vector is not None and embedded is not None:
+            if represent == "mix" and vector is not None and embedded is not None:
                 vector = mix_vectors(embedded[0][None], vector[None], MIX_WEIGHT)[0]
-        self._vector = None if vector is None else np.asarray(vector, dtype=np.float32)
+        self._content = None if vector is None else np.asarray(vector, dtype=np.float32)
+        self._vector = self._content
+        if context.represent == "collab" and context.space is not None:
+            self._vector = self._collab_vector(context.space)
         self._placement = self._place()
+
+    def _collab_vector(self, space: CollabSpace) -> np.ndarray | None:
+        """The draft in a collab run's space: the liked items' sum, mixed (as on an items
+        run) with the liked categories' items weighted by popularity; None while neither
+        reaches an item the space knows."""
+        context = self.context
+        items_vec = space.of_items([context.item_ids[c] for c in self.liked_items])
+        categories = (
+            space.of_categories(context.served.items, self.liked_categories)
+            if self.liked_categories
+            else np.zeros(space.dim, dtype=np.float32)
+        )
+        parts = [v for v in (items_vec, categories) if float(np.linalg.norm(v)) > 0]
+        if not parts:
+            return None
+        if len(parts) == 2:
+            return mix_vectors(parts[1][None], parts[0][None], MIX_WEIGHT)[0]
+        return parts[0]
 
     def _place(self) -> Placement | None:
         if self._vector is None or not self.context.segments:
@@ -812,7 +847,7 @@ class ChatSession:
             shape=(1, size),
         )
         label = self._placement.segment_id if self._placement else -1
-        vectors = None if self._vector is None else self._vector[None]
+        vectors = None if self._content is None else self._content[None]
         ranker = context.served.ranker
         recs = ranker.recommend(
             row,

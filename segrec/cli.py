@@ -521,7 +521,8 @@ def cluster(
     seed: Annotated[int | None, typer.Option(help="Seed for every clusterer [default 0].")] = None,
     pca: Annotated[int | None, typer.Option(min=2, help="PCA components first.")] = None,
     represent: Annotated[
-        str | None, typer.Option(help="What is clustered: profile, items or mix [items].")
+        str | None,
+        typer.Option(help="What is clustered: profile, items, mix or collab [items]."),
     ] = None,
     encoder: Annotated[
         Path | None, typer.Option(help="A local sentence-transformers model folder.")

@@ -23,6 +23,7 @@ from segrec.errors import InputError
 ALGORITHMS = ("kmeans", "minibatch", "hdbscan", "agglomerative")
 AUTO = "auto"
 KMEANS_N_INIT = 3
+"""k-means restarts (best inertia kept) unless a caller asks for more (``n_init``)."""
 MINIBATCH_SIZE = 4096
 MINIBATCH_ABOVE = 50_000
 """``--algorithm auto`` uses MiniBatchKMeans above this many users, plain k-means up to it."""
@@ -127,6 +128,7 @@ def _fit_labels(
     seed: int,
     pca: int | None,
     min_cluster_size: int,
+    n_init: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     """Fit one clusterer; return labels, centres in the original space if any, and params.
 
@@ -145,6 +147,9 @@ def _fit_labels(
         )
     if algorithm == "hdbscan" and min_cluster_size < 2:
         raise InputError(f"min_cluster_size={min_cluster_size}: must be at least 2")
+    restarts = KMEANS_N_INIT if n_init is None else n_init
+    if restarts < 1:
+        raise InputError(f"n_init={n_init}: need at least 1 k-means restart")
 
     params: dict[str, Any] = {"pca": pca}
     Z = X
@@ -156,17 +161,17 @@ def _fit_labels(
 
     centres: np.ndarray | None = None
     if algorithm == "kmeans":
-        model = KMeans(n_clusters=k, n_init=KMEANS_N_INIT, random_state=seed)
+        model = KMeans(n_clusters=k, n_init=restarts, random_state=seed)
         labels = model.fit_predict(Z)
         centres = model.cluster_centers_
-        params["n_init"] = KMEANS_N_INIT
+        params["n_init"] = restarts
     elif algorithm == "minibatch":
         model = MiniBatchKMeans(
-            n_clusters=k, batch_size=MINIBATCH_SIZE, n_init=KMEANS_N_INIT, random_state=seed
+            n_clusters=k, batch_size=MINIBATCH_SIZE, n_init=restarts, random_state=seed
         )
         labels = model.fit_predict(Z)
         centres = model.cluster_centers_
-        params.update(n_init=KMEANS_N_INIT, batch_size=MINIBATCH_SIZE)
+        params.update(n_init=restarts, batch_size=MINIBATCH_SIZE)
     elif algorithm == "agglomerative":
         labels = AgglomerativeClustering(n_clusters=k, linkage="ward").fit_predict(Z)
         params["linkage"] = "ward"
@@ -251,6 +256,7 @@ def cluster_vectors(
     seed: int = 0,
     pca: int | None = None,
     min_cluster_size: int = 5,
+    n_init: int | None = None,
 ) -> Clustering:
     """Cluster rows of X into k segments and compute everything a segment stores.
 
@@ -259,12 +265,19 @@ def cluster_vectors(
     always computed on the original vectors. For HDBSCAN ``k`` is ignored and reported
     as the number of clusters found; noise gets label -1. The silhouette uses a seeded
     sample of at most 10,000 points (``params["silhouette_sample"]`` says when).
+    ``n_init``: k-means restarts (default KMEANS_N_INIT), kept in ``params``.
     """
     _check_algorithm(algorithm)
     X = _check_matrix(X)
     _check_k(k, X.shape[0], algorithm)
     labels, centres, params = _fit_labels(
-        X, algorithm=algorithm, k=k, seed=seed, pca=pca, min_cluster_size=min_cluster_size
+        X,
+        algorithm=algorithm,
+        k=k,
+        seed=seed,
+        pca=pca,
+        min_cluster_size=min_cluster_size,
+        n_init=n_init,
     )
     n_clusters = int(labels.max()) + 1 if algorithm == "hdbscan" else int(k or 0)
     if n_clusters == 0:
@@ -354,6 +367,7 @@ def bootstrap_stability(
             seed=boot_seed,
             pca=clustering.params.get("pca"),
             min_cluster_size=clustering.params.get("min_cluster_size", 5),
+            n_init=clustering.params.get("n_init"),
         )
         scores[round_] = _best_jaccard(original[rows], boot_labels, k)
     with np.errstate(all="ignore"):
@@ -394,6 +408,7 @@ def seed_ari(
     seeds: Sequence[int] = (0, 1, 2, 3, 4),
     pca: int | None = None,
     min_cluster_size: int = 5,
+    n_init: int | None = None,
 ) -> float:
     """Mean adjusted Rand index over all pairs of clusterings from different seeds.
 
@@ -414,6 +429,7 @@ def seed_ari(
             seed=seed,
             pca=pca,
             min_cluster_size=min_cluster_size,
+            n_init=n_init,
         )[0]
         for seed in dict.fromkeys(seeds)
     ]
@@ -430,6 +446,7 @@ def choose_k(
     n_boot: int = 5,
     pca: int | None = None,
     max_points: int = STABILITY_MAX_POINTS,
+    n_init: int | None = None,
 ) -> KChoice:
     """Pick the number of segments from silhouette and bootstrap stability.
 
@@ -458,7 +475,7 @@ def choose_k(
         )
     curve: list[dict[str, float]] = []
     for k in range(k_min, top + 1):
-        clustering = cluster_vectors(X, k=k, algorithm=algorithm, seed=seed, pca=pca)
+        clustering = cluster_vectors(X, k=k, algorithm=algorithm, seed=seed, pca=pca, n_init=n_init)
         stability = bootstrap_stability(
             X, clustering, n_boot=n_boot, seed=seed, max_points=max_points
         )

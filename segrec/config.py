@@ -54,8 +54,10 @@ class Settings(BaseModel):
     encoder: Path | None = Field(
         None, description="A local sentence-transformers model folder (default: bundled MiniLM)."
     )
-    represent: Literal["profile", "items", "mix"] = Field(
-        "items", description="What is clustered: profile text, recent items, or a mix."
+    represent: Literal["profile", "items", "mix", "collab"] = Field(
+        "items",
+        description="What is clustered: profile text, recent items, a mix, or collab "
+        "(who did what: SVD of the recent-items TF-IDF matrix).",
     )
     min_segment_size: int = Field(10, ge=1, description="Privacy threshold for describing.")
     validation_attempts: int = Field(3, ge=1, le=10, description="Tries before the fallback.")

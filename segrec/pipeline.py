@@ -39,6 +39,10 @@ from segrec.llm import make_llm
 from segrec.llm.base import LLM, GenerationParams, RetryPolicy
 from segrec.profile import Profile, ProfileRunner, ProfileStats, Vocabulary, profile_users
 from segrec.segments import (
+    COLLAB_FIT_USERS,
+    COLLAB_N_INIT,
+    RECENT_ITEMS,
+    CollabSpace,
     Histories,
     assign_users,
     category_shares,
@@ -52,6 +56,7 @@ from segrec.store import (
     IngestStats,
     ProfileRecord,
     RunRecord,
+    RunSpace,
     SegmentRecord,
     Store,
     natural_key,
@@ -324,8 +329,16 @@ def _vectors_for(
     histories: Histories,
     profiles: Mapping[str, Profile],
     represent: str,
+    space: CollabSpace | None = None,
 ) -> np.ndarray:
-    """The clustered vectors of the histories' users, with item and text embeddings cached."""
+    """The clustered vectors of the histories' users, with item and text embeddings cached
+    (``collab``: projected with the fitted ``space``)."""
+    if represent == "collab":
+        if space is None:
+            raise WorkspaceError(
+                "this run's collab space is missing from the workspace — rerun `segrec cluster`"
+            )
+        return space.project(histories)
     item_vectors = None
     if represent in ("items", "mix"):
         texts = store.items_frame().set_index("item_id")["text"]
@@ -429,19 +442,29 @@ def run_clustering(
         encoder = _encoder(settings)
         stage("reading histories")
         histories = _histories(store, user_ids, everyone=everyone)
+        space: CollabSpace | None = None
+        n_init: int | None = None
+        if represent == "collab":
+            stage("fitting the collab space")
+            space = CollabSpace.fit(histories, seed=settings.seed)
+            n_init = COLLAB_N_INIT
         stage("embedding")
-        X = _vectors_for(store, encoder, histories, profiles, represent)
+        X = _vectors_for(store, encoder, histories, profiles, represent, space)
         curve: list[dict[str, float]] = []
         k_requested: int | str = "auto" if k is None else k
         if k is None:
             stage("choosing k")
-            choice = choose_k(X, k_max=min(k_max, n - 1), algorithm=chosen, seed=settings.seed)
+            choice = choose_k(
+                X, k_max=min(k_max, n - 1), algorithm=chosen, seed=settings.seed, n_init=n_init
+            )
             k, curve = choice.k, choice.curve
             notes.append(f"--k auto chose {k} (silhouette among stable k; see the curve)")
             if choice.sample:
                 notes.append(f"--k auto scanned a seeded sample of {choice.sample} of {n} users")
         stage("clustering")
-        clustering = cluster_vectors(X, k=k, algorithm=chosen, seed=settings.seed, pca=pca)
+        clustering = cluster_vectors(
+            X, k=k, algorithm=chosen, seed=settings.seed, pca=pca, n_init=n_init
+        )
         if clustering.params.get("silhouette_sample"):
             notes.append(
                 f"silhouette computed on a seeded sample of "
@@ -476,7 +499,7 @@ def run_clustering(
             wanted = list(
                 dict.fromkeys(u for members, contrast in shown.values() for u in members + contrast)
             )
-            if represent == "items":
+            if represent in ("items", "collab"):
                 stage(f"profiling the {len(wanted)} users shown to the LLM")
                 profile_in(store, settings, wanted, llm=backend)
             profiles = {**profiles, **_profiles_of(store, [u for u in wanted if u not in profiles])}
@@ -564,8 +587,22 @@ def run_clustering(
             "small": small,
             "sample": sample,
         }
+        if space is not None:
+            params["collab"] = {
+                "dim": space.dim,
+                "recent_items": RECENT_ITEMS,
+                "fit_users": min(n, COLLAB_FIT_USERS),
+                "n_init": n_init,
+            }
         run_id = store.save_run(
-            params=params, metrics=metrics, notes=notes, segments=segments, assignments=assignments
+            params=params,
+            metrics=metrics,
+            notes=notes,
+            segments=segments,
+            assignments=assignments,
+            space=None
+            if space is None
+            else RunSpace("collab", space.item_ids, space.vectors, space.counts),
         )
         run = store.run(run_id)
         assert run is not None
@@ -706,13 +743,28 @@ def run_vectors(
             f"run {run.id} was built with encoder {run.params['encoder_id']}, but the "
             f"configured one is {encoder.encoder_id} — rerun `segrec cluster`"
         )
+    represent = run.params["represent"]
+    if profiles is None:
+        profiles = {} if represent in ("items", "collab") else _profiles_of(store, user_ids)
     return _vectors_for(
         store,
         encoder,
         _histories(store, user_ids),
-        profiles if profiles is not None else _profiles_of(store, user_ids),
-        run.params["represent"],
+        profiles,
+        represent,
+        run_collab_space(store, run) if represent == "collab" else None,
     )
+
+
+def run_collab_space(store: Store, run: RunRecord) -> CollabSpace:
+    """The collab space fitted by ``run`` (``--represent collab``), as stored with it."""
+    stored = store.run_space(run.id)
+    if stored is None or stored.kind != "collab":
+        raise WorkspaceError(
+            f"run {run.id}: its collab space is missing from the workspace — rerun "
+            "`segrec cluster --represent collab`"
+        )
+    return CollabSpace(stored.item_ids, stored.vectors, stored.counts)
 
 
 def show_segment(
@@ -836,7 +888,7 @@ def assign_in(
     if pending:
         represent = run.params["represent"]
         profiles: dict[str, Profile] = {}
-        if represent != "items":
+        if represent in ("profile", "mix"):
             profiles = _profiles_of(store, pending)
             todo = [u for u in pending if u not in profiles]
             if todo:

@@ -468,14 +468,20 @@ def _segments_track(
     pop = np.asarray(X_train.sum(axis=0)).ravel()
     mostpop = evaluate_scores(np.tile(pop, (len(part.users), 1)), part)["ndcg@10"]
     from segrec.ranker import history_vectors
+    from segrec.segments import COLLAB_N_INIT, CollabSpace, Histories
 
     reps = {"items": history_vectors(part.train, ctx.vectors_for(part))}
+    # collab: fitted on the evaluated users' train histories only (as `segrec cluster` fits
+    # on the population it clusters), then every user projected with it.
+    histories = Histories.from_frame(part.train_frames, part.users, part.items)
+    reps["collab"] = CollabSpace.fit(histories, seed=seed).project(histories)
     for kind in ("llm", "deterministic"):
         if kind in profiles:
             reps[f"{kind}-profile"], _ = _profile_vectors(ctx, profiles[kind], part.users)
     out: dict[str, dict[str, Any]] = {}
     for name, X in reps.items():
-        clustering = cluster_vectors(X, k=k, seed=seed)
+        n_init = COLLAB_N_INIT if name == "collab" else None
+        clustering = cluster_vectors(X, k=k, seed=seed, n_init=n_init)
         counts = np.stack(
             [np.asarray(X_train[clustering.labels == j].sum(axis=0)).ravel() for j in range(k)]
         )
@@ -483,7 +489,7 @@ def _segments_track(
         out[name] = {
             "lift": round(segment_ndcg / mostpop, 4) if mostpop > 0 else None,
             "segment_pop_ndcg@10": round(segment_ndcg, 4),
-            "stability_ari": round(seed_ari(X, k=k, seeds=range(seed, seed + 5)), 4),
+            "stability_ari": round(seed_ari(X, k=k, seeds=range(seed, seed + 5), n_init=n_init), 4),
             "silhouette": round(float(clustering.silhouette), 4),
             "sizes": sorted(np.bincount(clustering.labels, minlength=k).tolist(), reverse=True),
         }

@@ -174,6 +174,27 @@ class Comparison:
     only_new: int
 
 
+def _in_space_of(
+    store: Store,
+    settings: Settings,
+    run: RunRecord,
+    segments: Sequence[SegmentRecord],
+    assignments: Mapping[str, Assignment],
+) -> list[SegmentRecord]:
+    """Another run's segments with centroids recomputed in ``run``'s fitted space (a
+    ``collab`` run's space is its own: each run's SVD has its own axes), as the mean of
+    their members' vectors there."""
+    users = list(assignments)
+    X = run_vectors(store, settings, run, users)
+    labels = np.array([assignments[u].segment_id for u in users])
+    out = []
+    for segment in segments:
+        members = labels == segment.segment_id
+        centroid = X[members].mean(axis=0) if members.any() else np.zeros(X.shape[1])
+        out.append(replace(segment, centroid=centroid.astype(np.float32)))
+    return out
+
+
 def compare_runs(
     old: tuple[int, Sequence[SegmentRecord], Mapping[str, Assignment]],
     new: tuple[int, Sequence[SegmentRecord], Mapping[str, Assignment]],
@@ -1101,8 +1122,12 @@ def write_report(
             )
         if compare is not None:
             stage("comparing runs")
+            old_segments = store.segments(compare)
+            old_assignments = store.assignments(compare)
+            if run.params.get("represent") == "collab":
+                old_segments = _in_space_of(store, settings, run, old_segments, old_assignments)
             comparison = compare_runs(
-                (compare, _masked(store.segments(compare), min_size), store.assignments(compare)),
+                (compare, _masked(old_segments, min_size), old_assignments),
                 (run.id, _masked(segments, min_size), assignments),
             )
         user_ids = list(assignments)

@@ -13,14 +13,21 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from segrec.cluster import Clustering, assign, margin
+from segrec.cluster import Clustering, assign, margin, sample_rows
 from segrec.embed import Encoder, VectorCache, embed_texts, mix_vectors, sparse_mean_vectors
 from segrec.errors import InputError
 
-Representation = Literal["profile", "items", "mix"]
-REPRESENTATIONS: tuple[str, ...] = ("profile", "items", "mix")
+Representation = Literal["profile", "items", "mix", "collab"]
+REPRESENTATIONS: tuple[str, ...] = ("profile", "items", "mix", "collab")
 RECENT_ITEMS = 30  # the items vector is the mean of a user's 30 most recent items
 MIX_WEIGHT = 0.5  # share of the profile vector in "mix"
+COLLAB_DIM = 8
+"""Components of the ``collab`` space (truncated SVD); benchmarks/results/segments-represent.md."""
+COLLAB_FIT_USERS = 200_000
+"""The ``collab`` SVD is fitted on a seeded sample of at most this many users; every user is
+then projected (in batches) with the fitted item vectors."""
+COLLAB_N_INIT = 10
+"""k-means restarts on ``collab`` vectors (8 dimensions: restarts are cheap, seeds agree)."""
 TINY_POPULATION = 200  # below this many users the privacy threshold is lowered (and said so)
 
 
@@ -83,6 +90,96 @@ class Histories:
         return cls.from_pairs(user_ids, item_ids, rows[known], cols[known])
 
 
+@dataclass(frozen=True)
+class CollabSpace:
+    """The fitted part of ``--represent collab``: where users sit by what they did.
+
+    Fitted on histories: the RECENT_ITEMS most recent distinct items of each user, weighted
+    by TF-IDF (idf = log((users + 1) / (users with the item + 1)) + 1), rows scaled to unit
+    length, reduced by a truncated randomized SVD (on a seeded sample of at most
+    COLLAB_FIT_USERS users). ``vectors[i]`` is item i's idf times its right singular vector,
+    so a user's vector is the unit-length sum of the vectors of their recent items: the
+    fitted users' own SVD coordinates (up to scale), and the same rule for anyone placed
+    later. ``counts`` (users per item at fit time) weight a category's items when a
+    newcomer names only categories (:meth:`of_categories`).
+
+    Stored with the run (``Store.save_run(space=...)``), so `assign`, serving and the chat
+    place users with the parts the segments were built from, never a refit.
+    """
+
+    item_ids: list[str]
+    vectors: np.ndarray
+    counts: np.ndarray
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    @classmethod
+    def fit(
+        cls,
+        histories: Histories,
+        *,
+        dim: int = COLLAB_DIM,
+        seed: int = 0,
+        max_users: int = COLLAB_FIT_USERS,
+    ) -> CollabSpace:
+        from scipy import sparse
+        from sklearn.utils.extmath import randomized_svd
+
+        recent = sparse.csr_matrix(histories.recent, dtype=np.float64)
+        n_users = recent.shape[0]
+        if recent.nnz == 0:
+            raise InputError(
+                "--represent collab: no user has an interaction to fit the space on — "
+                "ingest interactions first"
+            )
+        counts = np.asarray(histories.seen.sum(axis=0), dtype=np.float64).ravel()
+        idf = np.log((n_users + 1) / (counts + 1)) + 1.0
+        rows = sample_rows(n_users, max_users, seed)
+        W = sparse.csr_matrix((recent if rows is None else recent[rows]) @ sparse.diags(idf))
+        norms = np.sqrt(np.asarray(W.multiply(W).sum(axis=1)).ravel())
+        W = sparse.csr_matrix(sparse.diags(1.0 / np.maximum(norms, 1e-12)) @ W)
+        rank = max(1, min(dim, min(W.shape) - 1))
+        _, _, vt = randomized_svd(W, rank, n_iter=7, random_state=seed)
+        vectors = (idf[:, None] * vt.T).astype(np.float32)
+        return cls(list(histories.item_ids), vectors, counts.astype(np.int64))
+
+    def aligned(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Item vectors in the order of ``item_ids``; zero for items unknown at fit time (a
+        newer item moves no one until the next run)."""
+        out = np.zeros((len(item_ids), self.dim), dtype=np.float32)
+        cols = pd.Index(self.item_ids).get_indexer(list(item_ids))
+        known = cols >= 0
+        out[known] = self.vectors[cols[known]]
+        return out
+
+    def project(self, histories: Histories) -> np.ndarray:
+        """Every user's vector (zero for a user with no item known to the space)."""
+        return sparse_mean_vectors(histories.recent, self.aligned(histories.item_ids))
+
+    def of_items(
+        self, item_ids: Sequence[str], weights: Sequence[float] | None = None
+    ) -> np.ndarray:
+        """The unit-length (weighted) sum of the items' vectors: a user with these items."""
+        rows = self.aligned(item_ids)
+        w = np.ones(len(rows)) if weights is None else np.asarray(weights, dtype=np.float64)
+        total = (w[:, None] * rows).sum(axis=0) if len(rows) else np.zeros(self.dim)
+        norm = float(np.linalg.norm(total))
+        return (total / norm if norm > 0 else total).astype(np.float32)
+
+    def of_categories(self, items: pd.DataFrame, categories: Sequence[str]) -> np.ndarray:
+        """A newcomer who names only categories: the sum of those categories' items, each
+        weighted by how many users had it, as if they had the category's usual items
+        (zero when no known item has them)."""
+        wanted = {c.casefold() for c in categories}
+        has = items["categories"].map(lambda cats: any(str(c).casefold() in wanted for c in cats))
+        chosen = items.loc[has.to_numpy(), "item_id"].astype(str).tolist()
+        cols = pd.Index(self.item_ids).get_indexer(chosen)
+        weights = np.where(cols >= 0, self.counts[np.maximum(cols, 0)], 0)
+        return self.of_items(chosen, weights)
+
+
 def user_vectors(
     represent: str,
     user_ids: Sequence[str],
@@ -92,16 +189,21 @@ def user_vectors(
     item_vectors: np.ndarray | None,
     encoder: Encoder,
     cache: VectorCache | None = None,
+    space: CollabSpace | None = None,
 ) -> np.ndarray:
     """The vector each user is clustered and assigned by (see ``--represent``).
 
     ``histories`` (rows in ``user_ids`` order) and ``item_vectors`` (one per column) are
-    needed for ``items`` and ``mix``; ``profile_texts`` for ``profile`` and ``mix``.
+    needed for ``items`` and ``mix``; ``profile_texts`` for ``profile`` and ``mix``;
+    ``histories`` and the fitted ``space`` for ``collab``.
     """
     if represent not in REPRESENTATIONS:
         raise InputError(
             f"--represent {represent!r}: unknown — choose one of {', '.join(REPRESENTATIONS)}"
         )
+    if represent == "collab":
+        assert histories is not None and space is not None
+        return space.project(histories)
     profile_vecs = items_vecs = None
     if represent in ("profile", "mix"):
         profile_vecs = embed_texts([profile_texts[u] for u in user_ids], encoder, cache=cache)

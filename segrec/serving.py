@@ -31,6 +31,7 @@ from segrec.store import RunRecord, SegmentRecord, Store
 
 if TYPE_CHECKING:
     from segrec.chat import ChatContext
+    from segrec.segments import CollabSpace
     from segrec.workspace import Workspace
 
 MAX_N = 1000
@@ -367,9 +368,10 @@ class Recommender:
         return X_rows, labels, self._user_vectors(X_rows, user_ids), times
 
     def _user_vectors(self, X_rows: sp.csr_matrix, user_ids: Sequence[str]) -> np.ndarray | None:
-        """The cosine signal's user vectors per ``represent`` (None: the history mean)."""
+        """The cosine signal's user vectors per ``represent`` (None: the history mean; a
+        ``collab`` run's content signal is the history mean too)."""
         represent = self.represent
-        if represent == "items":
+        if represent in ("items", "collab"):
             return None
         from segrec.embed import embed_present, mix_vectors
         from segrec.ranker import history_vectors
@@ -611,6 +613,7 @@ class Recommender:
                 params=writer.params,
                 domain=writer.domain,
                 represent=str(run.params.get("represent", "items")) if run else "items",
+                space=self._collab_space(run),
                 run_id=run.id if run else None,
                 sure_margin=sure,
                 attempts=writer.attempts,
@@ -619,6 +622,14 @@ class Recommender:
             )
             self._chat[id(llm)] = context
             return context
+
+    def _collab_space(self, run: RunRecord | None) -> CollabSpace | None:
+        """A ``collab`` run's fitted space (the chat places newcomers in it)."""
+        if run is None or run.params.get("represent") != "collab":
+            return None
+        from segrec.pipeline import run_collab_space
+
+        return run_collab_space(self.workspace.store, run)
 
     def item_columns(self, item_ids: Sequence[str]) -> list[int]:
         """Catalogue columns of item ids, refusing unknown ones."""

@@ -196,6 +196,16 @@ MIGRATIONS: list[str] = [
         n INTEGER NOT NULL
     );
     """,
+    """
+    CREATE TABLE run_spaces (
+        run_id INTEGER PRIMARY KEY REFERENCES runs(id) ON DELETE CASCADE,
+        kind TEXT NOT NULL,                -- the run's represent (collab)
+        item_ids TEXT NOT NULL,            -- JSON list: the rows of vectors
+        dim INTEGER NOT NULL,
+        vectors BLOB NOT NULL,             -- float32 items × dim: the fitted item vectors
+        counts BLOB NOT NULL               -- int64 per item: users who had it at fit time
+    );
+    """,
 ]
 
 
@@ -239,6 +249,16 @@ class ProfileRecord:
     completion_tokens: int
     latency_s: float
     created_at: str = ""
+
+
+@dataclass(frozen=True)
+class RunSpace:
+    """What a run's representation fitted (``--represent collab``: one vector per item)."""
+
+    kind: str
+    item_ids: list[str]
+    vectors: np.ndarray
+    counts: np.ndarray
 
 
 _last_opened: Path | None = None
@@ -699,8 +719,10 @@ class Store:
         notes: Sequence[str],
         segments: Sequence[SegmentRecord],
         assignments: Sequence[Assignment],
+        space: RunSpace | None = None,
     ) -> int:
-        """Store a clustering run with its segments and assignments; it becomes active."""
+        """Store a clustering run with its segments and assignments (and the fitted parts of
+        its user space, when the representation has any); it becomes active."""
         with self.transaction() as db:
             cursor = db.execute(
                 "INSERT INTO runs (created_at, params, metrics, notes) VALUES (?, ?, ?, ?)",
@@ -730,8 +752,33 @@ class Store:
                 ),
             )
             self._insert_assignments(run_id, assignments)
+            if space is not None:
+                vectors = np.ascontiguousarray(space.vectors, dtype=np.float32)
+                db.execute(
+                    "INSERT INTO run_spaces VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        run_id,
+                        space.kind,
+                        json.dumps([str(i) for i in space.item_ids]),
+                        int(vectors.shape[1]),
+                        vectors.tobytes(),
+                        np.asarray(space.counts, dtype=np.int64).tobytes(),
+                    ),
+                )
             db.execute("INSERT OR REPLACE INTO meta VALUES ('active_run', ?)", (str(run_id),))
         return run_id
+
+    def run_space(self, run_id: int) -> RunSpace | None:
+        """The fitted parts of a run's user space (None: the representation has none)."""
+        row = self._db.execute(
+            "SELECT kind, item_ids, dim, vectors, counts FROM run_spaces WHERE run_id = ?",
+            (run_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        vectors = np.frombuffer(row[3], dtype=np.float32).reshape(-1, int(row[2])).copy()
+        counts = np.frombuffer(row[4], dtype=np.int64).copy()
+        return RunSpace(row[0], json.loads(row[1]), vectors, counts)
 
     def _insert_assignments(self, run_id: int, assignments: Sequence[Assignment]) -> None:
         self._db.executemany(

@@ -77,3 +77,6 @@ def test_tracks_subset_skips_tuning_it_does_not_need(product, tmp_path: Path) ->
     assert not any("tuning" in s for s in stages)
     # Planted segments are what the items representation recovers.
     assert result["tracks"]["segments"]["items"]["lift"] > 1.5
+    # ... and the collab representation from behaviour alone, with seeds that agree.
+    collab = result["tracks"]["segments"]["collab"]
+    assert collab["lift"] > 1.5 and collab["stability_ari"] >= 0.8
