@@ -44,6 +44,7 @@ from segrec.gates import Lexicon, check_fluent, check_question_consistent, tally
 from segrec.grounding import decode_json, degenerate, join_words, norm
 from segrec.llm.base import LLM, GenerationParams, Message, RetryPolicy, structured_or_why
 from segrec.profile import SUMMARY_MAX, Event, Profile, Vocabulary, user_events
+from segrec.ranker import chat_group
 from segrec.reasons import ReasonCache
 from segrec.segments import MIX_WEIGHT, assign_users
 from segrec.serving import ReasonWriter, Served, explained_items
@@ -105,6 +106,9 @@ class SegmentCandidate:
     categories: tuple[str, ...]  # by lift over the population, most distinctive first
     items: tuple[str, ...]  # item ids by lift, most distinctive first
     size: int = 0
+    members: Mapping[str, int] = field(default_factory=dict, hash=False, compare=False)
+    """How many members have each of ``categories`` and ``items`` (by name / item id):
+    among distinctive choices the chat offers the ones most members know first."""
 
     @classmethod
     def from_facts(
@@ -125,6 +129,13 @@ class SegmentCandidate:
             categories=tuple(str(c["category"]) for c in facts.get("top_categories", [])),
             items=tuple(str(i["item_id"]) for i in facts.get("top_items", [])),
             size=size,
+            members={
+                **{
+                    str(c["category"]): int(c.get("members", 0))
+                    for c in facts.get("top_categories", [])
+                },
+                **{str(i["item_id"]): int(i.get("members", 0)) for i in facts.get("top_items", [])},
+            },
         )
 
 
@@ -177,7 +188,8 @@ class ChatContext:
 
     def _distinct_items(self, segment: SegmentCandidate) -> list[int]:
         """The segment's top items, then popular items nearer its centroid than any other's."""
-        known = [self.item_pos[i] for i in segment.items if i in self.item_pos]
+        by_reach = sorted(segment.items, key=lambda i: -segment.members.get(i, 0))
+        known = [self.item_pos[i] for i in by_reach if i in self.item_pos]
         if len(self.segments) < 2:
             return known
         pool = np.array(self.popular_items[:DISTINCT_POOL], dtype=np.int64)
@@ -574,6 +586,7 @@ class ChatSession:
             rivals = {c for s in contenders if s is not segment for c in s.categories[:3]}
             fresh = [c for c in segment.categories if self._fresh("category", c) and c not in taken]
             distinct = [c for c in fresh if c not in rivals] or fresh
+            distinct.sort(key=lambda c: -segment.members.get(c, 0))  # most known first
             chosen = {o.value for o in options}
             distinct = [c for c in distinct if c not in chosen]
             if distinct:
@@ -770,16 +783,12 @@ class ChatSession:
 
     @property
     def group(self) -> str:
-        """The ranker's weight set for this user: "chat" once they named or picked an item
-        (and the ranker has chat weights); before that, what any short history gets."""
-        weights = self.context.served.ranker.spec.weights
-        if "chat" in weights and self.liked_items:
-            return "chat"
-        return (
-            "short"
-            if len(self.liked_items) <= self.context.served.ranker.spec.short_history
-            else "long"
-        )
+        """The ranker's weight set for this user (`segrec.ranker.chat_group`): "chat" once
+        they named or picked `CHAT_ITEMS` items, "chat_start" once they told anything less
+        (an item, a category); before that, what any short history gets."""
+        spec = self.context.served.ranker.spec
+        told = bool(self.liked_items or self.liked_categories or self.disliked_categories)
+        return chat_group(len(self.liked_items), told, spec.weights, spec.short_history)
 
     # ---------------------------------------------------------------- result
 
@@ -820,6 +829,7 @@ class ChatSession:
             labels=np.array([label], dtype=np.int64),
             user_vectors=vectors,
             groups=np.array([self.group]),
+            user_categories=ranker.category_row(self.liked_categories, self.disliked_categories),
         )
         valid = recs.indices[0] >= 0
         cols = [int(c) for c in recs.indices[0][valid]]
