@@ -106,9 +106,6 @@ class SegmentCandidate:
     categories: tuple[str, ...]  # by lift over the population, most distinctive first
     items: tuple[str, ...]  # item ids by lift, most distinctive first
     size: int = 0
-    members: Mapping[str, int] = field(default_factory=dict, hash=False, compare=False)
-    """How many members have each of ``categories`` and ``items`` (by name / item id):
-    among distinctive choices the chat offers the ones most members know first."""
 
     @classmethod
     def from_facts(
@@ -129,13 +126,6 @@ class SegmentCandidate:
             categories=tuple(str(c["category"]) for c in facts.get("top_categories", [])),
             items=tuple(str(i["item_id"]) for i in facts.get("top_items", [])),
             size=size,
-            members={
-                **{
-                    str(c["category"]): int(c.get("members", 0))
-                    for c in facts.get("top_categories", [])
-                },
-                **{str(i["item_id"]): int(i.get("members", 0)) for i in facts.get("top_items", [])},
-            },
         )
 
 
@@ -188,8 +178,7 @@ class ChatContext:
 
     def _distinct_items(self, segment: SegmentCandidate) -> list[int]:
         """The segment's top items, then popular items nearer its centroid than any other's."""
-        by_reach = sorted(segment.items, key=lambda i: -segment.members.get(i, 0))
-        known = [self.item_pos[i] for i in by_reach if i in self.item_pos]
+        known = [self.item_pos[i] for i in segment.items if i in self.item_pos]
         if len(self.segments) < 2:
             return known
         pool = np.array(self.popular_items[:DISTINCT_POOL], dtype=np.int64)
@@ -586,7 +575,6 @@ class ChatSession:
             rivals = {c for s in contenders if s is not segment for c in s.categories[:3]}
             fresh = [c for c in segment.categories if self._fresh("category", c) and c not in taken]
             distinct = [c for c in fresh if c not in rivals] or fresh
-            distinct.sort(key=lambda c: -segment.members.get(c, 0))  # most known first
             chosen = {o.value for o in options}
             distinct = [c for c in distinct if c not in chosen]
             if distinct:

@@ -478,13 +478,3 @@ def test_a_named_category_alone_moves_the_ranking_through_category_pop() -> None
     session.next_question()
     session.answer("night terror, star fleet")
     assert session.group == "chat"  # two named items: the chat weights
-
-
-def test_among_distinctive_choices_the_best_known_come_first() -> None:
-    reach = {"Thriller": 9, "Horror": 2, "Mystery": 5, "h1": 1, "h2": 3, "h3": 8}
-    known = HORROR.__class__(**{**HORROR.__dict__, "members": reach})
-    got = options(context([known, KIDS]))
-    assert next(o.value for o in got if o.kind == "category") == "Thriller"
-    assert next(o.value for o in got if o.kind == "item" and o.segment_id == 0) == "h3"
-    plain = options(context([HORROR, KIDS]))  # no member counts: the lift order stands
-    assert next(o.value for o in plain if o.kind == "category") == "Horror"
