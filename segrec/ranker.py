@@ -24,6 +24,10 @@ Signals (each a users × items score matrix; see `segrec.recommend` for the mode
   categories are what a chat user named (``user_categories``), else the categories of
   their known items. A catalogue without categories makes it a constant row: it then
   adds nothing to the blend.
+* ``rp3`` — a two-step random walk item → user → item (`segrec.recommend.RandomWalk`,
+  RP3beta with β = 0): like ``itemknn`` but each co-occurrence weighs 1 / the length of the
+  history it comes from; on catalogues above `EASE_MAX_ITEMS` items it keeps
+  `LARGE_NEIGHBOURS` next items per item.
 
 The blend z-scores each signal over each user's row and adds them with weights (see
 `segrec.recommend.Blend`). Two weight sets are tuned: ``long`` for users with more than
@@ -61,6 +65,7 @@ from segrec.recommend import (
     EASE_LAMBDAS,
     Blend,
     ItemKNN,
+    RandomWalk,
     RecentPopularity,
     SegmentPopularity,
     Transitions,
@@ -79,6 +84,7 @@ SIGNALS: tuple[str, ...] = (
     "transition",
     "recent_pop",
     "category_pop",
+    "rp3",
 )
 EASE_MAX_ITEMS = 20_000
 LARGE_NEIGHBOURS = 200
@@ -227,6 +233,7 @@ class Ranker:
         )
         self.ease: EASE | None = None
         self.knn: ItemKNN | None = None
+        self.walk: RandomWalk | None = None
         self.counts: np.ndarray | None = None
         self.segments: SegmentPopularity | None = None
         self.transitions: Transitions | None = None
@@ -269,6 +276,8 @@ class Ranker:
             self.ease = EASE(self.spec.ease_lambda).fit(X)
         if "itemknn" in self.names:
             self.knn = ItemKNN(self.spec.neighbours).fit(X)
+        if "rp3" in self.names:
+            self.walk = RandomWalk(neighbours=self.spec.neighbours).fit(X)
         self.counts = np.asarray(X.sum(axis=0), dtype=np.float32).ravel()
         if "segment_pop" in self.names:
             self.segments = SegmentPopularity().fit(
@@ -286,6 +295,8 @@ class Ranker:
         if self.knn is not None and self.knn.similarity is not None:
             S = self.knn.similarity
             out |= _csr_parts("knn", S) | {"knn_shape": np.asarray(S.shape, dtype=np.int64)}
+        if self.walk is not None and self.walk.walk is not None:
+            out |= _csr_parts("walk", self.walk.walk)
         if self.segments is not None and self.segments.global_counts is not None:
             labels = sorted(self.segments.counts)
             out["segment_labels"] = np.asarray(labels, dtype=np.int64)
@@ -327,6 +338,10 @@ class Ranker:
             ranker.knn = ItemKNN(spec.neighbours)
             shape = tuple(int(v) for v in arrays["knn_shape"])
             ranker.knn.similarity = _csr_from(arrays, "knn", shape)
+        if "rp3" in ranker.names:
+            n = ranker.counts.size
+            ranker.walk = RandomWalk(neighbours=spec.neighbours)
+            ranker.walk.walk = _csr_from(arrays, "walk", (n, n))
         if "segment_pop" in ranker.names:
             ranker.segments = SegmentPopularity()
             ranker.segments.global_counts = ranker.counts
@@ -378,6 +393,9 @@ class Ranker:
             elif name == "itemknn":
                 assert self.knn is not None
                 out[name] = self.knn.score(X_users)
+            elif name == "rp3":
+                assert self.walk is not None
+                out[name] = self.walk.score(X_users)
             elif name == "pop":
                 out[name] = np.broadcast_to(np.log1p(self.counts), X_users.shape)
             elif name == "segment_pop":

@@ -16,6 +16,7 @@ from segrec.ranker import (
     chat_group,
     history_categories,
 )
+from segrec.recommend import RandomWalk
 
 # Items 0..3: counts 9, 3, 0, 1; categories A, A+B, B, C.
 CATEGORIES = [["A"], ["A", "B"], ["B"], ["C"]]
@@ -150,3 +151,33 @@ def test_the_chat_track_state_groups_users_as_the_session_would() -> None:
     np.testing.assert_array_equal(state.told, [False, True, True, True])
     weights = spec(chat={"ease": 1.0}, chat_start={"pop": 1.0})
     assert list(state.groups(weights)) == ["short", "chat_start", "chat", "chat_start"]
+
+
+def test_random_walk_by_hand() -> None:
+    # users: u0 {0, 1}, u1 {0, 1, 2, 3}, u2 {1, 2}; items 0..3 seen by 2, 3, 2, 1 users.
+    X = sp.csr_matrix(np.array([[1, 1, 0, 0], [1, 1, 1, 1], [0, 1, 1, 0]], dtype=np.float32))
+    walk = RandomWalk().fit(X).walk
+    assert walk is not None
+    # From item 0: to u0 or u1 (1/2 each); u0 goes to 1 (1/2), u1 to 1, 2, 3 (1/4 each).
+    np.testing.assert_allclose(walk.toarray()[0], [0, 1 / 4 + 1 / 8, 1 / 8, 1 / 8], rtol=1e-6)
+    # Items 2 and 3 tie from item 0 (both only through u1's 4-item history); β = 1 divides
+    # by their popularity (2 and 1 users), so the rarer item 3 ranks above item 2.
+    penalised = RandomWalk(beta=1.0).fit(X).walk
+    assert penalised is not None
+    np.testing.assert_allclose(
+        penalised.toarray()[0], [0, (1 / 4 + 1 / 8) / 3, 1 / 8 / 2, 1 / 8 / 1], rtol=1e-6
+    )
+    known = sp.csr_matrix(np.array([[1, 0, 0, 0]], dtype=np.float32))
+    np.testing.assert_allclose(RandomWalk().fit(X).score(known), walk.toarray()[:1], rtol=1e-6)
+    top1 = RandomWalk(neighbours=1).fit(X).walk
+    assert top1 is not None and np.count_nonzero(top1.toarray()[0]) == 1  # item 1 kept
+
+
+def test_random_walk_signal_survives_save_and_load() -> None:
+    weights = spec(short={"rp3": 1.0})
+    ranker = Ranker(weights).fit(X)
+    assert "rp3" in ranker.names
+    loaded = Ranker.from_arrays(weights, None, ranker.arrays())
+    known = sp.csr_matrix(np.array([[0, 1, 0, 0]], dtype=np.float32))
+    np.testing.assert_array_equal(ranker.signals(known)["rp3"], loaded.signals(known)["rp3"])
+    assert loaded.recommend(known, 2).indices[0][0] == 0  # item 0 co-occurs with item 1
