@@ -737,6 +737,9 @@ def tune_ranker(
     validation = subsample(validation, TUNE_USERS, seed=seed)
     vectors = item_vectors_for(validation) if item_vectors_for is not None else None
     categories = categories_for(validation) if categories_for is not None else None
+    if categories is not None and not any(categories):  # no item has a category
+        available = [n for n in available if n != "category_pop"]
+        categories = None
 
     results: dict[str, Any] = {}
     others = [n for n in available if n != "ease"]

@@ -181,3 +181,24 @@ def test_random_walk_signal_survives_save_and_load() -> None:
     known = sp.csr_matrix(np.array([[0, 1, 0, 0]], dtype=np.float32))
     np.testing.assert_array_equal(ranker.signals(known)["rp3"], loaded.signals(known)["rp3"])
     assert loaded.recommend(known, 2).indices[0][0] == 0  # item 0 co-occurs with item 1
+
+
+def test_tuning_offers_category_pop_only_where_items_have_categories() -> None:
+    from test_serving import _random_log
+
+    from segrec.evaluate import Split, protocol_split
+    from segrec.ranker import tune_ranker
+
+    split = protocol_split(_random_log(3, users=80))
+
+    def blocks(part: Split) -> list[tuple[str, ...]]:
+        return [(f"block{int(i[1:]) // 20}",) for i in part.items]
+
+    def empty(part: Split) -> list[tuple[str, ...]]:
+        return [() for _ in part.items]
+
+    with_categories = tune_ranker(split, item_vectors_for=None, categories_for=blocks)
+    assert "category_pop" in with_categories.validation["short"]["single_signals"]
+    without = tune_ranker(split, item_vectors_for=None, categories_for=empty)
+    assert "category_pop" not in without.validation["short"]["single_signals"]
+    assert "category_pop" not in without.signals
