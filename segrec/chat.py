@@ -44,6 +44,7 @@ from segrec.gates import Lexicon, check_fluent, check_question_consistent, tally
 from segrec.grounding import decode_json, degenerate, join_words, norm
 from segrec.llm.base import LLM, GenerationParams, Message, RetryPolicy, structured_or_why
 from segrec.profile import SUMMARY_MAX, Event, Profile, Vocabulary, user_events
+from segrec.ranker import chat_group
 from segrec.reasons import ReasonCache
 from segrec.segments import MIX_WEIGHT, assign_users
 from segrec.serving import ReasonWriter, Served, explained_items
@@ -805,16 +806,12 @@ class ChatSession:
 
     @property
     def group(self) -> str:
-        """The ranker's weight set for this user: "chat" once they named or picked an item
-        (and the ranker has chat weights); before that, what any short history gets."""
-        weights = self.context.served.ranker.spec.weights
-        if "chat" in weights and self.liked_items:
-            return "chat"
-        return (
-            "short"
-            if len(self.liked_items) <= self.context.served.ranker.spec.short_history
-            else "long"
-        )
+        """The ranker's weight set for this user (`segrec.ranker.chat_group`): "chat" once
+        they named or picked `CHAT_ITEMS` items, "chat_start" once they told anything less
+        (an item, a category); before that, what any short history gets."""
+        spec = self.context.served.ranker.spec
+        told = bool(self.liked_items or self.liked_categories or self.disliked_categories)
+        return chat_group(len(self.liked_items), told, spec.weights, spec.short_history)
 
     # ---------------------------------------------------------------- result
 
@@ -855,6 +852,7 @@ class ChatSession:
             labels=np.array([label], dtype=np.int64),
             user_vectors=vectors,
             groups=np.array([self.group]),
+            user_categories=ranker.category_row(self.liked_categories, self.disliked_categories),
         )
         valid = recs.indices[0] >= 0
         cols = [int(c) for c in recs.indices[0][valid]]

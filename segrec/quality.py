@@ -60,11 +60,13 @@ from segrec.profile import (
     value_scales,
 )
 from segrec.ranker import (
+    DEFAULT_WEIGHTS,
     MIN_TUNING_USERS,
     SIGNALS,
     TUNE_USERS,
     Ranker,
     RankerSpec,
+    chat_group,
     kmeans_labels,
     tune_ranker,
 )
@@ -124,10 +126,14 @@ class _Context:
         texts = list(items.loc[split.items, "text"])
         self.item_vectors = embed_texts(texts, encoder, cache=store)
         self.position = {item: i for i, item in enumerate(split.items)}
+        self.categories = [tuple(c) for c in items.loc[split.items, "categories"]]
         self.seed = 0
 
     def vectors_for(self, part: Split) -> np.ndarray:
         return self.item_vectors[[self.position[i] for i in part.items]]
+
+    def categories_for(self, part: Split) -> list[tuple[str, ...]]:
+        return [self.categories[self.position[i]] for i in part.items]
 
 
 def run_eval(
@@ -234,6 +240,7 @@ def run_eval(
                 split,
                 item_vectors_for=ctx.vectors_for,
                 labels_for=labels_for,
+                categories_for=ctx.categories_for,
                 seed=seed,
                 on_stage=stage,
             )
@@ -412,7 +419,7 @@ def _ranking_track(
         ranked[method][rows] = top_k(scores, 20, seen)
 
     for fit_rows, user_rows in fold_rows(part):
-        ranker = Ranker(spec, vectors, names=names).fit(
+        ranker = Ranker(spec, vectors, names=names, categories=ctx.categories_for(part)).fit(
             part.fit[fit_rows],
             fit_labels[fit_rows],
             times=part.fit_time[fit_rows] if part.fit_time is not None else None,
@@ -533,13 +540,41 @@ def _grounding_track(ctx: _Context, store: Store) -> dict[str, Any]:
     }
 
 
+_Snapshot = tuple[list[int], int, np.ndarray | None, tuple[list[str], list[str]]]
+"""What a chat knew: liked items, segment, draft vector, (liked, disliked) categories."""
+
+
+@dataclass
+class _ChatState:
+    """What the chats knew at one checkpoint, one row per chatting user."""
+
+    liked: sp.csr_matrix  # users × items: the liked (named or picked) items
+    labels: np.ndarray  # the segment each chat placed its user in (-1: none yet)
+    vectors: np.ndarray  # the draft vectors (zero while nothing is liked)
+    categories: sp.csr_matrix  # users × the ranker's categories: +1 liked, -1 disliked
+
+    @property
+    def told(self) -> np.ndarray:
+        """Users who named or picked an item or a category."""
+        return (np.diff(self.liked.indptr) > 0) | (np.diff(self.categories.indptr) > 0)
+
+    def groups(self, spec: RankerSpec) -> np.ndarray:
+        """Each user's weight set, as `ChatSession.group` decides."""
+        return np.array(
+            [
+                chat_group(int(n), bool(t), spec.weights, spec.short_history)
+                for n, t in zip(np.diff(self.liked.indptr), self.told, strict=True)
+            ]
+        )
+
+
 @dataclass
 class _ChatRun:
     """Simulated chats on one split: per (simulated user, checkpoint) what the chat knew."""
 
     split: Split  # no known history (cold, 0 items), folds as on the cold track
     rankers: dict[int, Ranker]
-    states: dict[tuple[str, int], tuple[sp.csr_matrix, np.ndarray, np.ndarray]]
+    states: dict[tuple[str, int], _ChatState]
     segments: int
     sure: float
     llm_failures: int = 0
@@ -558,7 +593,7 @@ def _simulate_chats(
     folds: int = 5,
 ) -> _ChatRun:
     """Run a chat for every evaluated user of ``base`` with each simulated user, recording
-    the liked items, segment and draft vector after each checkpoint's answer.
+    the liked items and categories, segment and draft vector after each checkpoint's answer.
 
     Segments come from k-means on every user's mean item embedding in ``base``'s fit (what
     `segrec cluster` does by default); rankers are fit in ``folds`` folds of users (2 when
@@ -600,6 +635,7 @@ def _simulate_chats(
     events = user_events(known[known["user_id"].isin(set(chat.users))], items, value_scales(known))
     n_users, n_items = len(chat.users), len(chat.items)
     liked: dict[tuple[str, int], list[list[int]]] = {}
+    told: dict[tuple[str, int], list[tuple[list[str], list[str]]]] = {}
     labels = {(w, c): np.full(n_users, -1, dtype=np.int64) for w in simulators for c in checkpoints}
     draft = {
         (w, c): np.zeros((n_users, vectors.shape[1]), dtype=np.float32)
@@ -608,6 +644,7 @@ def _simulate_chats(
     }
     for key in labels:
         liked[key] = [[] for _ in range(n_users)]
+        told[key] = [([], []) for _ in range(n_users)]
     run = _ChatRun(chat, {}, {}, len(segments), sure)
     candidates = [n for n in SIGNALS if n != "ease" or spec.ease_lambda is not None]
     all_rows = np.arange(chat.fit.shape[0])
@@ -618,7 +655,7 @@ def _simulate_chats(
         fit_rows = np.setdiff1d(all_rows, members)
         stage(f"simulated chats: fold {int(fold) + 1} of {len(folds)}")
         # Every signal, not only those the spec weights: tuning the chat weights tries them.
-        ranker = Ranker(spec, vectors, names=candidates).fit(
+        ranker = Ranker(spec, vectors, names=candidates, categories=ctx.categories_for(chat)).fit(
             chat.fit[fit_rows],
             clustering.labels[fit_rows],
             times=None if chat.fit_time is None else chat.fit_time[fit_rows],
@@ -648,7 +685,7 @@ def _simulate_chats(
             for who, make in simulators.items():
                 sim = make(history)
                 session = ChatSession(context, max_questions=max(checkpoints))
-                snapshots: dict[int, tuple[list[int], int, np.ndarray | None]] = {}
+                snapshots: dict[int, _Snapshot] = {}
                 asked = 0
                 while (question := session.next_question()) is not None:
                     session.answer(sim.answer(question))
@@ -657,9 +694,10 @@ def _simulate_chats(
                         snapshots[asked] = _snapshot(session)
                 final = _snapshot(session)  # stopped early: the final state stands
                 for checkpoint in checkpoints:
-                    items_liked, label, vector = snapshots.get(checkpoint, final)
+                    items_liked, label, vector, categories = snapshots.get(checkpoint, final)
                     key = (who, checkpoint)
                     liked[key][row] = items_liked
+                    told[key][row] = categories
                     labels[key][row] = label
                     if vector is not None:
                         draft[key][row] = vector
@@ -672,16 +710,24 @@ def _simulate_chats(
         X = sp.csr_matrix(
             (np.ones(len(indices), dtype=np.float32), indices, indptr), shape=(n_users, n_items)
         )
-        run.states[key] = (X, labels[key], draft[key])
+        first = next(iter(run.rankers.values()))
+        categories = sp.csr_matrix(
+            sp.vstack([first.category_row(*pair) for pair in told[key]])
+            if told[key]
+            else sp.csr_matrix((0, len(first.category_names)), dtype=np.float32)
+        )
+        categories.eliminate_zeros()
+        run.states[key] = _ChatState(X, labels[key], draft[key], categories)
     return run
 
 
-def _snapshot(session: Any) -> tuple[list[int], int, np.ndarray | None]:
+def _snapshot(session: Any) -> _Snapshot:
     placement = session.placement
     return (
         list(session.liked_items),
         placement.segment_id if placement is not None else -1,
         session.vector(),
+        (list(session.liked_categories), list(session.disliked_categories)),
     )
 
 
@@ -689,13 +735,18 @@ def _chat_signals(
     run: _ChatRun, key: tuple[str, int], names: Sequence[str]
 ) -> dict[str, np.ndarray]:
     """Every named signal for the chatting users at one checkpoint (per-fold rankers)."""
-    X, labels, vectors = run.states[key]
+    state = run.states[key]
+    X = state.liked
     out = {n: np.zeros(X.shape, dtype=np.float32) for n in names}
     assert run.split.folds is not None
     for fold, ranker in run.rankers.items():
         members = np.flatnonzero(run.split.folds == fold)
         signals = ranker.signals(
-            X[members], labels=labels[members], user_vectors=vectors[members], names=names
+            X[members],
+            labels=state.labels[members],
+            user_vectors=state.vectors[members],
+            names=names,
+            user_categories=state.categories[members],
         )
         for name in names:
             out[name][members] = signals[name]
@@ -705,10 +756,11 @@ def _chat_signals(
 def _tune_chat_weights(
     ctx: _Context, spec: RankerSpec, k: int, seed: int, stage: Callable[[str], None]
 ) -> RankerSpec:
-    """The "chat" weights, tuned like the others on the validation split: simulated chats
-    (rule-based user) of the validation users (a seeded sample of at most `TUNE_USERS`),
-    scored on their validation items after 1 and after 3 answers, stacked, so that the
-    first answer's picks already move the ranking."""
+    """The "chat" and "chat_start" weights, tuned like the others on the validation split:
+    simulated chats (rule-based user) of the validation users (a seeded sample of at most
+    `TUNE_USERS`), scored on their validation items after 1 and after 3 answers, stacked;
+    each group on the chats that `chat_group` puts in it (a group with fewer than
+    `MIN_TUNING_USERS` such chats keeps its weights)."""
     from segrec.recommend import tune_blend
     from segrec.simulate import RuleBasedUser
 
@@ -717,41 +769,47 @@ def _tune_chat_weights(
         ctx, validation, spec, k, seed, {"rule": RuleBasedUser}, CHAT_TUNE_AT, stage, folds=2
     )
     names = [n for n in SIGNALS if n != "ease" or spec.ease_lambda is not None]
-    # Chat weights serve users who named or picked an item (the others get the short-history
-    # weights), so they are tuned on those; liked items are never recommended.
-    parts = []
-    for checkpoint in CHAT_TUNE_AT:
-        X = run.states[("rule", checkpoint)][0]
-        rows = np.flatnonzero(np.diff(X.indptr) > 0)
-        signals = _chat_signals(run, ("rule", checkpoint), names)
-        parts.append((rows, X[rows], {n: m[rows] for n, m in signals.items()}))
-    n_rows = sum(len(rows) for rows, _, _ in parts)
-    if n_rows < MIN_TUNING_USERS:
-        spec = RankerSpec.from_dict(spec.as_dict())
-        spec.notes.append(f"chat weights not tuned: {n_rows} simulated chats named an item")
-        return spec
-    scored = replace(
-        run.split,
-        users=[run.split.users[r] for rows, _, _ in parts for r in rows],
-        train=sp.csr_matrix(sp.vstack([X for _, X, _ in parts])),
-        test=[run.split.test[r] for rows, _, _ in parts for r in rows],
-    )
-    stage("tuning chat weights")
-    stacked = {n: np.concatenate([signals[n] for _, _, signals in parts]) for n in names}
-    blend, trace = tune_blend(stacked, scored)
+    # Chat weights serve users who named or picked an item or a category (the others get the
+    # short-history weights), so they are tuned on those; liked items are never recommended.
+    both = RankerSpec.from_dict(spec.as_dict())
+    for group in ("chat", "chat_start"):
+        both.weights.setdefault(group, dict(DEFAULT_WEIGHTS[group]))
+    states = {c: run.states[("rule", c)] for c in CHAT_TUNE_AT}
+    signals = {c: _chat_signals(run, ("rule", c), names) for c in CHAT_TUNE_AT}
     spec = RankerSpec.from_dict(spec.as_dict())
-    spec.weights["chat"] = blend.weights
-    spec.validation["chat"] = {
-        "users": len(validation.users),
-        "rows": n_rows,
-        "answers": list(CHAT_TUNE_AT),
-        "ndcg@10": round(max(float(t["ndcg@10"]) for t in trace), 4),
-    }
-    spec.notes.append(
-        "chat weights tuned on simulated chats of the validation users after "
-        + " and ".join(map(str, CHAT_TUNE_AT))
-        + " answers, stacked"
-    )
+    for group in ("chat", "chat_start"):
+        parts = []
+        for checkpoint, state in states.items():
+            rows = np.flatnonzero(state.groups(both) == group)
+            parts.append((rows, state.liked[rows], signals[checkpoint]))
+        n_rows = sum(len(rows) for rows, _, _ in parts)
+        if n_rows < MIN_TUNING_USERS:
+            spec.weights[group] = both.weights[group]
+            spec.notes.append(
+                f"{group} weights not tuned: {n_rows} simulated chats fall in that group"
+            )
+            continue
+        scored = replace(
+            run.split,
+            users=[run.split.users[r] for rows, _, _ in parts for r in rows],
+            train=sp.csr_matrix(sp.vstack([X for _, X, _ in parts])),
+            test=[run.split.test[r] for rows, _, _ in parts for r in rows],
+        )
+        stage(f"tuning {group} weights")
+        stacked = {n: np.concatenate([m[n][rows] for rows, _, m in parts]) for n in names}
+        blend, trace = tune_blend(stacked, scored)
+        spec.weights[group] = blend.weights
+        spec.validation[group] = {
+            "users": len(validation.users),
+            "rows": n_rows,
+            "answers": list(CHAT_TUNE_AT),
+            "ndcg@10": round(max(float(t["ndcg@10"]) for t in trace), 4),
+        }
+        spec.notes.append(
+            f"{group} weights tuned on simulated chats of the validation users after "
+            + " and ".join(map(str, CHAT_TUNE_AT))
+            + " answers, stacked"
+        )
     return spec
 
 
@@ -786,24 +844,24 @@ def _chat_track(
         counts = MostPop().fit(chat.fit[fit_rows]).score(chat.train[:1])
         popular[members] = top_k(counts, 20)[0]
     table = {"MostPop": _ranked_metrics(popular, chat)}
-    for (who, checkpoint), (X, labels, vectors) in run.states.items():
+    for (who, checkpoint), state in run.states.items():
         ranked = np.full((len(chat.users), 20), -1, dtype=np.int64)
         for fold, ranker in run.rankers.items():
             members = np.flatnonzero(chat.folds == fold)
-            named = np.diff(X[members].indptr) > 0  # as `ChatSession.group` decides
             ranked[members] = ranker.recommend(
-                X[members],
+                state.liked[members],
                 20,
-                labels=labels[members],
-                user_vectors=vectors[members],
-                groups=np.where(named, "chat", "short"),
+                labels=state.labels[members],
+                user_vectors=state.vectors[members],
+                groups=state.groups(spec)[members],
+                user_categories=state.categories[members],
             ).indices
         suffix = "" if who == "rule" else ":llm-user"
         table[f"segrec@{checkpoint}{suffix}"] = _ranked_metrics(ranked, chat)
     notes = [
         f"chat track: {run.segments} segments from k-means on every train user's mean item "
         f"embedding; chats stop early at margin ≥ {run.sure:.3f} (the median member margin); "
-        f"chat weights {spec.weights['chat']}"
+        f"chat weights {spec.weights['chat']}, chat_start weights {spec.weights.get('chat_start')}"
     ]
     if user_llm is not None:
         notes.append(

@@ -18,6 +18,16 @@ Signals (each a users × items score matrix; see `segrec.recommend` for the mode
 * ``recent_pop`` — popularity in a window of time ending at the user's latest known event
   (`segrec.recommend.RecentPopularity`; log-scaled like ``pop``). Without times: the
   latest window of the data.
+* ``category_pop`` — popularity within the categories the user likes
+  (`category_popularity`): log1p(count) of an item times how much of the user's taste its
+  categories cover, negative for an item in a category the user said they dislike. The
+  categories are what a chat user named (``user_categories``), else the categories of
+  their known items. A catalogue without categories makes it a constant row: it then
+  adds nothing to the blend.
+* ``rp3`` — a two-step random walk item → user → item (`segrec.recommend.RandomWalk`,
+  RP3beta with β = 0): like ``itemknn`` but each co-occurrence weighs 1 / the length of the
+  history it comes from; on catalogues above `EASE_MAX_ITEMS` items it keeps
+  `LARGE_NEIGHBOURS` next items per item.
 
 The blend z-scores each signal over each user's row and adds them with weights (see
 `segrec.recommend.Blend`). Two weight sets are tuned: ``long`` for users with more than
@@ -56,6 +66,7 @@ from segrec.recommend import (
     Blend,
     EASEDual,
     ItemKNN,
+    RandomWalk,
     RecentPopularity,
     SegmentPopularity,
     Transitions,
@@ -73,6 +84,8 @@ SIGNALS: tuple[str, ...] = (
     "pop",
     "transition",
     "recent_pop",
+    "category_pop",
+    "rp3",
 )
 EASE_MAX_ITEMS = 20_000
 LARGE_NEIGHBOURS = 200
@@ -90,11 +103,18 @@ SEGMENT_SHRINK = 100  # pseudo-users of global weight mixed into a segment's own
 DEFAULT_WEIGHTS: dict[str, dict[str, float]] = {
     "long": {"ease": 1.0, "itemknn": 0.2, "pop": 0.05, "cosine": 0.05},
     "short": {"pop": 1.0, "itemknn": 0.35},
-    # A new user of `segrec chat` who named or picked items (plus liked categories and a
-    # segment): tuned by `segrec eval --tracks chat` on simulated validation chats.
+    # A new user of `segrec chat` who named or picked at least `CHAT_ITEMS` items (plus liked
+    # categories and a segment): tuned by `segrec eval --tracks chat` on simulated
+    # validation chats.
     "chat": {"ease": 1.0, "cosine": 0.75},
+    # One who told less (a category, one item): tuned the same way on those chats.
+    "chat_start": {"pop": 1.0, "itemknn": 0.35},
 }
-GROUPS = ("long", "short", "chat")
+GROUPS = ("long", "short", "chat", "chat_start")
+# A chat user with fewer liked items than this is ranked with the "chat_start" weights: on
+# ml-latest-small's validation chats, one item moves the collaborative signals too little
+# to weight them as after the favourites question (benchmarks/results/newcomers.md).
+CHAT_ITEMS = 2
 
 
 @dataclass
@@ -194,7 +214,10 @@ class Ranker:
         item_vectors: np.ndarray | None = None,
         *,
         names: Sequence[str] | None = None,
+        categories: Sequence[Sequence[str]] | None = None,
     ) -> None:
+        """``categories``: each catalogue item's categories (column order), for
+        ``category_pop``; None or empty lists leave that signal constant (it adds nothing)."""
         self.spec = spec
         self.names = list(names) if names is not None else spec.signals
         unknown = [n for n in self.names if n not in SIGNALS]
@@ -211,10 +234,14 @@ class Ranker:
         )
         self.ease: EASE | None = None
         self.knn: ItemKNN | None = None
+        self.walk: RandomWalk | None = None
         self.counts: np.ndarray | None = None
         self.segments: SegmentPopularity | None = None
         self.transitions: Transitions | None = None
         self.recent: RecentPopularity | None = None
+        self.category_matrix, self.category_names = category_matrix(
+            categories if categories is not None else []
+        )
 
     def fit(
         self,
@@ -238,11 +265,20 @@ class Ranker:
             raise ValueError(
                 f"{self.item_vectors.shape[0]} item vectors for {X.shape[1]} catalogue items"
             )
+        if self.category_matrix.shape[0] != X.shape[1]:
+            if self.category_names:
+                raise ValueError(
+                    f"categories for {self.category_matrix.shape[0]} items, "
+                    f"{X.shape[1]} catalogue items"
+                )
+            self.category_matrix = sp.csr_matrix((X.shape[1], 0), dtype=np.float32)
         if "ease" in self.names:
             assert self.spec.ease_lambda is not None
             self.ease = EASE(self.spec.ease_lambda).fit(X)
         if "itemknn" in self.names:
             self.knn = ItemKNN(self.spec.neighbours).fit(X)
+        if "rp3" in self.names:
+            self.walk = RandomWalk(neighbours=self.spec.neighbours).fit(X)
         self.counts = np.asarray(X.sum(axis=0), dtype=np.float32).ravel()
         if "segment_pop" in self.names:
             self.segments = SegmentPopularity().fit(
@@ -272,6 +308,8 @@ class Ranker:
                     "knn_fit_shape": np.asarray(Xn.shape, dtype=np.int64),
                     "knn_self": self.knn.self_similarity,
                 }
+        if self.walk is not None and self.walk.walk is not None:
+            out |= _csr_parts("walk", self.walk.walk)
         if self.segments is not None and self.segments.global_counts is not None:
             labels = sorted(self.segments.counts)
             out["segment_labels"] = np.asarray(labels, dtype=np.int64)
@@ -288,6 +326,10 @@ class Ranker:
             out |= {
                 "recent_edges": self.recent.edges,
                 "recent_cumulative": np.asarray(self.recent.cumulative),
+            }
+        if self.category_names:
+            out |= _csr_parts("category", self.category_matrix) | {
+                "category_names": np.asarray(self.category_names, dtype=str),
             }
         return out
 
@@ -321,6 +363,10 @@ class Ranker:
                 fit_shape = tuple(int(v) for v in arrays["knn_fit_shape"])
                 ranker.knn.normalised = _csr_from(arrays, "knn_fit", fit_shape)
                 ranker.knn.self_similarity = np.asarray(arrays["knn_self"])
+        if "rp3" in ranker.names:
+            n = ranker.counts.size
+            ranker.walk = RandomWalk(neighbours=spec.neighbours)
+            ranker.walk.walk = _csr_from(arrays, "walk", (n, n))
         if "segment_pop" in ranker.names:
             ranker.segments = SegmentPopularity()
             ranker.segments.global_counts = ranker.counts
@@ -339,6 +385,12 @@ class Ranker:
             ranker.recent = RecentPopularity()
             ranker.recent.edges = np.asarray(arrays["recent_edges"])
             ranker.recent.cumulative = np.asarray(arrays["recent_cumulative"])
+        if "category_names" in arrays:
+            ranker.category_names = [str(c) for c in arrays["category_names"]]
+            shape = (ranker.counts.size, len(ranker.category_names))
+            ranker.category_matrix = _csr_from(arrays, "category", shape)
+        else:
+            ranker.category_matrix = sp.csr_matrix((ranker.counts.size, 0), dtype=np.float32)
         return ranker
 
     def signals(
@@ -349,9 +401,12 @@ class Ranker:
         user_vectors: np.ndarray | None = None,
         names: Sequence[str] | None = None,
         times: sp.csr_matrix | None = None,
+        user_categories: sp.csr_matrix | None = None,
     ) -> dict[str, np.ndarray]:
         """Raw score matrices of the wanted signals for the given users' histories
-        (``times``: when each known item happened, for ``transition``)."""
+        (``times``: when each known item happened, for ``transition``; ``user_categories``:
+        users × `category_names`, +1 a category the user said they like, -1 one they
+        dislike, for ``category_pop`` — None: the categories of the known items)."""
         if self.counts is None:
             raise RuntimeError("Ranker is not fitted; call fit() first")
         X_users = sp.csr_matrix(X_users, dtype=np.float32)
@@ -363,6 +418,9 @@ class Ranker:
             elif name == "itemknn":
                 assert self.knn is not None
                 out[name] = self.knn.score(X_users)
+            elif name == "rp3":
+                assert self.walk is not None
+                out[name] = self.walk.score(X_users)
             elif name == "pop":
                 out[name] = np.broadcast_to(np.log1p(self.counts), X_users.shape)
             elif name == "segment_pop":
@@ -383,7 +441,28 @@ class Ranker:
             elif name == "recent_pop":
                 assert self.recent is not None
                 out[name] = np.log1p(self.recent.score(times, X_users.shape[0]))
+            elif name == "category_pop":
+                out[name] = category_popularity(
+                    self.counts,
+                    self.category_matrix,
+                    user_categories
+                    if user_categories is not None
+                    else history_categories(X_users, self.category_matrix),
+                )
         return out
+
+    def category_row(self, liked: Sequence[str], disliked: Sequence[str] = ()) -> sp.csr_matrix:
+        """One user's ``user_categories`` row: +1 per liked, -1 per disliked category
+        (names not in this catalogue's categories are ignored)."""
+        column = {c: j for j, c in enumerate(self.category_names)}
+        row = np.zeros((1, len(self.category_names)), dtype=np.float32)
+        for category in disliked:
+            if category in column:
+                row[0, column[category]] = -1.0
+        for category in liked:
+            if category in column:
+                row[0, column[category]] = 1.0
+        return sp.csr_matrix(row)
 
     def groups(self, X_users: sp.csr_matrix) -> np.ndarray:
         """Per user, "short" (at most ``short_history`` known items) or "long"."""
@@ -442,6 +521,7 @@ class Ranker:
         allowed: np.ndarray | None = None,
         groups: np.ndarray | None = None,
         times: sp.csr_matrix | None = None,
+        user_categories: sp.csr_matrix | None = None,
         batch: int = 256,
         on_batch: Callable[[int], None] | None = None,
     ) -> Recommendations:
@@ -465,6 +545,9 @@ class Ranker:
                 user_vectors=None if user_vectors is None else user_vectors[rows],
                 names=self.weighted(batch_groups, batch_labels),
                 times=None if times is None else sp.csr_matrix(times)[rows],
+                user_categories=None
+                if user_categories is None
+                else sp.csr_matrix(user_categories)[rows],
             )
             total, parts = self.blend(signals, batch_groups, batch_labels)
             mask = allowed
@@ -498,6 +581,68 @@ def _csr_from(
     return sp.csr_matrix(parts, shape=shape)
 
 
+def chat_group(liked_items: int, told: bool, weights: Mapping[str, Any], short_history: int) -> str:
+    """The weight set of a chat user who liked ``liked_items`` items and told anything
+    (``told``: an item or a category, liked or not): "chat" from `CHAT_ITEMS` items,
+    "chat_start" below that, the history groups before anything was told (or for a spec
+    tuned before these groups existed)."""
+    if told and "chat" in weights and (liked_items >= CHAT_ITEMS or "chat_start" not in weights):
+        return "chat"
+    if told and "chat_start" in weights:
+        return "chat_start"
+    return "short" if liked_items <= short_history else "long"
+
+
+def category_matrix(
+    categories: Sequence[Sequence[str]],
+) -> tuple[sp.csr_matrix, list[str]]:
+    """Items × categories (binary, float32) from each item's category list, and the
+    category of each column (sorted)."""
+    names = sorted({str(c) for cats in categories for c in cats})
+    column = {c: j for j, c in enumerate(names)}
+    rows = [i for i, cats in enumerate(categories) for _ in dict.fromkeys(map(str, cats))]
+    cols = [column[c] for cats in categories for c in dict.fromkeys(map(str, cats))]
+    matrix = sp.csr_matrix(
+        (np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(len(categories), len(names))
+    )
+    return matrix, names
+
+
+def history_categories(X_users: sp.csr_matrix, item_categories: sp.csr_matrix) -> sp.csr_matrix:
+    """Each user's taste over categories from their known items: the share of the known
+    items in each category (users × categories; an empty history gives an empty row)."""
+    X = sp.csr_matrix(X_users, dtype=np.float32)
+    X.data[:] = 1.0
+    known = np.asarray(X.sum(axis=1)).ravel()
+    inverse = np.divide(1.0, known, out=np.zeros_like(known), where=known > 0)
+    return sp.csr_matrix(sp.diags(inverse.astype(np.float32)) @ (X @ item_categories))
+
+
+def category_popularity(
+    counts: np.ndarray, item_categories: sp.csr_matrix, user_categories: sp.csr_matrix
+) -> np.ndarray:
+    """``category_pop``: log1p(count) × (the liked weight of the item's categories, summed)
+    for items in a liked category; -log1p(count) for an item in a disliked one (a user
+    who said no to Horror should see popular Horror last, not merely unboosted).
+
+    ``user_categories`` is users × categories: positive entries are how much the user likes
+    a category (1 for a named one, the share of the known items for a history), negative
+    ones mark dislikes. Users × items, dense; a user without categories gets a zero row.
+    """
+    U = sp.csr_matrix(user_categories, dtype=np.float32)
+    n_users, n_items = U.shape[0], item_categories.shape[0]
+    if U.shape[1] == 0 or U.nnz == 0:
+        return np.zeros((n_users, n_items), dtype=np.float32)
+    liked = U.maximum(0)
+    disliked = (-U).maximum(0)
+    disliked.data[:] = 1.0
+    C_T = sp.csr_matrix(item_categories.T, dtype=np.float32)
+    match = np.asarray((liked @ C_T).toarray())
+    if disliked.nnz:
+        match = np.where(np.asarray((disliked @ C_T).toarray()) > 0, -1.0, match)
+    return (match * np.log1p(np.asarray(counts, dtype=np.float32))[None, :]).astype(np.float32)
+
+
 def history_vectors(X_users: sp.csr_matrix, item_vectors: np.ndarray) -> np.ndarray:
     """Each user's mean item embedding (unit length; zero for an empty history)."""
     vectors = np.asarray(sp.csr_matrix(X_users, dtype=np.float32) @ item_vectors)
@@ -518,11 +663,13 @@ def split_signals(
     *,
     item_vectors: np.ndarray | None,
     labels_for: LabelsFor | None = None,
+    categories: Sequence[Sequence[str]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Every named signal for the split's users, from models fit the way the track needs
     (once on the warm track, per fold on the cold one; see `segrec.evaluate.fold_scores`).
 
-    ``item_vectors`` are aligned with ``split.items``.
+    ``item_vectors`` (and ``categories``, each item's category list) are aligned with
+    ``split.items``.
     """
     fit_labels = user_labels = None
     if "segment_pop" in names:
@@ -531,7 +678,7 @@ def split_signals(
         fit_labels, user_labels = labels_for(split)
     out: dict[str, np.ndarray] = {}
     for fit_rows, user_rows in fold_rows(split):
-        ranker = Ranker(spec, item_vectors, names=names).fit(
+        ranker = Ranker(spec, item_vectors, names=names, categories=categories).fit(
             split.fit[fit_rows],
             None if fit_labels is None else fit_labels[fit_rows],
             times=None if split.fit_time is None else split.fit_time[fit_rows],
@@ -577,6 +724,7 @@ def tune_ranker(
     *,
     item_vectors_for: Callable[[Split], np.ndarray] | None,
     labels_for: LabelsFor | None = None,
+    categories_for: Callable[[Split], Sequence[Sequence[str]]] | None = None,
     lambdas: Sequence[float] = EASE_LAMBDAS,
     seed: int = 0,
     on_stage: Callable[[str], None] | None = None,
@@ -584,7 +732,8 @@ def tune_ranker(
     """Tune EASE's λ and both weight sets on validation splits cut from ``split``'s train.
 
     ``item_vectors_for(split)`` gives item embeddings aligned with ``split.items`` (None: no
-    content signal); ``labels_for`` segment labels (None: no segment signal). Too few users
+    content signal); ``labels_for`` segment labels (None: no segment signal);
+    ``categories_for(split)`` each item's categories (None: no ``category_pop``). Too few users
     to tune on gives `default_spec`, marked untuned with the reason.
     """
     stage = on_stage or (lambda _: None)
@@ -593,6 +742,7 @@ def tune_ranker(
         for name in SIGNALS
         if (name != "cosine" or item_vectors_for is not None)
         and (name != "segment_pop" or labels_for is not None)
+        and (name != "category_pop" or categories_for is not None)
     ]
     spec = default_spec(len(split.items), available=available)
     if len(split.users) < MIN_TUNING_USERS:
@@ -611,10 +761,21 @@ def tune_ranker(
     sampled = len(validation.users) > TUNE_USERS
     validation = subsample(validation, TUNE_USERS, seed=seed)
     vectors = item_vectors_for(validation) if item_vectors_for is not None else None
+    categories = categories_for(validation) if categories_for is not None else None
+    if categories is not None and not any(categories):  # no item has a category
+        available = [n for n in available if n != "category_pop"]
+        categories = None
 
     results: dict[str, Any] = {}
     others = [n for n in available if n != "ease"]
-    signals = split_signals(validation, spec, others, item_vectors=vectors, labels_for=labels_for)
+    signals = split_signals(
+        validation,
+        spec,
+        others,
+        item_vectors=vectors,
+        labels_for=labels_for,
+        categories=categories,
+    )
     if spec.ease_lambda is not None:
         stage("tuning EASE λ")
         by_lambda: dict[float, float] = {}
@@ -642,7 +803,14 @@ def tune_ranker(
 
     stage("tuning weights (short histories)")
     cold = stacked_cold_split(validation, SHORT_CUTS, folds=SHORT_FOLDS, seed=seed)
-    cold_signals = split_signals(cold, spec, available, item_vectors=vectors, labels_for=labels_for)
+    cold_signals = split_signals(
+        cold,
+        spec,
+        available,
+        item_vectors=vectors,
+        labels_for=labels_for,
+        categories=categories,
+    )
     blend, trace = tune_blend(cold_signals, cold)
     weights["short"] = blend.weights
     results["short"] = _tuning_summary(trace, cold_signals, len(cold.users))
@@ -652,7 +820,8 @@ def tune_ranker(
             cold_signals, cold, labels_for(cold)[1], blend.weights
         )
     spec.segment_weights = {group: kept for group, kept in segment_weights.items() if kept}
-    weights["chat"] = spec.weights["chat"]  # needs simulated chats: `segrec eval` tunes it
+    for group in ("chat", "chat_start"):  # need simulated chats: `segrec eval` tunes them
+        weights[group] = spec.weights[group]
     spec.weights = weights
     spec.tuned = True
     spec.validation = results

@@ -149,6 +149,55 @@ class ItemKNN:
         return factored + Xn.nnz < direct
 
 
+class RandomWalk:
+    """RP3beta (Paudel et al. 2017; Cooper et al. 2014's P³): the probability of reaching
+    item j from item i in a two-step walk item → user → item over the binary matrix,
+    W[i, j] = Σ_u X[u, i] X[u, j] / (|users of i| · |items of u|), divided by
+    popularity(j)^β; zero diagonal; score = X·W.
+
+    Dividing by the user's history length is what sets it apart from ItemKNN's cosine: a
+    co-occurrence inside a short history counts more than one inside a thousand-item one.
+    ``neighbours`` keeps each item's most likely next items only (memory on big catalogues,
+    as for ItemKNN). β = 0 is the default: on the cold cuts of both benchmark logs β ≥ 0.3
+    ranked worse alone (benchmarks/results/newcomers.md).
+    """
+
+    name = "rp3"
+
+    def __init__(self, beta: float = 0.0, neighbours: int | None = None) -> None:
+        if beta < 0:
+            raise ValueError(f"beta must be >= 0, got {beta}")
+        if neighbours is not None and neighbours < 1:
+            raise ValueError(f"neighbours must be >= 1 or None, got {neighbours}")
+        self.beta = float(beta)
+        self.neighbours = neighbours
+        self.walk: sp.csr_matrix | None = None
+
+    def fit(self, X: sp.csr_matrix) -> Self:
+        X = sp.csr_matrix(X, dtype=np.float32)
+        X.data[:] = 1.0
+        per_user = np.asarray(X.sum(axis=1)).ravel()
+        per_item = np.asarray(X.sum(axis=0)).ravel()
+        inv_user = np.divide(1.0, per_user, out=np.zeros_like(per_user), where=per_user > 0)
+        inv_item = np.divide(1.0, per_item, out=np.zeros_like(per_item), where=per_item > 0)
+        to_users = sp.diags(inv_item.astype(np.float32)) @ sp.csr_matrix(X.T)
+        to_items = sp.diags(inv_user.astype(np.float32)) @ X
+        W = sp.csr_matrix(to_users @ to_items)
+        if self.beta:
+            penalty = np.power(np.maximum(per_item, 1.0), -self.beta).astype(np.float32)
+            W = sp.csr_matrix(W @ sp.diags(penalty))
+        W = sp.csr_matrix(W - sp.diags(W.diagonal()))
+        W.eliminate_zeros()
+        if self.neighbours is not None:  # each item's k likeliest next items (rows of W)
+            W = sp.csr_matrix(_keep_top_per_column(sp.csc_matrix(W.T), self.neighbours).T)
+        self.walk = sp.csr_matrix(W, dtype=np.float32)
+        return self
+
+    def score(self, X_users: sp.csr_matrix) -> np.ndarray:
+        W = _fitted(self.walk, self)
+        return np.asarray((sp.csr_matrix(X_users, dtype=np.float32) @ W).toarray())
+
+
 class EASE:
     """EASE (Steck 2019): B = I − P·diag(1/diag(P)), P = (XᵀX + λI)⁻¹, diag(B) = 0.
 

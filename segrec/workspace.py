@@ -191,7 +191,8 @@ class Workspace:
             store.save_ranker_spec(version.data_version, version.run_id, spec.as_dict())
         stage("fitting the ranker")
         times = event_times(interactions.rename(columns={"seq": "line"}), users, items["item_id"])
-        ranker = Ranker(spec, item_vectors).fit(X, labels, times=times)
+        categories = [tuple(c) for c in items["categories"]]
+        ranker = Ranker(spec, item_vectors, categories=categories).fit(X, labels, times=times)
         served = Served(
             ranker, items, item_vectors, X, users, labels, run, notes + spec.notes, times=times
         )
@@ -270,6 +271,11 @@ def _tune(
     def vectors_for(part: Split) -> np.ndarray:
         return np.stack([vectors_by_id[i] for i in part.items])
 
+    categories_by_id = dict(zip(items["item_id"], items["categories"], strict=True))
+
+    def categories_for(part: Split) -> list[tuple[str, ...]]:
+        return [tuple(categories_by_id[i]) for i in part.items]
+
     label_of = dict(zip(users, labels, strict=True))
 
     def labels_for(part: Split) -> tuple[np.ndarray, np.ndarray]:
@@ -282,6 +288,7 @@ def _tune(
         split,
         item_vectors_for=vectors_for,
         labels_for=labels_for if run is not None else None,
+        categories_for=categories_for,
         seed=settings.seed,
         on_stage=stage,
     )

@@ -449,3 +449,32 @@ def test_interactive_chat_through_a_pseudo_terminal(workspace: Path) -> None:
         if process.poll() is None:
             process.kill()
         os.close(primary)
+
+
+def test_a_named_category_alone_moves_the_ranking_through_category_pop() -> None:
+    items = catalogue()
+    vectors = FakeEncoder().encode_batch(list(items["text"]))
+    X = sp.csr_matrix((np.random.default_rng(0).random((30, len(items))) < 0.3).astype(np.float32))
+    spec = default_spec(len(items))
+    spec.weights["chat_start"] = {"pop": 0.1, "category_pop": 1.0}
+    ranker = Ranker(spec, vectors, categories=list(items["categories"])).fit(X)
+    users = [str(u) for u in range(30)]
+    ctx = ChatContext(
+        served=Served(ranker, items, vectors, X, users, np.full(30, -1), None, []),
+        segments=[HORROR, KIDS],
+        encoder=FakeEncoder(),
+        domain="movie",
+        run_id=1,
+    )
+    session = ChatSession(ctx, max_questions=3, n=3)
+    assert session.group == "short"  # nothing told yet
+    session.next_question()
+    session.answer("horror")
+    assert session.liked_categories == ["Horror"] and not session.liked_items
+    assert session.group == "chat_start"
+    cols, _, parts = session.recommend()
+    assert {ctx.item_ids[c] for c in cols} == {"h1", "h2", "h3"}  # the Horror items
+    assert np.all(parts["category_pop"] > 0)
+    session.next_question()
+    session.answer("night terror, star fleet")
+    assert session.group == "chat"  # two named items: the chat weights

@@ -178,20 +178,45 @@ def test_no_model_or_signal_sees_a_test_interaction() -> None:
         index = {item: i for i, item in enumerate(base.items)}
         return vectors[[index[i] for i in part.items]]
 
+    def categories_for(part: Split) -> list[tuple[str, ...]]:
+        # Two planted tastes (items i0-i19 and i20-i39), a category each, one shared.
+        return [(f"taste{int(i[1:]) // 20}", "all") for i in part.items]
+
     labels = {id(base): kmeans_labels(base, vectors_for, 2, 0)}
     labels[id(other)] = kmeans_labels(other, vectors_for, 2, 0)
-    spec = tune_ranker(base, item_vectors_for=vectors_for, labels_for=labels[id(base)])
-    again = tune_ranker(other, item_vectors_for=vectors_for, labels_for=labels[id(other)])
+    spec = tune_ranker(
+        base,
+        item_vectors_for=vectors_for,
+        labels_for=labels[id(base)],
+        categories_for=categories_for,
+    )
+    again = tune_ranker(
+        other,
+        item_vectors_for=vectors_for,
+        labels_for=labels[id(other)],
+        categories_for=categories_for,
+    )
     assert spec.as_dict() == again.as_dict()
     assert "transition" in spec.signals  # the order signal is among those checked
     for make in (lambda s: s, validation_split, lambda s: cold_split(s, 3)):
         a, b = make(base), make(other)
         sa = split_signals(
-            a, spec, SIGNALS, item_vectors=vectors_for(a), labels_for=labels[id(base)]
+            a,
+            spec,
+            SIGNALS,
+            item_vectors=vectors_for(a),
+            labels_for=labels[id(base)],
+            categories=categories_for(a),
         )
         sb = split_signals(
-            b, spec, SIGNALS, item_vectors=vectors_for(b), labels_for=labels[id(other)]
+            b,
+            spec,
+            SIGNALS,
+            item_vectors=vectors_for(b),
+            labels_for=labels[id(other)],
+            categories=categories_for(b),
         )
+        assert np.ptp(sa["category_pop"]) > 0  # the category signal is among those checked
         for name in SIGNALS:
             np.testing.assert_array_equal(sa[name], sb[name], err_msg=name)
         als_a = ALS(factors=4, iterations=3).fit(a.fit).score(a.train)

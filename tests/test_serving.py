@@ -137,9 +137,9 @@ def test_spec_round_trips_and_large_catalogues_leave_ease_out() -> None:
 def test_tuned_blend_is_never_worse_than_its_best_signal_on_validation() -> None:
     split = protocol_split(_random_log(2, users=80))
     spec = tune_ranker(split, item_vectors_for=None)
-    assert spec.tuned and set(spec.weights) == {"long", "short", "chat"}
+    assert spec.tuned and set(spec.weights) == {"long", "short", "chat", "chat_start"}
     validation = validation_split(split)
-    names = ["ease", "itemknn", "pop", "transition"]
+    names = ["ease", "itemknn", "pop", "transition", "recent_pop", "rp3"]
     signals = split_signals(validation, spec, names, item_vectors=None)
     ranker = Ranker(spec)
     blended, _ = ranker.blend(signals, np.full(len(validation.users), "long"))
