@@ -338,8 +338,8 @@ def main() -> None:
         "# Recommendation and segment quality (PROTOCOL.md)",
         "",
         f"- date: {dt.date.today().isoformat()}",
-        f"- machine: {platform.platform()}, {os.cpu_count()} cores, shared with two other "
-        "engineers' jobs (load averages beside each command)",
+        f"- machine: {platform.platform()}, {os.cpu_count()} cores, possibly shared with "
+        "other jobs (load averages beside each command)",
         "- reproduce: `python benchmarks/bench_quality.py` (runs the commands below; "
         "`--reuse` rewrites this file from the recorded JSON)",
         "- methods: MostPop, ItemKNN and EASE (PROTOCOL baselines), ALS (`implicit`, factors/"
