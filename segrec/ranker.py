@@ -71,6 +71,7 @@ from segrec.recommend import (
     SegmentPopularity,
     Transitions,
     cosine_scores,
+    reciprocal,
     recommend_top_n,
     standardise,
     tune_blend,
@@ -295,21 +296,21 @@ class Ranker:
             out["ease_B"] = self.ease.B
             if self.ease.dual is not None:
                 dual = self.ease.dual
-                out |= _csr_parts("ease_dual_X", dual.X) | {
+                out |= csr_parts("ease_dual_X", dual.X) | {
                     "ease_dual_inverse": dual.inverse,
                     "ease_dual_diagonal": dual.diagonal,
                 }
         if self.knn is not None and self.knn.similarity is not None:
             S = self.knn.similarity
-            out |= _csr_parts("knn", S) | {"knn_shape": np.asarray(S.shape, dtype=np.int64)}
+            out |= csr_parts("knn", S) | {"knn_shape": np.asarray(S.shape, dtype=np.int64)}
             if self.knn.normalised is not None and self.knn.self_similarity is not None:
                 Xn = self.knn.normalised
-                out |= _csr_parts("knn_fit", Xn) | {
+                out |= csr_parts("knn_fit", Xn) | {
                     "knn_fit_shape": np.asarray(Xn.shape, dtype=np.int64),
                     "knn_self": self.knn.self_similarity,
                 }
         if self.walk is not None and self.walk.walk is not None:
-            out |= _csr_parts("walk", self.walk.walk)
+            out |= csr_parts("walk", self.walk.walk)
         if self.segments is not None and self.segments.global_counts is not None:
             labels = sorted(self.segments.counts)
             out["segment_labels"] = np.asarray(labels, dtype=np.int64)
@@ -319,7 +320,7 @@ class Ranker:
                 else np.zeros((0, self.counts.size), dtype=np.float32)
             )
         if self.transitions is not None and self.transitions.next is not None:
-            out |= _csr_parts("next", self.transitions.next) | {
+            out |= csr_parts("next", self.transitions.next) | {
                 "next_popularity": np.asarray(self.transitions.popularity),
             }
         if self.recent is not None and self.recent.edges is not None:
@@ -328,7 +329,7 @@ class Ranker:
                 "recent_cumulative": np.asarray(self.recent.cumulative),
             }
         if self.category_names:
-            out |= _csr_parts("category", self.category_matrix) | {
+            out |= csr_parts("category", self.category_matrix) | {
                 "category_names": np.asarray(self.category_names, dtype=str),
             }
         return out
@@ -350,7 +351,7 @@ class Ranker:
             if "ease_dual_inverse" in arrays:
                 inverse = np.asarray(arrays["ease_dual_inverse"])
                 ranker.ease.dual = EASEDual(
-                    _csr_from(arrays, "ease_dual_X", (inverse.shape[0], ranker.counts.size)),
+                    csr_from(arrays, "ease_dual_X", (inverse.shape[0], ranker.counts.size)),
                     inverse,
                     np.asarray(arrays["ease_dual_diagonal"]),
                     spec.ease_lambda,
@@ -358,15 +359,15 @@ class Ranker:
         if "itemknn" in ranker.names:
             ranker.knn = ItemKNN(spec.neighbours)
             shape = tuple(int(v) for v in arrays["knn_shape"])
-            ranker.knn.similarity = _csr_from(arrays, "knn", shape)
+            ranker.knn.similarity = csr_from(arrays, "knn", shape)
             if "knn_fit_shape" in arrays:  # saved sets from before the factored path lack it
                 fit_shape = tuple(int(v) for v in arrays["knn_fit_shape"])
-                ranker.knn.normalised = _csr_from(arrays, "knn_fit", fit_shape)
+                ranker.knn.normalised = csr_from(arrays, "knn_fit", fit_shape)
                 ranker.knn.self_similarity = np.asarray(arrays["knn_self"])
         if "rp3" in ranker.names:
             n = ranker.counts.size
             ranker.walk = RandomWalk(neighbours=spec.neighbours)
-            ranker.walk.walk = _csr_from(arrays, "walk", (n, n))
+            ranker.walk.walk = csr_from(arrays, "walk", (n, n))
         if "segment_pop" in ranker.names:
             ranker.segments = SegmentPopularity()
             ranker.segments.global_counts = ranker.counts
@@ -379,7 +380,7 @@ class Ranker:
         if "transition" in ranker.names:
             n = ranker.counts.size
             ranker.transitions = Transitions()
-            ranker.transitions.next = _csr_from(arrays, "next", (n, n))
+            ranker.transitions.next = csr_from(arrays, "next", (n, n))
             ranker.transitions.popularity = np.asarray(arrays["next_popularity"])
         if "recent_pop" in ranker.names:
             ranker.recent = RecentPopularity()
@@ -388,7 +389,7 @@ class Ranker:
         if "category_names" in arrays:
             ranker.category_names = [str(c) for c in arrays["category_names"]]
             shape = (ranker.counts.size, len(ranker.category_names))
-            ranker.category_matrix = _csr_from(arrays, "category", shape)
+            ranker.category_matrix = csr_from(arrays, "category", shape)
         else:
             ranker.category_matrix = sp.csr_matrix((ranker.counts.size, 0), dtype=np.float32)
         return ranker
@@ -564,7 +565,7 @@ class Ranker:
         return Recommendations(indices, scores, contributions)
 
 
-def _csr_parts(prefix: str, matrix: sp.csr_matrix) -> dict[str, np.ndarray]:
+def csr_parts(prefix: str, matrix: sp.csr_matrix) -> dict[str, np.ndarray]:
     """A CSR matrix as the three arrays :meth:`Ranker.arrays` saves, named by ``prefix``."""
     return {
         f"{prefix}_data": matrix.data,
@@ -573,10 +574,10 @@ def _csr_parts(prefix: str, matrix: sp.csr_matrix) -> dict[str, np.ndarray]:
     }
 
 
-def _csr_from(
+def csr_from(
     arrays: Mapping[str, np.ndarray], prefix: str, shape: tuple[int, ...]
 ) -> sp.csr_matrix:
-    """The CSR matrix :func:`_csr_parts` saved (memory-mapped arrays used as they are)."""
+    """The CSR matrix :func:`csr_parts` saved (memory-mapped arrays used as they are)."""
     parts = (arrays[f"{prefix}_data"], arrays[f"{prefix}_indices"], arrays[f"{prefix}_indptr"])
     return sp.csr_matrix(parts, shape=shape)
 
@@ -614,7 +615,7 @@ def history_categories(X_users: sp.csr_matrix, item_categories: sp.csr_matrix) -
     X = sp.csr_matrix(X_users, dtype=np.float32)
     X.data[:] = 1.0
     known = np.asarray(X.sum(axis=1)).ravel()
-    inverse = np.divide(1.0, known, out=np.zeros_like(known), where=known > 0)
+    inverse = reciprocal(known)
     return sp.csr_matrix(sp.diags(inverse.astype(np.float32)) @ (X @ item_categories))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -88,7 +88,7 @@ class ItemKNN:
     def fit(self, X: sp.csr_matrix) -> Self:
         X = sp.csc_matrix(X, dtype=np.float32)
         norms = np.sqrt(np.asarray(X.multiply(X).sum(axis=0)).ravel())
-        inverse = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+        inverse = reciprocal(norms)
         Xn = X @ sp.diags(inverse.astype(np.float32))
         S = sp.csc_matrix(Xn.T @ Xn)
         diagonal = S.diagonal().astype(np.float32)
@@ -108,25 +108,22 @@ class ItemKNN:
     def score(self, X_users: sp.csr_matrix) -> np.ndarray:
         S = _fitted(self.similarity, self)
         X_users = sp.csr_matrix(X_users, dtype=np.float32)
-        Xn = self.normalised
-        if Xn is None or self.self_similarity is None or X_users.nnz == 0:
-            return np.asarray((X_users @ S).toarray())
-        through_data = self.through_data(X_users)
-        if not through_data.any():
-            return np.asarray((X_users @ S).toarray())
-        n_users = X_users.shape[0]
-        out = np.empty(X_users.shape, dtype=np.float32)
-        rows = np.flatnonzero(through_data)
-        part = X_users if rows.size == n_users else X_users[rows]
+        return _score_by_path(
+            X_users,
+            self.through_data(X_users),
+            self._score_through_data,
+            lambda part: np.asarray((part @ S).toarray()),
+        )
+
+    def _score_through_data(self, part: sp.csr_matrix) -> np.ndarray:
+        """(x·Xnᵀ)·Xn − x∘diag for these users (see the class doc)."""
+        Xn, diagonal = _fitted(self.normalised, self), _fitted(self.self_similarity, self)
         weights = Xn @ part.toarray().T  # fit users × scored users (csr × dense)
-        out[rows] = np.asarray(Xn.T @ weights).T  # csc × dense
+        scores = np.asarray(Xn.T @ weights).T  # csc × dense
         # S's diagonal was removed: take each known item's self-similarity back out.
-        known_rows = np.repeat(rows, np.diff(part.indptr))
-        out[known_rows, part.indices] -= part.data * self.self_similarity[part.indices]
-        if rows.size < n_users:
-            others = np.flatnonzero(~through_data)
-            out[others] = (X_users[others] @ S).toarray()
-        return out
+        owner = np.repeat(np.arange(part.shape[0]), np.diff(part.indptr))
+        scores[owner, part.indices] -= part.data * diagonal[part.indices]
+        return scores.astype(np.float32)
 
     def through_data(self, X_users: sp.csr_matrix) -> np.ndarray:
         """Per user, whether `score` goes through the fit matrix: when its known items'
@@ -178,8 +175,7 @@ class RandomWalk:
         X.data[:] = 1.0
         per_user = np.asarray(X.sum(axis=1)).ravel()
         per_item = np.asarray(X.sum(axis=0)).ravel()
-        inv_user = np.divide(1.0, per_user, out=np.zeros_like(per_user), where=per_user > 0)
-        inv_item = np.divide(1.0, per_item, out=np.zeros_like(per_item), where=per_item > 0)
+        inv_user, inv_item = reciprocal(per_user), reciprocal(per_item)
         to_users = sp.diags(inv_item.astype(np.float32)) @ sp.csr_matrix(X.T)
         to_items = sp.diags(inv_user.astype(np.float32)) @ X
         W = sp.csr_matrix(to_users @ to_items)
@@ -220,15 +216,15 @@ class EASE:
     def fit(self, X: sp.csr_matrix) -> Self:
         X = sp.csr_matrix(X, dtype=np.float32)
         X.sort_indices()
-        # Fewer users than items: the user-space form scores long histories far cheaper.
-        small = 0 < X.shape[0] <= min(X.shape[1], EASE_DUAL_MAX_USERS)
-        self.dual = EASEDual.fit(X, self.lam) if small else None
         fits = _EASE_FITS.get()
         key = _matrix_key(X, self.lam) if fits is not None else None
         if fits is not None and key in fits:
             fits.move_to_end(key)
-            self.B = fits[key]
+            self.B, self.dual = fits[key]
             return self
+        # Fewer users than items: the user-space form scores long histories far cheaper.
+        small = 0 < X.shape[0] <= min(X.shape[1], EASE_DUAL_MAX_USERS)
+        self.dual = EASEDual.fit(X, self.lam) if small else None
         gram = (X.T @ X).toarray()
         gram[np.diag_indices_from(gram)] += self.lam
         P = _spd_inverse(gram)
@@ -236,8 +232,8 @@ class EASE:
         B[np.diag_indices_from(B)] = 0.0
         self.B = B.astype(np.float32, copy=False)
         if fits is not None:
-            fits[key] = self.B
-            while sum(b.nbytes for b in fits.values()) > EASE_CACHE_BYTES:
+            fits[key] = (self.B, self.dual)
+            while sum(_fit_bytes(*fit) for fit in fits.values()) > EASE_CACHE_BYTES:
                 fits.popitem(last=False)
         return self
 
@@ -245,20 +241,12 @@ class EASE:
         B = _fitted(self.B, self)
         X_users = sp.csr_matrix(X_users, dtype=np.float32)
         dual = self.dual
-        if dual is None or X_users.nnz == 0:
+        if dual is None:
             return np.asarray(X_users @ B)
         # Stored numbers each form reads: B's rows of the known items, or (about) the fit
         # matrix twice and the users × users inverse once.
         long = np.diff(X_users.indptr) * B.shape[1] > dual.cost
-        if not long.any():
-            return np.asarray(X_users @ B)
-        out = np.empty(X_users.shape, dtype=np.float32)
-        rows = np.flatnonzero(long)
-        out[rows] = dual.score(X_users[rows])
-        if rows.size < X_users.shape[0]:
-            others = np.flatnonzero(~long)
-            out[others] = np.asarray(X_users[others] @ B)
-        return out
+        return _score_by_path(X_users, long, dual.score, lambda part: np.asarray(part @ B))
 
 
 @dataclass
@@ -299,6 +287,30 @@ class EASEDual:
         weights = self.inverse @ (self.X @ dense.T)  # fit users × scored users
         xP = (dense - np.asarray(self.X.T @ weights).T) / self.lam
         return (dense - xP / self.diagonal[None, :]).astype(np.float32)
+
+
+def _score_by_path(
+    X_users: sp.csr_matrix,
+    through: np.ndarray,
+    fast: Callable[[sp.csr_matrix], np.ndarray],
+    plain: Callable[[sp.csr_matrix], np.ndarray],
+) -> np.ndarray:
+    """Float32 scores of every user: ``fast`` for the rows ``through`` marks, ``plain`` for
+    the others (two forms of the same scores; see `ItemKNN` and `EASEDual`)."""
+    if not through.any():
+        return plain(X_users)
+    if through.all():
+        return fast(X_users)
+    out = np.empty(X_users.shape, dtype=np.float32)
+    rows, others = np.flatnonzero(through), np.flatnonzero(~through)
+    out[rows] = fast(X_users[rows])
+    out[others] = plain(X_users[others])
+    return out
+
+
+def reciprocal(values: np.ndarray) -> np.ndarray:
+    """1 / values, and 0 where a value is 0 (an empty row or column weighs nothing)."""
+    return np.divide(1.0, values, out=np.zeros_like(values), where=values > 0)
 
 
 def recency_weights(times: sp.csr_matrix, last: int, decay: float) -> sp.csr_matrix:
@@ -358,7 +370,7 @@ class Transitions:
         )
         counts.sum_duplicates()
         out = np.asarray(counts.sum(axis=1)).ravel()
-        inverse = np.divide(1.0, out, out=np.zeros_like(out), where=out > 0)
+        inverse = reciprocal(out)
         self.next = sp.csr_matrix(sp.diags(inverse.astype(np.float32)) @ counts)
         users = np.bincount(times.indices, minlength=n_items).astype(np.float32)
         self.popularity = users / max(float(users.max(initial=0.0)), 1.0)
@@ -497,17 +509,24 @@ def tune_als(validation: Split, *, seed: int = 0) -> tuple[dict[str, float], dic
 
 
 EASE_CACHE_BYTES = 2 * 1024**3
-_EASE_FITS: ContextVar[OrderedDict[tuple[object, ...], np.ndarray] | None] = ContextVar(
-    "ease_fits", default=None
-)
+_EASE_FITS: ContextVar[
+    OrderedDict[tuple[object, ...], tuple[np.ndarray, EASEDual | None]] | None
+] = ContextVar("ease_fits", default=None)
+
+
+def _fit_bytes(B: np.ndarray, dual: EASEDual | None) -> int:
+    """What one cached EASE fit holds in memory."""
+    if dual is None:
+        return B.nbytes
+    return B.nbytes + dual.inverse.nbytes + dual.X.data.nbytes + dual.X.indices.nbytes
 
 
 @contextmanager
 def reuse_ease_fits() -> Iterator[None]:
     """Within the block, an EASE fit on the same (λ, history matrix) as a recent one reuses
-    its B (the last few, up to `EASE_CACHE_BYTES`): `segrec eval` fits the same folds for
-    its chat and cold tracks, and each fit of a 9k-item catalogue takes a minute on 2
-    cores. Off elsewhere, so a long-lived server never holds stale matrices."""
+    its B and user-space form (the last few, up to `EASE_CACHE_BYTES`): `segrec eval` fits
+    the same folds for its chat and cold tracks, and each fit of a 9k-item catalogue takes a
+    minute on 2 cores. Off elsewhere, so a long-lived server never holds stale matrices."""
     token = _EASE_FITS.set(OrderedDict())
     try:
         yield

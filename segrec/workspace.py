@@ -28,7 +28,7 @@ import scipy.sparse as sp
 from segrec.config import Settings
 from segrec.errors import WorkspaceError
 from segrec.evaluate import event_times
-from segrec.ranker import Ranker, RankerSpec
+from segrec.ranker import Ranker, RankerSpec, csr_from, csr_parts
 from segrec.serving import ModelVersion, Recommender, Served
 from segrec.store import Assignment, RunRecord, Store
 
@@ -214,14 +214,8 @@ class Workspace:
         arrays, manifest = loaded
         if manifest["item_ids"] != [str(i) for i in items["item_id"]]:
             return None  # the catalogue changed under the same version: refit
-        X = sp.csr_matrix(
-            (arrays["X_data"], arrays["X_indices"], arrays["X_indptr"]),
-            shape=(len(manifest["users"]), len(items)),
-        )
-        times = sp.csr_matrix(
-            (arrays["times_data"], arrays["times_indices"], arrays["times_indptr"]),
-            shape=X.shape,
-        )
+        X = csr_from(arrays, "X", (len(manifest["users"]), len(items)))
+        times = csr_from(arrays, "times", X.shape)
         ranker = Ranker.from_arrays(spec, arrays["item_vectors"], arrays)
         return Served(
             ranker,
@@ -324,10 +318,8 @@ def save_models(root: Path, key: str, served: Served, version: ModelVersion) -> 
     arrays = {
         "item_vectors": np.asarray(served.item_vectors, dtype=np.float32),
         "labels": np.asarray(served.labels, dtype=np.int64),
-        "X_data": served.X.data,
-        "X_indices": served.X.indices,
-        "X_indptr": served.X.indptr,
-        **_times_parts(served),
+        **csr_parts("X", served.X),
+        **csr_parts("times", _times_of(served)),
         **served.ranker.arrays(),
     }
     tmp = root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
@@ -356,13 +348,11 @@ def save_models(root: Path, key: str, served: Served, version: ModelVersion) -> 
     return final
 
 
-def _times_parts(served: Served) -> dict[str, np.ndarray]:
-    """The event-time matrix as saved arrays (an empty one for a ranker fit without)."""
-    times = served.times
-    if times is None:
-        times = sp.csr_matrix(served.X.shape, dtype=np.float64)
-    times = sp.csr_matrix(times)
-    return {"times_data": times.data, "times_indices": times.indices, "times_indptr": times.indptr}
+def _times_of(served: Served) -> sp.csr_matrix:
+    """The event-time matrix to save (an empty one for a ranker fit without)."""
+    if served.times is None:
+        return sp.csr_matrix(served.X.shape, dtype=np.float64)
+    return sp.csr_matrix(served.times)
 
 
 def load_models(root: Path, key: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
