@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
+import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -57,3 +60,64 @@ def snapshot(directory: Path) -> dict[str, bytes] | None:
 def segrec_cmd() -> list[str]:
     exe = shutil.which("segrec", path=str(Path(sys.executable).parent))
     return [exe] if exe else [sys.executable, "-m", "segrec.cli"]
+
+
+@dataclass(frozen=True)
+class MainJob:
+    """The README's main job through the real CLI, model and encoder, run once per session:
+    ``profile --limit 3`` on the example data, then ``cluster --k 2`` (which profiles the
+    members each segment shows). ``workspace`` is shared: copy it (:meth:`copy`) before
+    writing to it."""
+
+    workspace: Path
+    profile: subprocess.CompletedProcess[str]
+    cluster: subprocess.CompletedProcess[str]
+    profiled_before_cluster: int
+    profiled_after_cluster: int
+
+    def copy(self, target: Path) -> Path:
+        shutil.copytree(self.workspace, target)
+        return target
+
+
+PROFILE_LIMIT = 3
+
+
+def _profile_count(workspace: Path) -> int:
+    with sqlite3.connect(workspace / "segrec.db") as db:
+        return int(db.execute("SELECT COUNT(*) FROM profiles").fetchone()[0])
+
+
+@pytest.fixture(scope="session")
+def main_job(
+    tmp_path_factory: pytest.TempPathFactory, example_ratings: Path, example_movies: Path
+) -> MainJob:
+    """One real profile → cluster run shared by the tests that need a workspace the bundled
+    model profiled and named (the main-job test asserts on its output)."""
+    ws = tmp_path_factory.mktemp("main-job") / "ws"
+    common = ["--workspace", str(ws), "--threads", "2", "--domain", "movie", "--json"]
+    profile = subprocess.run(
+        [
+            *segrec_cmd(),
+            "profile",
+            str(example_ratings),
+            "--items",
+            str(example_movies),
+            "--limit",
+            str(PROFILE_LIMIT),
+            *common,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert profile.returncode == 0, profile.stderr
+    before = _profile_count(ws)
+    cluster = subprocess.run(
+        [*segrec_cmd(), "cluster", "--k", "2", *common],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert cluster.returncode == 0, cluster.stderr
+    return MainJob(ws, profile, cluster, before, _profile_count(ws))

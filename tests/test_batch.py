@@ -172,10 +172,10 @@ def test_ray_executor_matches_in_process_on_the_bundled_model(
     distributed = ingested(
         tmp_path / "ray", example_ratings, example_movies, executor="ray", **common
     )
-    users = pipeline.select_users(local).user_ids[:4]
+    users = pipeline.select_users(local).user_ids[:2]  # one per actor
     pipeline.run_profiles(local, users, llm=LlamaCppLLM(n_threads=1))
     stats = pipeline.run_profiles(distributed, users)
-    assert stats.profiled + stats.fallback == 4 and stats.failed == 0
+    assert stats.profiled + stats.fallback == 2 and stats.failed == 0
     assert stored(distributed) == stored(local)
     assert all(model.startswith("llama.cpp:") for *_, model in stored(local).values())
 
@@ -230,6 +230,7 @@ def test_ray_profile_resumes_after_the_driver_is_killed(
 ) -> None:
     workspace = tmp_path / "ws"
     db = workspace / "segrec.db"
+    limit = 5  # the kill lands after 2 profiles, with 2 actors busy on 2 more
     args = [
         *segrec_cmd(),
         "profile",
@@ -245,7 +246,7 @@ def test_ray_profile_resumes_after_the_driver_is_killed(
         "--threads",
         "1",
         "--limit",
-        "8",
+        str(limit),
         "--json",
     ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -258,15 +259,15 @@ def test_ray_profile_resumes_after_the_driver_is_killed(
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     before = {row[0]: row for row in profile_rows(db)}
-    assert 2 <= len(before) < 8, "the kill must land mid-run"
+    assert 2 <= len(before) < limit, "the kill must land mid-run"
 
     result = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr
     stats = json.loads(result.stdout)
     after = profile_rows(db)
-    assert len(after) == 8 and len({row[0] for row in after}) == 8
+    assert len(after) == limit and len({row[0] for row in after}) == limit
     assert stats["cached"] == len(before)
-    assert stats["profiled"] + stats["fallback"] == 8 - len(before)
+    assert stats["profiled"] + stats["fallback"] == limit - len(before)
     for row in after:  # the profiles written before the kill were not redone
         if row[0] in before:
             assert row == before[row[0]]

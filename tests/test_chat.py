@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from conftest import segrec_cmd
+from conftest import MainJob, segrec_cmd
 
 from segrec.chat import (
     MAX_ANSWER_CHARS,
@@ -354,25 +354,10 @@ def test_save_as_stores_everything_and_refuses_an_existing_id(tmp_path: Path) ->
 
 
 @pytest.fixture(scope="module")
-def workspace(
-    tmp_path_factory: pytest.TempPathFactory, example_ratings: Path, example_movies: Path
-) -> Path:
-    """The example data, 6 users profiled and clustered into 2 segments by the real model."""
-    ws = tmp_path_factory.mktemp("chat") / "ws"
-    common = ["-w", str(ws), "--threads", "2", "--domain", "movie"]
-    profile = ["profile", str(example_ratings), "--items", str(example_movies), "--limit", "6"]
-    done = subprocess.run(
-        [*segrec_cmd(), *profile, *common],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr
-    done = subprocess.run(
-        [*segrec_cmd(), "cluster", "--k", "2", *common], capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr
-    return ws
+def workspace(tmp_path_factory: pytest.TempPathFactory, main_job: MainJob) -> Path:
+    """The example data, a few users profiled and clustered into 2 segments by the real
+    model (a copy of the session's `main_job`)."""
+    return main_job.copy(tmp_path_factory.mktemp("chat") / "ws")
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ from html import escape
 from pathlib import Path
 
 import pytest
-from conftest import segrec_cmd
+from conftest import PROFILE_LIMIT, MainJob, segrec_cmd
 
 from segrec import pipeline
 from segrec.config import Settings
@@ -68,27 +68,11 @@ def run_cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*segrec_cmd(), *args], capture_output=True, text=True, timeout=timeout)
 
 
-def test_cli_main_job_end_to_end(
-    tmp_path: Path, example_ratings: Path, example_movies: Path
-) -> None:
-    """profile → cluster → segments → explain through the real CLI, model and encoder."""
-    ws = str(tmp_path / "ws")
-    result = run_cli(
-        "profile",
-        str(example_ratings),
-        "--items",
-        str(example_movies),
-        "--workspace",
-        ws,
-        "--limit",
-        "10",
-        "--threads",
-        "2",
-        "--domain",
-        "movie",
-        "--json",
-    )
-    assert result.returncode == 0, result.stderr
+def test_cli_main_job_end_to_end(main_job: MainJob, tmp_path: Path) -> None:
+    """profile → cluster → segments → explain → report through the real CLI, model and
+    encoder (the profile and cluster steps are the session's shared `main_job`)."""
+    ws = str(main_job.copy(tmp_path / "ws"))
+    result = main_job.profile
     data = json.loads(result.stdout)
     assert list(data)[:10] == [
         "users",
@@ -102,20 +86,20 @@ def test_cli_main_job_end_to_end(
         "seconds",
         "text",
     ]
-    assert data["llm_calls"] >= 10  # at least one call per profiled user
-    assert data["users"] == 10 and data["profiled"] + data["fallback"] == 10
+    limit = PROFILE_LIMIT
+    assert data["llm_calls"] >= limit  # at least one call per profiled user
+    assert data["users"] == limit and data["profiled"] + data["fallback"] == limit
     summaries = data["text"]["summary"]  # what the quality gates kept, and why not
-    assert summaries["texts"] == 10 and summaries["kept"] == data["profiled"]
+    assert summaries["texts"] == limit and summaries["kept"] == data["profiled"]
     assert summaries["replaced"] == data["fallback"] == sum(summaries["reasons"].values())
-    assert "limited to the first 10 of 36 users" in result.stderr
+    assert f"limited to the first {limit} of 36 users" in result.stderr
+    assert main_job.profiled_before_cluster == limit
     shown = run_cli("profile", "--show", "29", "--workspace", ws, "--json")
     assert shown.returncode == 0, shown.stderr
     record = json.loads(shown.stdout)
     assert record["user"] == "29" and record["profile"]["summary"]
 
-    clustered = run_cli("cluster", "--k", "2", "--workspace", ws, "--threads", "2", "--json")
-    assert clustered.returncode == 0, clustered.stderr
-    report = json.loads(clustered.stdout)
+    report = json.loads(main_job.cluster.stdout)
     assert [s["id"] for s in report["segments"]] == [0, 1]
     assert sum(s["size"] for s in report["segments"]) == 36  # every ingested user, profiled or not
     for segment in report["segments"]:

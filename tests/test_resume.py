@@ -26,6 +26,9 @@ def profile_rows(db: Path) -> list[tuple[str, str, str]]:
         return []
 
 
+LIMIT = 4  # the kill lands after 2 profiles, mid-way
+
+
 def test_sigkill_then_resume(tmp_path: Path, example_ratings: Path, example_movies: Path) -> None:
     workspace = tmp_path / "ws"
     db = workspace / "segrec.db"
@@ -38,7 +41,7 @@ def test_sigkill_then_resume(tmp_path: Path, example_ratings: Path, example_movi
         "--workspace",
         str(workspace),
         "--limit",
-        "8",
+        str(LIMIT),
         "--threads",
         "2",
         "--json",
@@ -52,15 +55,15 @@ def test_sigkill_then_resume(tmp_path: Path, example_ratings: Path, example_movi
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     before = {row[0]: row for row in profile_rows(db)}
-    assert 2 <= len(before) < 8, "the kill must land mid-run"
+    assert 2 <= len(before) < LIMIT, "the kill must land mid-run"
 
     result = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     stats = json.loads(result.stdout)
     after = profile_rows(db)
-    assert len(after) == 8 and len({row[0] for row in after}) == 8
+    assert len(after) == LIMIT and len({row[0] for row in after}) == LIMIT
     assert stats["cached"] == len(before)
-    assert stats["profiled"] + stats["fallback"] == 8 - len(before)
+    assert stats["profiled"] + stats["fallback"] == LIMIT - len(before)
     for row in after:  # the profiles written before the kill were not redone
         if row[0] in before:
             assert row == before[row[0]]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import snapshot
+from conftest import MainJob, snapshot
 from typer.testing import CliRunner
 
 from segrec import pipeline
@@ -272,21 +272,17 @@ def test_assign_on_a_profile_run_profiles_that_user_alone(
 
 @pytest.mark.slow
 def test_cluster_llm_calls_stay_within_k_m_on_the_real_model(
-    tmp_path: Path, example_ratings: Path, example_movies: Path
+    main_job: MainJob, tmp_path: Path
 ) -> None:
-    """The bundled model names 2 segments of a workspace without profiles: it profiles only
-    the users shown, and `llm_calls` (also on the terminal) stays within the bound."""
-    settings = Settings(workspace=tmp_path / "ws", domain="movie")
-    pipeline.ingest(settings, example_ratings, example_movies)
-    ws = str(settings.workspace)
-    result = runner.invoke(app, ["cluster", "--k", "2", "--threads", "2", "-w", ws, "--json"])
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    """The bundled model names 2 segments of a workspace where only 3 users were profiled
+    (the session's `main_job`): cluster profiles only the users it shows, and `llm_calls`
+    (also on the terminal) stays within the bound."""
+    report = json.loads(main_job.cluster.stdout)
     described = sum(s["described"] for s in report["segments"])
     assert described <= report["llm_calls"] <= pipeline.llm_call_bound(described, 3)
-    with Store.open(settings.workspace) as store:
-        profiled = store.count("profiles")
-    assert 0 < profiled <= described * (pipeline.MEMBERS_SHOWN + pipeline.CONTRAST_SHOWN)
+    made = main_job.profiled_after_cluster - main_job.profiled_before_cluster
+    assert 0 < made <= described * (pipeline.MEMBERS_SHOWN + pipeline.CONTRAST_SHOWN)
+    ws = str(main_job.copy(tmp_path / "ws"))
     shown = runner.invoke(app, ["segments", "show", "0", "--threads", "2", "-w", ws])
     assert shown.exit_code == 0 and "LLM calls: " in shown.stderr
 
