@@ -325,11 +325,17 @@ def recency_weights(times: sp.csr_matrix, last: int, decay: float) -> sp.csr_mat
     order = np.lexsort((times.indices, times.data, rows))
     back = times.indptr[rows + 1] - 1 - np.arange(times.nnz)  # 0 for the latest of a row
     keep = back < last
-    return sp.csr_matrix(
-        (decay ** back[keep].astype(np.float32), (rows[keep], times.indices[order][keep])),
+    # Built from its CSR parts (rows are already in order), then columns sorted per row:
+    # the arrays the (row, column) form gave, without its conversion (serving path).
+    indptr = np.zeros(times.shape[0] + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows[keep], minlength=times.shape[0]), out=indptr[1:])
+    weights = sp.csr_matrix(
+        (decay ** back[keep].astype(np.float32), times.indices[order][keep], indptr),
         shape=times.shape,
         dtype=np.float32,
     )
+    weights.sort_indices()
+    return weights
 
 
 class Transitions:

@@ -726,8 +726,24 @@ def explain(
 
 
 def _rows_of(matrix: sp.csr_matrix, rows: Sequence[int]) -> sp.csr_matrix:
-    """These rows of a users × items matrix; -1 gives an empty row (a user it lacks)."""
-    if all(r >= 0 for r in rows):
-        return sp.csr_matrix(matrix[rows])
-    empty = sp.csr_matrix((1, matrix.shape[1]), dtype=matrix.dtype)
-    return sp.csr_matrix(sp.vstack([matrix[r] if r >= 0 else empty for r in rows]))
+    """These rows of a users × items matrix; -1 gives an empty row (a user it lacks).
+
+    The same arrays as ``matrix[rows]``, gathered straight from the CSR parts: the
+    per-request path of the server, where scipy's fancy indexing was ~0.2 ms a call.
+    """
+    wanted = np.asarray(rows, dtype=np.int64).reshape(-1)
+    present = wanted >= 0
+    safe = np.where(present, wanted, 0)
+    starts = np.where(present, matrix.indptr[safe], 0).astype(np.int64)
+    lengths = np.where(present, matrix.indptr[safe + 1] - starts, 0).astype(np.int64)
+    indptr = np.zeros(wanted.size + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    take = np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1], dtype=np.int64)
+    return sp.csr_matrix(
+        (
+            np.asarray(matrix.data[take]),
+            np.asarray(matrix.indices[take]),
+            indptr.astype(matrix.indptr.dtype),  # a subset: fits the matrix's index type
+        ),
+        shape=(wanted.size, matrix.shape[1]),
+    )

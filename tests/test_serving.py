@@ -500,3 +500,19 @@ def test_the_served_ranker_reads_event_times_and_a_loaded_set_ranks_the_same(
         assert loaded.served.times is not None
         assert (loaded.served.times != recommender.served.times).nnz == 0
         np.testing.assert_array_equal(loaded.rank(users, n=10)[1].indices, first)
+
+
+def test_rows_of_gathers_the_rows_scipy_indexing_gives_and_empty_rows_for_minus_one() -> None:
+    rng = np.random.default_rng(0)
+    matrix = sp.random(30, 200, density=0.1, format="csr", random_state=1, dtype=np.float32)
+    matrix.data = rng.integers(1, 10**6, matrix.nnz).astype(np.float32)
+    for rows in ([3], [0, 5, 5, 29], list(range(30))):
+        got, want = serving._rows_of(matrix, rows), matrix[rows]
+        assert got.shape == want.shape and got.dtype == want.dtype
+        np.testing.assert_array_equal(got.indptr, want.indptr)
+        np.testing.assert_array_equal(got.indices, want.indices)
+        np.testing.assert_array_equal(got.data, want.data)
+    mixed = serving._rows_of(matrix, [2, -1, 7, -1])
+    np.testing.assert_array_equal(mixed.toarray()[[0, 2]], matrix[[2, 7]].toarray())
+    assert mixed.shape == (4, 200) and mixed[1].nnz == 0 and mixed[3].nnz == 0
+    assert serving._rows_of(matrix, [-1]).nnz == 0
