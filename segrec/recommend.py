@@ -325,10 +325,11 @@ def recency_weights(times: sp.csr_matrix, last: int, decay: float) -> sp.csr_mat
     order = np.lexsort((times.indices, times.data, rows))
     back = times.indptr[rows + 1] - 1 - np.arange(times.nnz)  # 0 for the latest of a row
     keep = back < last
-    # Built from its CSR parts (rows are already in order), then columns sorted per row:
-    # the arrays the (row, column) form gave, without its conversion (serving path).
+    # Built from its CSR parts (each row keeps its last min(length, last) entries, in row
+    # order), then columns sorted per row: the arrays the (row, column) form gave, without
+    # its conversion (serving path).
     indptr = np.zeros(times.shape[0] + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows[keep], minlength=times.shape[0]), out=indptr[1:])
+    np.cumsum(np.minimum(lengths, max(last, 0)), out=indptr[1:])
     weights = sp.csr_matrix(
         (decay ** back[keep].astype(np.float32), times.indices[order][keep], indptr),
         shape=times.shape,
