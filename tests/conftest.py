@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -84,8 +83,10 @@ PROFILE_LIMIT = 3
 
 
 def _profile_count(workspace: Path) -> int:
-    with sqlite3.connect(workspace / "segrec.db") as db:
-        return int(db.execute("SELECT COUNT(*) FROM profiles").fetchone()[0])
+    from segrec.store import Store
+
+    with Store.open(workspace) as store:
+        return store.count("profiles")
 
 
 @pytest.fixture(scope="session")
