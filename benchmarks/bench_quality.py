@@ -182,12 +182,16 @@ def tuned_ranker(spec: dict[str, Any], peers: dict[str, Any]) -> list[str]:
         f"- weights, long histories: `{json.dumps(spec['weights']['long'])}`",
         f"- weights, short histories (≤ {spec['short_history']} items): "
         f"`{json.dumps(spec['weights']['short'])}`",
-        f"- weights, chat users: `{json.dumps(spec['weights'].get('chat'))}`",
+        f"- weights, chat users (2 or more liked items): "
+        f"`{json.dumps(spec['weights'].get('chat'))}`",
+        f"- weights, chat users who told less (a category, one item): "
+        f"`{json.dumps(spec['weights'].get('chat_start'))}`",
         f"- EASE λ {spec['ease_lambda']}; validation NDCG@10 per λ "
         f"`{json.dumps(validation.get('ease_lambda'))}`",
         f"- validation (long): `{json.dumps(validation.get('long'))}`",
         f"- validation (short): `{json.dumps(validation.get('short'))}`",
         f"- validation (chat): `{json.dumps(validation.get('chat'))}`",
+        f"- validation (chat_start): `{json.dumps(validation.get('chat_start'))}`",
     ]
     if peers:
         lines.append(

@@ -65,7 +65,10 @@ MIN_QUESTIONS = 2
 # item is what the collaborative signals need, and no list of choices can guess it.
 FAVOURITES_AT = 2
 CONTENDERS = 3  # segments one question tells apart
-MAX_OPTIONS = 6
+MAX_OPTIONS = 3  # the segments' own: a distinctive category each (items where they have none)
+# Then the top of what the chat would recommend now, not yet offered: each one the user
+# picks is known (never recommended again) and feeds the collaborative signals.
+RANKED_OPTIONS = 12
 DISTINCT_POOL = 500  # popular items searched for a segment's distinctive examples
 MAX_ANSWER_CHARS = 500
 PROMPT_ANSWERS = 3  # latest answers shown (quoted) to the model
@@ -621,7 +624,18 @@ class ChatSession:
                 options.append(Option("item", ids[col], context.titles[col], segment_id))
                 if len(options) >= MAX_OPTIONS:
                     break
-        return options
+        return options + self._ranked_options(options)
+
+    def _ranked_options(self, options: Sequence[Option]) -> list[Option]:
+        """Up to `RANKED_OPTIONS` of the current recommendations not offered before."""
+        if RANKED_OPTIONS <= 0:
+            return []
+        ids = self.context.item_ids
+        chosen = {o.value for o in options if o.kind == "item"}
+        offered = sum(kind == "item" for kind, _ in self._offered)
+        cols, _, _ = self.recommend(RANKED_OPTIONS + offered + len(chosen))
+        fresh = [c for c in cols if self._fresh("item", ids[c]) and ids[c] not in chosen]
+        return [Option("item", ids[c], self.context.titles[c]) for c in fresh[:RANKED_OPTIONS]]
 
     def _word(self, options: list[Option], contenders: Sequence[SegmentCandidate]) -> Question:
         context = self.context

@@ -126,7 +126,7 @@ def test_numbered_choices_map_to_options() -> None:
         assert {ctx.item_ids[c] for c in parsed.liked_items} == {
             o.value for o in picked if o.kind == "item"
         }
-    assert not parse_answer("9", opts, ctx).learned  # out of range: nothing learned
+    assert not parse_answer(str(len(opts) + 1), opts, ctx).learned  # out of range: nothing
 
 
 def test_free_text_matches_categories_and_titles_case_insensitively() -> None:
@@ -161,8 +161,9 @@ def test_long_and_non_utf8_answers_are_data() -> None:
 
 
 def test_question_choice_depends_on_the_segments() -> None:
-    first = options(context([HORROR, KIDS]))
-    second = options(context([ROMANCE, SCIFI]))
+    # The segments' own choices (the current recommendations come after them, see below).
+    first = [o for o in options(context([HORROR, KIDS])) if o.segment_id is not None]
+    second = [o for o in options(context([ROMANCE, SCIFI])) if o.segment_id is not None]
     assert {o.value for o in first} & {o.value for o in second} == set()
     assert {o.segment_id for o in first} == {0, 1}
     assert [o.value for o in first if o.kind == "category"] == ["Horror", "Animation"]
@@ -170,6 +171,34 @@ def test_question_choice_depends_on_the_segments() -> None:
     q1 = ChatSession(context([HORROR, KIDS])).next_question()
     q2 = ChatSession(context([ROMANCE, SCIFI])).next_question()
     assert q1 is not None and q2 is not None and q1.text != q2.text and q1.fallback
+
+
+def test_questions_end_with_the_current_recommendations_and_picks_leave_them() -> None:
+    session = ChatSession(context([HORROR, KIDS]), max_questions=3, favourites_at=None, n=12)
+    first = session.next_question()
+    assert first is not None
+    own = [o for o in first.options if o.segment_id is not None]
+    ranked = [o for o in first.options if o.segment_id is None]
+    assert [o.kind for o in ranked] == ["item"] * len(ranked) and len(ranked) >= 2
+    # They are what the chat would recommend now, in order, less the segments' own choices.
+    cols, _, _ = session.recommend(12)
+    shown = {o.value for o in own}
+    expected = [session.context.item_ids[c] for c in cols]
+    assert [o.value for o in ranked] == [i for i in expected if i not in shown][: len(ranked)]
+    picked = first.options.index(ranked[1]) + 1
+    turn = session.answer(str(picked))
+    col = session.context.item_pos[ranked[1].value]
+    assert turn.answer.liked_items == (col,) and session.liked_items == [col]
+    assert col not in session.recommend(12)[0]  # a picked item is never recommended
+    second = session.next_question()
+    assert second is not None
+    assert not {o.value for o in first.options} & {o.value for o in second.options}
+    ranked_now = [o.value for o in second.options if o.segment_id is None]
+    cols, _, _ = session.recommend(12)
+    offered = {o.value for o in first.options + second.options if o.segment_id is not None}
+    fresh = [session.context.item_ids[c] for c in cols]
+    fresh = [i for i in fresh if i not in offered and i not in {o.value for o in ranked}]
+    assert ranked_now == fresh[: len(ranked_now)]
 
 
 def test_later_questions_ask_the_nearest_segments_about_new_things() -> None:
