@@ -566,11 +566,12 @@ class ChatSession:
             )
             return self._pending
         options = self._options(contenders)
-        if not options:
+        ranked = self._ranked_options(options)
+        if not options and not ranked:
             return None
-        self._offered.update((o.kind, o.value) for o in options)
+        self._offered.update((o.kind, o.value) for o in options + ranked)
         self._asked.update(s.segment_id for s in contenders)
-        self._pending = self._word(options, contenders)
+        self._pending = self._word(options, contenders, ranked)
         return self._pending
 
     def _contenders(self) -> list[SegmentCandidate]:
@@ -624,7 +625,7 @@ class ChatSession:
                 options.append(Option("item", ids[col], context.titles[col], segment_id))
                 if len(options) >= MAX_OPTIONS:
                     break
-        return options + self._ranked_options(options)
+        return options
 
     def _ranked_options(self, options: Sequence[Option]) -> list[Option]:
         """Up to `RANKED_OPTIONS` of the current recommendations not offered before."""
@@ -637,8 +638,18 @@ class ChatSession:
         fresh = [c for c in cols if self._fresh("item", ids[c]) and ids[c] not in chosen]
         return [Option("item", ids[c], self.context.titles[c]) for c in fresh[:RANKED_OPTIONS]]
 
-    def _word(self, options: list[Option], contenders: Sequence[SegmentCandidate]) -> Question:
+    def _word(
+        self,
+        options: list[Option],
+        contenders: Sequence[SegmentCandidate],
+        ranked: Sequence[Option] = (),
+    ) -> Question:
+        """The question about ``options`` (the LLM's wording, or the template); ``ranked``
+        (the current recommendations) are shown after them but not put to the model: the
+        question is about the segments' choices, and a dozen titles would only lengthen
+        the prompt."""
         context = self.context
+        shown = (*options, *ranked)
         segments = tuple(s.segment_id for s in contenders)
         kinds = [o.label for o in options if o.kind == "category"]
         if context.llm is None:
@@ -661,9 +672,9 @@ class ChatSession:
                 policy=context.retry,
             )
             if value is not None:
-                return Question(value, tuple(options), segments)
+                return Question(value, shown, segments)
         text = template_question(options, context.domain)
-        return Question(text, tuple(options), segments, fallback=True, fallback_reason=why)
+        return Question(text, shown, segments, fallback=True, fallback_reason=why)
 
     def question_messages(
         self, options: Sequence[Option], contenders: Sequence[SegmentCandidate]

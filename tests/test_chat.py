@@ -201,6 +201,19 @@ def test_questions_end_with_the_current_recommendations_and_picks_leave_them() -
     assert ranked_now == fresh[: len(ranked_now)]
 
 
+def test_the_model_words_the_question_from_the_segments_choices_only() -> None:
+    llm = FakeLLM(default=json.dumps({"question": "Which do you enjoy more, Horror or Animation?"}))
+    question = ChatSession(context([HORROR, KIDS], llm=llm)).next_question()
+    assert question is not None and not question.fallback
+    own = [o.label for o in question.options if o.segment_id is not None]
+    ranked = [o.label for o in question.options if o.segment_id is None]
+    assert own and ranked
+    user = llm.calls[0]["messages"][1]["content"]
+    choices = user.split("<choices>")[1].split("</choices>")[0]
+    assert all(label in choices for label in own)
+    assert not any(label in choices for label in ranked)
+
+
 def test_later_questions_ask_the_nearest_segments_about_new_things() -> None:
     session = ChatSession(
         context([HORROR, KIDS, ROMANCE, SCIFI]), max_questions=4, favourites_at=None
