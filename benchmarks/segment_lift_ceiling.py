@@ -54,22 +54,13 @@ from segrec.evaluate import (  # noqa: E402
 )
 from segrec.segments import COLLAB_N_INIT, CollabSpace, Histories  # noqa: E402
 
-
-def _data_dir(given: str | None) -> Path:
-    if given:
-        return Path(given)
-    for base in (ROOT.parent, *ROOT.parents):
-        if (base / "shared" / "data" / "ml-latest-small").is_dir():
-            return base / "shared" / "data" / "ml-latest-small"
-    raise SystemExit("ml-latest-small not found: pass --data DIR")
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_segments_represent import _data_dir  # noqa: E402
+from bench_segments_represent import _lift as lift  # noqa: E402
 
 
 def segment_counts(labels: np.ndarray, k: int, X: sp.csr_matrix) -> np.ndarray:
     return np.stack([np.asarray(X[labels == j].sum(axis=0)).ravel() for j in range(k)])
-
-
-def lift(labels: np.ndarray, k: int, part: Split, X: sp.csr_matrix, mostpop: float) -> float:
-    return evaluate_scores(segment_counts(labels, k, X)[labels], part)["ndcg@10"] / mostpop
 
 
 def held_out_matrix(part: Split, shape: tuple[int, int]) -> sp.csr_matrix:
@@ -210,7 +201,9 @@ def main() -> None:
         *(f"- {name}: {' '.join(map(str, trace))}" for name, trace in traces.items()),
         "",
     ]
-    out.write_text("\n".join(lines))
+    # A hand-written reading below the generated part is kept.
+    reading = out.read_text().partition("\n## Reading")[1:] if out.exists() else ("", "")
+    out.write_text("\n".join(lines) + "".join(reading))
     print(f"wrote {out}")
 
 
