@@ -69,6 +69,7 @@ MAX_OPTIONS = 3  # the segments' own: a distinctive category each (items where t
 # Then the top of what the chat would recommend now, not yet offered: each one the user
 # picks is known (never recommended again) and feeds the collaborative signals.
 RANKED_OPTIONS = 12
+RECOMMENDED_HEADING = "or any of these you have enjoyed:"
 DISTINCT_POOL = 500  # popular items searched for a segment's distinctive examples
 MAX_ANSWER_CHARS = 500
 PROMPT_ANSWERS = 3  # latest answers shown (quoted) to the model
@@ -235,6 +236,7 @@ class Option:
     value: str  # the category, or the item id
     label: str  # what is shown: the category, or the item's title
     segment_id: int | None = None
+    recommended: bool = False  # one of the chat's current recommendations (`RANKED_OPTIONS`)
 
 
 @dataclass(frozen=True)
@@ -249,14 +251,19 @@ class Question:
     def render(self) -> str:
         """The question (marked when it is the template) and its numbered choices."""
         lines = [self.text + (" [template]" if self.fallback else "")]
-        lines += [f"  {i}. {o.label}" for i, o in enumerate(self.options, start=1)]
+        for i, option in enumerate(self.options, start=1):
+            if i == self.recommended_from and i > 1:
+                lines.append(f"  {RECOMMENDED_HEADING}")
+            lines.append(f"  {i}. {option.label}")
         return "\n".join(lines)
 
     def state(self) -> dict[str, Any]:
         """Everything about the question, as JSON (:meth:`from_state` reads it back)."""
         return {
             "text": self.text,
-            "options": [[o.kind, o.value, o.label, o.segment_id] for o in self.options],
+            "options": [
+                [o.kind, o.value, o.label, o.segment_id, o.recommended] for o in self.options
+            ],
             "segments": list(self.segments),
             "fallback": self.fallback,
             "fallback_reason": self.fallback_reason,
@@ -267,7 +274,11 @@ class Question:
     def from_state(cls, data: Mapping[str, Any]) -> Question:
         return cls(
             text=str(data["text"]),
-            options=tuple(Option(k, str(v), str(lab), sid) for k, v, lab, sid in data["options"]),
+            # A session saved before `recommended` existed has 4 fields per option.
+            options=tuple(
+                Option(o[0], str(o[1]), str(o[2]), o[3], bool(o[4]) if len(o) > 4 else False)
+                for o in data["options"]
+            ),
             segments=tuple(int(s) for s in data["segments"]),
             fallback=bool(data["fallback"]),
             fallback_reason=data.get("fallback_reason"),
@@ -278,11 +289,17 @@ class Question:
         return {
             "text": self.text,
             "options": [o.label for o in self.options],
+            "recommended_from": self.recommended_from,
             "segments": list(self.segments),
             "fallback": self.fallback,
             "fallback_why": self.fallback_reason,
             "open": self.open,
         }
+
+    @property
+    def recommended_from(self) -> int | None:
+        """The number (1-based) of the first option that is a current recommendation."""
+        return next((i for i, o in enumerate(self.options, start=1) if o.recommended), None)
 
 
 class _Answer(BaseModel):
@@ -636,7 +653,10 @@ class ChatSession:
         offered = sum(kind == "item" for kind, _ in self._offered)
         cols, _, _ = self.recommend(RANKED_OPTIONS + offered + len(chosen))
         fresh = [c for c in cols if self._fresh("item", ids[c]) and ids[c] not in chosen]
-        return [Option("item", ids[c], self.context.titles[c]) for c in fresh[:RANKED_OPTIONS]]
+        return [
+            Option("item", ids[c], self.context.titles[c], recommended=True)
+            for c in fresh[:RANKED_OPTIONS]
+        ]
 
     def _word(
         self,

@@ -157,6 +157,7 @@ class AnswerIn(BaseModel):
 class ChatQuestion(BaseModel):
     text: str
     options: list[str]
+    recommended_from: int | None = None  # options from this number on: current recommendations
     segments: list[int]
     fallback: bool
     open: bool

@@ -26,6 +26,7 @@ from segrec.chat import (
     ChatContext,
     ChatSession,
     Option,
+    Question,
     SegmentCandidate,
     parse_answer,
     parse_question,
@@ -185,6 +186,15 @@ def test_questions_end_with_the_current_recommendations_and_picks_leave_them() -
     shown = {o.value for o in own}
     expected = [session.context.item_ids[c] for c in cols]
     assert [o.value for o in ranked] == [i for i in expected if i not in shown][: len(ranked)]
+    assert all(o.recommended for o in ranked) and not any(o.recommended for o in own)
+    assert first.recommended_from == len(own) + 1 == first.as_dict()["recommended_from"]
+    lines = first.render().splitlines()
+    assert lines[len(own) + 1] == "  or any of these you have enjoyed:"
+    assert lines[len(own) + 2] == f"  {len(own) + 1}. {ranked[0].label}"
+    assert Question.from_state(first.state()) == first
+    old_state = first.state()  # saved before `recommended` existed: 4 fields per option
+    old_state["options"] = [o[:4] for o in old_state["options"]]
+    assert Question.from_state(old_state).recommended_from is None
     picked = first.options.index(ranked[1]) + 1
     turn = session.answer(str(picked))
     col = session.context.item_pos[ranked[1].value]

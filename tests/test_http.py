@@ -477,6 +477,7 @@ def test_a_chat_survives_a_restart_and_ends_with_items(ws: Settings) -> None:
         assert first["options"] and set(first) == {
             "text",
             "options",
+            "recommended_from",
             "segments",
             "fallback",
             "open",
