@@ -251,8 +251,9 @@ class Question:
     def render(self) -> str:
         """The question (marked when it is the template) and its numbered choices."""
         lines = [self.text + (" [template]" if self.fallback else "")]
+        first = self.recommended_from
         for i, option in enumerate(self.options, start=1):
-            if i == self.recommended_from and i > 1:
+            if i == first and i > 1:
                 lines.append(f"  {RECOMMENDED_HEADING}")
             lines.append(f"  {i}. {option.label}")
         return "\n".join(lines)
