@@ -55,33 +55,15 @@ from segrec.evaluate import (  # noqa: E402
 from segrec.segments import COLLAB_N_INIT, CollabSpace, Histories  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_segments_represent import _data_dir  # noqa: E402
+from bench_segments_represent import (  # noqa: E402
+    _data_dir,
+    svd_ceiling,
+)
 from bench_segments_represent import _lift as lift  # noqa: E402
 
 
 def segment_counts(labels: np.ndarray, k: int, X: sp.csr_matrix) -> np.ndarray:
     return np.stack([np.asarray(X[labels == j].sum(axis=0)).ravel() for j in range(k)])
-
-
-def held_out_matrix(part: Split, shape: tuple[int, int]) -> sp.csr_matrix:
-    rows = np.repeat(np.arange(len(part.users)), [len(t) for t in part.test])
-    return sp.csr_matrix(
-        (np.ones(rows.size, dtype=np.float32), (rows, np.concatenate(part.test))), shape=shape
-    )
-
-
-def svd_ceiling(part: Split, X: sp.csr_matrix, k: int, mostpop: float) -> tuple[float, int]:
-    from sklearn.utils.extmath import randomized_svd
-
-    Y = held_out_matrix(part, X.shape)
-    best = (0.0, 0)
-    for dim in (8, 16, 32):
-        _, _, vt = randomized_svd(Y, dim, random_state=0)
-        Z = np.asarray(Y @ vt.T, dtype=np.float32)
-        Z /= np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)
-        labels = cluster_vectors(Z, k=k, seed=0, n_init=10).labels
-        best = max(best, (lift(labels, k, part, X, mostpop), dim))
-    return best
 
 
 def ascend(
