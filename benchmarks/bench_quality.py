@@ -130,8 +130,47 @@ def verdicts(tracks: dict[str, Any]) -> list[str]:
     return lines
 
 
-def dataset_section(title: str, runs: list[tuple[str, dict[str, Any]]]) -> list[str]:
-    """One dataset: its commands (wall, CPU, load), targets, and every track's table."""
+RESULTS = Path(__file__).resolve().parent / "results"
+ORACLE_BLENDS = (
+    ("oracle blend of the fair signals (weights tuned on test)", "segrec's signals"),
+    ("oracle blend of all of them (weights tuned on test)", "with hindsight (the later events)"),
+)
+
+
+def ceilings(log: str) -> list[str]:
+    """Where the recorded oracle runs bound a target from above: the cold track's
+    (`cold_ceiling.py --log ml|product`) and, on ml-latest-small, the segment lift's
+    (`segment_lift_ceiling.py`). Nothing when a file is missing."""
+    lines = []
+    name = "cold-ceiling.json" if log == "ml" else "cold-ceiling-product.json"
+    if (RESULTS / name).is_file():
+        rows = json.loads((RESULTS / name).read_text())
+        best = max(rows["pop"]["ndcg@10"], rows["itemknn"]["ndcg@10"])
+        bounds = ", ".join(
+            f"{label} {rows[row]['ndcg@10'] / best:.3f}×" for row, label in ORACLE_BLENDS
+        )
+        lines.append(
+            f"- ceiling of the cold target, weights tuned on the test items themselves "
+            f"(`benchmarks/results/{name.replace('.json', '.md')}`): {bounds} the best baseline"
+        )
+    if log == "ml" and (RESULTS / "segment-lift-ceiling.json").is_file():
+        lift = json.loads((RESULTS / "segment-lift-ceiling.json").read_text())["lift"]
+        leaky = [v for k, v in lift.items() if k.startswith("leaky: the metric itself")]
+        honest = lift["train only: the same ascent on the validation items → lift on test"]
+        lines.append(
+            f"- ceiling of the segment target: partitions searched with the test items "
+            f"themselves reach a lift of {min(leaky):.2f}–{max(leaky):.2f}; the same search "
+            f"on validation items gives {honest:.2f} on test "
+            "(`benchmarks/results/segment-lift-ceiling.md`)"
+        )
+    return lines
+
+
+def dataset_section(
+    title: str, runs: list[tuple[str, dict[str, Any]]], log: str = "ml"
+) -> list[str]:
+    """One dataset: its commands (wall, CPU, load), targets with their recorded ceilings,
+    and every track's table."""
     tracks: dict[str, Any] = {}
     lines = [f"## {title}", ""]
     for command, data in runs:
@@ -144,7 +183,7 @@ def dataset_section(title: str, runs: list[tuple[str, dict[str, Any]]]) -> list[
         lines.append("")
         tracks |= data["tracks"]
         spec = data.get("ranker", spec_of(runs))
-    lines += ["Targets (#13):", *verdicts(tracks), ""]
+    lines += ["Targets (#13):", *verdicts(tracks), *ceilings(log), ""]
     names = {
         "warm": "Warm track",
         "cold": "Cold track (3 known interactions)",
@@ -358,6 +397,7 @@ def main() -> None:
             f"(`write_synthetic_log({settings})`); the same command timed alone at lower load: "
             "`benchmarks/results/eval-scale.md` (293 s wall)",
             product_runs,
+            log="product",
         ),
     ]
     text = "\n".join(lines) + "\n" + rest
