@@ -1,26 +1,27 @@
-"""How far could any ranker go on ml-latest-small's cold track (3 known items)? (#13)
+"""How far could a blend go on the cold track (3 known items)? Oracle bounds for #13.
 
-#13 asks the cold track for >= 1.2x the best baseline (MostPop, 0.0450 NDCG@10). segrec's
-blend reaches 1.03x, and twenty fair candidates (benchmarks/results/newcomers.md) did not
-move it. This script bounds the question from above with two kinds of oracle, each given
-something no deployable method has:
+#13 asks the cold track for >= 1.2x the best baseline: MostPop on ml-latest-small (0.0450
+NDCG@10), ItemKNN on the product-style log. segrec's blend reaches 1.03x and 1.10x, and
+twenty fair candidates on ml-latest-small (benchmarks/results/newcomers.md) did not move
+it. This script bounds the question from above with oracles, each given something no
+deployable method has:
 
 - **weights tuned on the test items**: every signal segrec's ranker has (`SIGNALS`: EASE,
   ItemKNN, content cosine on the bundled encoder's item embeddings, the k-means segment's
   popularity, popularity, transitions, recent popularity, category popularity, RP3beta),
   computed exactly as `segrec eval`'s cold track does (`split_signals`, fit per fold on the
-  other users' train), blended with `tune_blend` run on the cold test split itself. No
-  weight set over segrec's signals can score higher on this track.
-- **hindsight**: the same signals fit on the other users' train *and test* events (the
-  future: what the population went on to watch after the period the model was fit on), and
-  the popularity of the other users' held-out items alone; blended with weights tuned on
-  test as well. A time-aware popularity or collaborative signal can at best recover this.
+  other users' train), blended with `tune_blend` run on the cold test split itself.
+- **hindsight**: popularity, ItemKNN, RP3beta and EASE fit on the other users' train *and
+  test* events (what the population went on to do after the period models are fit on),
+  and the popularity of the other users' held-out items alone; on the product log also the
+  popularity within each newcomer's planted segment. Blended with weights tuned on test.
 
-The scored user's own hidden items never enter a fit (the PROTOCOL's 5 folds, as in
-`segrec eval`); only other users' are leaked, and only in the hindsight rows.
+The blends are searched (see `oracle_weights`), so their figures are the best found, not
+proven maxima. The scored user's own hidden items never enter a fit (the PROTOCOL's 5
+folds, as in `segrec eval`); only other users' are leaked, and only in the hindsight rows.
 
-Usage: python benchmarks/cold_ceiling.py [--data DIR]
-Writes benchmarks/results/cold-ceiling.md (and .json).
+Usage: python benchmarks/cold_ceiling.py [--log ml|product] [--data DIR]
+Writes benchmarks/results/cold-ceiling.md (ml) or cold-ceiling-product.md, and .json.
 """
 
 from __future__ import annotations
