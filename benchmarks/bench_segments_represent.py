@@ -69,6 +69,16 @@ def _lift(labels: np.ndarray, k: int, part: Any, X: sp.csr_matrix, mostpop: floa
     return evaluate_scores(counts[labels], part)["ndcg@10"] / mostpop
 
 
+def test_matrix(part: Any, n_rows: int) -> sp.csr_matrix:
+    """Binary ``n_rows`` × items matrix of the evaluated users' *test* items (row i: the
+    split's user i; any further rows empty, e.g. the rest of a ``fit`` matrix)."""
+    rows = np.repeat(np.arange(len(part.users)), [len(t) for t in part.test])
+    cols = np.concatenate([np.empty(0, np.int64), *part.test]).astype(np.int64)
+    return sp.csr_matrix(
+        (np.ones(rows.size, dtype=np.float32), (rows, cols)), shape=(n_rows, len(part.items))
+    )
+
+
 def svd_ceiling(
     part: Any, X: sp.csr_matrix, k: int, mostpop: float, seed: int = 0
 ) -> tuple[float, int]:
@@ -76,10 +86,7 @@ def svd_ceiling(
     lift over 8/16/32 components, and that size."""
     from sklearn.utils.extmath import randomized_svd
 
-    rows = np.repeat(np.arange(len(part.users)), [len(t) for t in part.test])
-    Y = sp.csr_matrix(
-        (np.ones(rows.size, dtype=np.float32), (rows, np.concatenate(part.test))), shape=X.shape
-    )
+    Y = test_matrix(part, X.shape[0])
     best = (0.0, 0)
     for dim in (8, 16, 32):
         _, _, vt = randomized_svd(Y, dim, random_state=seed)

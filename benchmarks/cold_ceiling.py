@@ -27,6 +27,7 @@ Writes benchmarks/results/cold-ceiling.md (ml) or cold-ceiling-product.md, and .
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import itertools
 import json
@@ -35,7 +36,6 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_segments_represent import _data_dir  # noqa: E402
-from cold_oracle import LOG  # noqa: E402
+from bench_segments_represent import _data_dir, test_matrix  # noqa: E402
+from cold_oracle import LOG, planted_segment_scores  # noqa: E402
 
 from segrec.data import load_dataset  # noqa: E402
 from segrec.embed import SentenceTransformerEncoder, embed_texts  # noqa: E402
@@ -59,34 +59,8 @@ from segrec.evaluate import (  # noqa: E402
     subsample,
 )
 from segrec.ranker import SIGNALS, default_spec, kmeans_labels, split_signals  # noqa: E402
-from segrec.recommend import EASE, Blend, ItemKNN, RandomWalk, SegmentPopularity, tune_blend  # noqa: E402
+from segrec.recommend import Blend, tune_blend  # noqa: E402
 from segrec.synthetic import write_synthetic_log  # noqa: E402
-
-
-def _test_matrix(split: Split) -> sp.csr_matrix:
-    """``fit``-shaped binary matrix of the evaluated users' test items (other rows empty)."""
-    rows = np.repeat(np.arange(len(split.users)), [len(t) for t in split.test])
-    cols = np.concatenate([np.asarray(t, dtype=np.int64) for t in split.test])
-    return sp.csr_matrix(
-        (np.ones(len(cols), dtype=np.float32), (rows, cols)), shape=split.fit.shape
-    )
-
-
-def signals(cold: Split, F_all: sp.csr_matrix) -> dict[str, np.ndarray]:
-    """Popularity, ItemKNN, RP3beta and EASE per fold, fit on the rows of ``F_all``."""
-
-    def per_fold(make: Callable[[sp.csr_matrix, np.ndarray], np.ndarray]) -> np.ndarray:
-        return fold_scores(cold, lambda fit, users: make(F_all[fit], users))
-
-    def counts(F: sp.csr_matrix) -> np.ndarray:
-        return np.asarray(F.sum(axis=0)).ravel()
-
-    return {
-        "pop": per_fold(lambda F, u: np.tile(np.log1p(counts(F)), (len(u), 1))),
-        "itemknn": per_fold(lambda F, u: ItemKNN().fit(F).score(cold.train[u])),
-        "rp3": per_fold(lambda F, u: RandomWalk().fit(F).score(cold.train[u])),
-        "ease": per_fold(lambda F, u: EASE().fit(F).score(cold.train[u])),
-    }
 
 
 def oracle_weights(pool: dict[str, np.ndarray], cold: Split) -> dict[str, float]:
@@ -148,17 +122,7 @@ def main() -> None:
         )
     cold = cold_split(split, 3)
     if args.log == "product":
-        planted = {str(user): int(segment) for user, segment in enumerate(log.planted)}
-        fit_labels = np.array([planted[str(u)] for u in cold.fit_users])
-        user_labels = np.array([planted[str(u)] for u in cold.users])
-        extra["planted segment's popularity (oracle)"] = fold_scores(
-            cold,
-            lambda fit, users: (
-                SegmentPopularity()
-                .fit(cold.fit[fit], fit_labels[fit])
-                .score(cold.train[users], user_labels[users])
-            ),
-        )
+        extra["planted segment's popularity (oracle)"] = planted_segment_scores(cold, log.planted)
     items = dataset.items.set_index("item_id")
     vectors = embed_texts(list(items.loc[split.items, "text"]), SentenceTransformerEncoder())
     position = {item: i for i, item in enumerate(split.items)}
@@ -175,10 +139,17 @@ def main() -> None:
         labels_for=kmeans_labels(split, vectors_for, 5, 0),
         categories=categories,
     )
-    held_out = _test_matrix(cold)
+    held_out = test_matrix(cold, cold.fit.shape[0])
     F_future = sp.csr_matrix(((cold.fit + held_out) > 0).astype(np.float32))
 
-    future = {f"{name} (hindsight)": s for name, s in signals(cold, F_future).items()}
+    # The same models as the fair pool's, fit on the other users' train and held-out events.
+    hindsight = split_signals(
+        dataclasses.replace(cold, fit=F_future, fit_time=None),
+        default_spec(len(cold.items)),
+        ("ease", "itemknn", "pop", "rp3"),
+        item_vectors=None,
+    )
+    future = {f"{name} (hindsight)": s for name, s in hindsight.items()}
     future["held-out popularity (hindsight)"] = fold_scores(
         cold,
         lambda fit, users: np.tile(

@@ -33,7 +33,13 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from segrec.evaluate import cold_split, evaluate_scores, fold_scores, protocol_split  # noqa: E402
+from segrec.evaluate import (  # noqa: E402
+    Split,
+    cold_split,
+    evaluate_scores,
+    fold_scores,
+    protocol_split,
+)
 from segrec.recommend import ItemKNN, MostPop, SegmentPopularity  # noqa: E402
 from segrec.synthetic import write_synthetic_log  # noqa: E402
 
@@ -46,6 +52,20 @@ LOG: dict[str, Any] = {
 }
 
 
+def planted_segment_scores(cold: Split, planted: np.ndarray) -> np.ndarray:
+    """Per fold, each scored user's planted segment's popularity among the fit users
+    (``planted[u]``: the segment of user id ``u``, as `write_synthetic_log` returns it)."""
+    segment_of = {str(user): int(segment) for user, segment in enumerate(planted)}
+    fit_labels = np.array([segment_of[str(u)] for u in cold.fit_users])
+    user_labels = np.array([segment_of[str(u)] for u in cold.users])
+
+    def segment_pop(fit: np.ndarray, users: np.ndarray) -> np.ndarray:
+        model = SegmentPopularity().fit(cold.fit[fit], fit_labels[fit])
+        return model.score(cold.train[users], user_labels[users])
+
+    return fold_scores(cold, segment_pop)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "segrec-cold-oracle"))
@@ -56,13 +76,6 @@ def main() -> None:
     log = write_synthetic_log(Path(args.work), **LOG)
     base = protocol_split(pd.read_csv(log.log))
     cold = cold_split(base, 3, folds=5, seed=0)
-    planted = {str(user): int(segment) for user, segment in enumerate(log.planted)}
-    fit_labels = np.array([planted[str(u)] for u in cold.fit_users])
-    user_labels = np.array([planted[str(u)] for u in cold.users])
-
-    def segment_pop(fit: np.ndarray, users: np.ndarray) -> np.ndarray:
-        model = SegmentPopularity().fit(cold.fit[fit], fit_labels[fit])
-        return model.score(cold.train[users], user_labels[users])
 
     def fitted(make: Callable[[], Any]) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
         return lambda fit, users: make().fit(cold.fit[fit]).score(cold.train[users])
@@ -71,7 +84,7 @@ def main() -> None:
         return scores / np.maximum(scores.max(axis=1, keepdims=True), 1e-12)
 
     pop = fold_scores(cold, fitted(MostPop))
-    seg = fold_scores(cold, segment_pop)
+    seg = planted_segment_scores(cold, log.planted)
     rows = {
         "MostPop": evaluate_scores(pop, cold),
         "ItemKNN": evaluate_scores(fold_scores(cold, fitted(ItemKNN)), cold),
